@@ -1,0 +1,143 @@
+"""ModularOptimizer: one ``torch.optim.Optimizer`` whose param groups each name their own rule.
+
+Lightning's automatic optimization drives exactly one optimizer, and LR schedulers,
+``LearningRateMonitor``, gradient clipping, checkpointing and DDP all expect a plain
+``torch.optim.Optimizer``. So a per-layer policy becomes param groups of a single optimizer:
+each group carries ``algorithm`` (a registry name) and that rule's hyperparameters, and may
+carry descriptive keys (``name``, ``role``, ``constraint``, ``lr_scale``, ``param_names``) that
+callbacks read. Per-parameter state lives in ``self.state`` as in any torch optimizer, so
+``state_dict()`` / ``load_state_dict()`` work unchanged.
+
+Example::
+
+    opt = ModularOptimizer([
+        {"params": hidden, "algorithm": "sgd", "lr": 0.1, "momentum": 0.9},
+        {"params": others, "algorithm": "adamw", "lr": 3e-3, "weight_decay": 0.0},
+    ])
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+
+from .registry import GROUP_META_KEYS, get_rule, resolve_hyperparameters
+
+
+class ModularOptimizer(torch.optim.Optimizer):
+    """One optimizer, a rule per param group.
+
+    Args:
+        params: param groups (dicts with ``params`` and ``algorithm``), or plain parameters
+            when ``algorithm`` is given here.
+        algorithm: rule for groups that do not name one.
+        **hyperparameters: defaults for groups of ``algorithm`` (e.g. ``lr``).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        algorithm: str | None = None,
+        **hyperparameters: Any,
+    ) -> None:
+        self._default_algorithm = algorithm
+        self._default_hyperparameters = dict(hyperparameters)
+        if algorithm is not None:
+            resolve_hyperparameters(algorithm, hyperparameters, where="ModularOptimizer")
+        elif hyperparameters:
+            raise ValueError(
+                "ModularOptimizer: hyperparameters "
+                f"{sorted(hyperparameters)} were given without `algorithm`; name the rule they "
+                "belong to, or put them inside each param group"
+            )
+        super().__init__(params, defaults={})
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        group = dict(param_group)
+        label = group.get("name") or f"param group {len(self.param_groups)}"
+        algorithm = group.get("algorithm", self._default_algorithm)
+        if algorithm is None:
+            raise ValueError(
+                f"ModularOptimizer: {label} has no 'algorithm'; give each group an "
+                "'algorithm' (a registry name such as 'adamw') or pass algorithm=... to the optimizer"
+            )
+        rule = get_rule(algorithm)
+        group["algorithm"] = rule.name
+        given = {k: v for k, v in group.items() if k not in GROUP_META_KEYS}
+        if algorithm == self._default_algorithm:
+            given = {**self._default_hyperparameters, **given}
+        group.update(resolve_hyperparameters(rule.name, given, where=label))
+
+        params = group["params"]
+        if isinstance(params, torch.Tensor):
+            params = [params]
+        params = list(params)
+        names = group.get("param_names")
+        for i, p in enumerate(params):
+            if p.ndim < rule.min_ndim:
+                who = names[i] if names else f"a parameter of shape {tuple(p.shape)}"
+                raise ValueError(
+                    f"{label}: optimizer {rule.name!r} needs parameters with at least "
+                    f"{rule.min_ndim} dimensions, but {who} has shape {tuple(p.shape)}. Route "
+                    "0-/1-D parameters (biases, norms, scalars) to another rule, e.g. "
+                    "{match: {ndim: [0, 1]}, optimizer: adamw}."
+                )
+        group["params"] = params
+        super().add_param_group(group)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            for p in params:
+                if p.grad.is_sparse:
+                    raise RuntimeError(
+                        f"ModularOptimizer: sparse gradients are not supported "
+                        f"({group.get('name', 'a param group')}); use dense embeddings"
+                    )
+            grads = [p.grad for p in params]
+            states = [self.state[p] for p in params]
+            get_rule(group["algorithm"]).step(group, params, grads, states)
+        return loss
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # A checkpoint from a different policy would otherwise load "successfully" whenever
+        # the group sizes happen to match, and carry one rule's state into another.
+        saved = state_dict.get("param_groups", [])
+        if len(saved) != len(self.param_groups):
+            raise ValueError(
+                f"ModularOptimizer.load_state_dict: the checkpoint has {len(saved)} param groups, "
+                f"this optimizer has {len(self.param_groups)}; resume with the policy the "
+                "checkpoint was trained with"
+            )
+        for i, (old, new) in enumerate(zip(saved, self.param_groups)):
+            if old.get("algorithm") != new["algorithm"]:
+                raise ValueError(
+                    f"ModularOptimizer.load_state_dict: param group {i} "
+                    f"({new.get('name', '')}) was {old.get('algorithm')!r} in the checkpoint but "
+                    f"is {new['algorithm']!r} now; resume with the policy the checkpoint was "
+                    "trained with"
+                )
+        super().load_state_dict(state_dict)
+
+    def __repr__(self) -> str:
+        lines = [f"{type(self).__name__}("]
+        for i, group in enumerate(self.param_groups):
+            n = sum(p.numel() for p in group["params"])
+            hp = {k: v for k, v in group.items() if k not in GROUP_META_KEYS}
+            extra = "".join(
+                f", {k}={group[k]!r}" for k in ("role", "constraint") if group.get(k) is not None
+            )
+            lines.append(
+                f"  [{i}] {group.get('name', '')}: {group['algorithm']} "
+                f"({len(group['params'])} tensors, {n:,} values{extra}) {hp}"
+            )
+        lines.append(")")
+        return "\n".join(lines)
