@@ -1,0 +1,36 @@
+"""Spectral metrics of weight and gradient matrices (plain torch; no lightning import)."""
+
+from .metrics import (
+    as_matrix,
+    condition_number,
+    condition_number_of_spectrum,
+    effective_rank,
+    effective_rank_of_spectrum,
+    singular_values,
+    singular_values_grouped,
+    spectrum_metrics,
+    stable_rank,
+    stable_rank_of_spectrum,
+    topk_concentration,
+    topk_concentration_of_spectrum,
+)
+from .ns import DEFAULT_NS_STEPS, ns_benefit, ns_figures, ns_transformation
+
+__all__ = [
+    "DEFAULT_NS_STEPS",
+    "as_matrix",
+    "condition_number",
+    "condition_number_of_spectrum",
+    "effective_rank",
+    "effective_rank_of_spectrum",
+    "ns_benefit",
+    "ns_figures",
+    "ns_transformation",
+    "singular_values",
+    "singular_values_grouped",
+    "spectrum_metrics",
+    "stable_rank",
+    "stable_rank_of_spectrum",
+    "topk_concentration",
+    "topk_concentration_of_spectrum",
+]

@@ -1,0 +1,150 @@
+"""Spectral metric functions against numpy float64 references."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_optlab.optim.newton_schulz import newton_schulz
+from lightning_optlab.spectral import (
+    as_matrix,
+    condition_number,
+    effective_rank,
+    ns_benefit,
+    ns_transformation,
+    singular_values,
+    singular_values_grouped,
+    spectrum_metrics,
+    stable_rank,
+    topk_concentration,
+)
+
+
+def np_effective_rank(A):
+    s = np.linalg.svd(A, compute_uv=False)
+    p = s / s.sum()
+    p = p[p > 0]
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
+def np_stable_rank(A):
+    return float(np.linalg.norm(A, "fro") ** 2 / np.linalg.norm(A, 2) ** 2)
+
+
+def np_topk(A, k, power=1.0):
+    s = np.sort(np.linalg.svd(A, compute_uv=False))[::-1] ** power
+    return float(s[:k].sum() / s.sum())
+
+
+def matrices():
+    g = np.random.default_rng(0)
+    rand = g.standard_normal((20, 12))
+    low = g.standard_normal((20, 3)) @ g.standard_normal((3, 12))
+    wide = g.standard_normal((7, 30))
+    ill = g.standard_normal((10, 10)) @ np.diag(np.logspace(0, -4, 10)) @ g.standard_normal((10, 10))
+    return {"random": rand, "low_rank": low, "wide": wide, "ill": ill, "identity": np.eye(9)}
+
+
+@pytest.mark.parametrize("kind", ["random", "low_rank", "wide", "ill", "identity"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_metrics_match_numpy(kind, dtype):
+    A = matrices()[kind]
+    W = torch.tensor(A, dtype=dtype)
+    rtol = 1e-9 if dtype == torch.float64 else 1e-4
+    assert effective_rank(W).item() == pytest.approx(np_effective_rank(A), rel=rtol)
+    assert stable_rank(W).item() == pytest.approx(np_stable_rank(A), rel=rtol)
+    for k in (1, 3):
+        assert topk_concentration(W, k).item() == pytest.approx(np_topk(A, k), rel=rtol)
+    assert topk_concentration(W, 2, power=2).item() == pytest.approx(np_topk(A, 2, 2), rel=rtol)
+    if kind != "low_rank":  # numerically singular: numpy and torch both give huge, unequal values
+        assert condition_number(W).item() == pytest.approx(np.linalg.cond(A), rel=1e-6 if dtype == torch.float64 else 5e-2)
+
+
+def test_identity_and_rank_one_effective_rank():
+    for n in (1, 5, 64):
+        assert effective_rank(torch.eye(n, dtype=torch.float64)).item() == pytest.approx(n, rel=1e-12)
+        assert stable_rank(torch.eye(n)).item() == pytest.approx(n, rel=1e-6)
+        assert condition_number(torch.eye(n)).item() == pytest.approx(1.0)
+    u, v = torch.randn(30, 1, dtype=torch.float64), torch.randn(1, 17, dtype=torch.float64)
+    R1 = u @ v
+    assert effective_rank(R1).item() == pytest.approx(1.0, abs=1e-6)
+    assert stable_rank(R1).item() == pytest.approx(1.0, rel=1e-9)
+    assert topk_concentration(R1, 1).item() == pytest.approx(1.0, abs=1e-9)
+    # a rank-1 matrix is singular: condition number far beyond any well-conditioned one
+    assert condition_number(R1).item() > 1e10
+
+
+def test_zero_matrix_is_finite_where_defined():
+    Z = torch.zeros(4, 6)
+    assert effective_rank(Z).item() == 0.0
+    assert stable_rank(Z).item() == 0.0
+    assert topk_concentration(Z, 2).item() == 0.0
+    assert math.isnan(condition_number(Z).item())
+
+
+def test_batched_and_grouped_svd_match_one_by_one():
+    torch.manual_seed(0)
+    stack = torch.randn(5, 8, 6)
+    s = singular_values(stack)
+    for i in range(5):
+        ref = np.linalg.svd(stack[i].double().numpy(), compute_uv=False)
+        np.testing.assert_allclose(s[i].numpy(), ref, rtol=1e-5)
+    m = spectrum_metrics(s, k=2)
+    for i in range(5):
+        A = stack[i].double().numpy()
+        assert m["effective_rank"][i].item() == pytest.approx(np_effective_rank(A), rel=1e-5)
+        assert m["spectral_norm"][i].item() == pytest.approx(np.linalg.norm(A, 2), rel=1e-5)
+    mats = [torch.randn(8, 6), torch.randn(3, 4), torch.randn(8, 6), torch.randn(4, 2, 3, 3)]
+    out = singular_values_grouped(mats)
+    for M, sv in zip(mats, out):
+        ref = np.linalg.svd(as_matrix(M).double().numpy(), compute_uv=False)
+        np.testing.assert_allclose(sv.numpy(), ref, rtol=1e-5)
+    assert out[3].shape == (4,)  # conv kernel flattened to (out, in*kh*kw)
+
+
+def test_bad_inputs_name_the_fix():
+    with pytest.raises(ValueError, match="biases"):
+        as_matrix(torch.zeros(5))
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        topk_concentration(torch.eye(3), 0)
+    with pytest.raises(ValueError, match="steps=\\(1, 2, 3, 5, 10\\)"):
+        ns_transformation(torch.eye(3), steps=[])
+    with pytest.raises(ValueError, match=">= 1"):
+        ns_transformation(torch.eye(3), steps=[0])
+
+
+def test_ns_transformation_against_float64_formulas():
+    torch.manual_seed(1)
+    G = torch.randn(3, 12, 20, dtype=torch.float64)
+    G[1] = torch.randn(12, 2, dtype=torch.float64) @ torch.randn(2, 20, dtype=torch.float64)  # rank 2
+    figs = ns_transformation(G, steps=(1, 2, 3, 5, 10), dtype=torch.float64)
+    assert sorted(figs) == [1, 2, 3, 5, 10]
+    for s, f in figs.items():
+        for i in range(3):
+            A = G[i].numpy()
+            O = newton_schulz(G[i], steps=s, dtype=torch.float64).numpy()
+            cos = (A * O).sum() / (np.linalg.norm(A) * np.linalg.norm(O))
+            loss = np.linalg.norm(A / np.linalg.norm(A) - O / np.linalg.norm(O))
+            ortho = np.linalg.norm(O @ O.T - np.eye(12)) / math.sqrt(12)
+            assert f["cosine"][i].item() == pytest.approx(cos, rel=1e-10)
+            assert f["angle_deg"][i].item() == pytest.approx(math.degrees(math.acos(min(cos, 1.0))), rel=1e-8)
+            assert f["information_loss"][i].item() == pytest.approx(loss, rel=1e-9)
+            assert f["orthogonality_error"][i].item() == pytest.approx(ortho, rel=1e-9)
+    # full-rank G: more steps -> closer to orthogonal; rank-2 G cannot get there
+    assert figs[10]["orthogonality_error"][0] < figs[1]["orthogonality_error"][0]
+    assert figs[10]["orthogonality_error"][1].item() == pytest.approx(math.sqrt(1 - 2 / 12), rel=0.05)
+
+
+def test_ns_benefit_of_low_rank_and_identity():
+    torch.manual_seed(2)
+    spread = torch.randn(16, 1) @ torch.randn(1, 24) + 0.05 * torch.randn(16, 24)
+    b = ns_benefit(spread, steps=5, dtype=torch.float32)
+    O = newton_schulz(spread, steps=5, dtype=torch.float32)
+    assert b["effective_rank"].item() == pytest.approx(np_effective_rank(spread.double().numpy()), rel=1e-4)
+    assert b["ns_effective_rank"].item() == pytest.approx(np_effective_rank(O.double().numpy()), rel=1e-4)
+    assert b["benefit_ratio"].item() > 2  # NS spreads a dominated spectrum
+    I = torch.eye(8)
+    bi = ns_benefit(I, steps=5, dtype=torch.float32)
+    assert bi["benefit_ratio"].item() == pytest.approx(1.0, rel=1e-4)  # already orthogonal
+    assert bi["information_loss"].item() == pytest.approx(0.0, abs=1e-3)
