@@ -99,14 +99,16 @@ def describe_parameters(
             full = f"{module_name}.{local}" if module_name else local
             owners.append((full, param, module_name, module))
 
+    # Every projection module, tied or not: a tied head is still the last projection, and its
+    # weight keeps the role of its first owner (the embedding), so no other layer becomes "output".
     projections = [
-        (name, module)
-        for name, param, _, module in owners
-        if isinstance(module, _PROJECTION_TYPES) and param is getattr(module, "weight", None)
+        id(m.weight)
+        for _, m in model.named_modules(remove_duplicate=False)
+        if isinstance(m, _PROJECTION_TYPES) and isinstance(getattr(m, "weight", None), torch.Tensor)
     ]
     has_embedding_module = any(isinstance(m, _EMBEDDING_TYPES) for *_, m in owners)
-    input_weight = projections[0][0] if projections and not has_embedding_module else None
-    output_weight = projections[-1][0] if projections else None
+    input_weight = projections[0] if projections and not has_embedding_module else None
+    output_weight = projections[-1] if projections else None
     if input_weight == output_weight:
         input_weight = None
 
@@ -118,9 +120,9 @@ def describe_parameters(
         if role is None:
             if _is_norm(module):
                 role = "norm"
-            elif isinstance(module, _EMBEDDING_TYPES) or name == input_weight:
+            elif isinstance(module, _EMBEDDING_TYPES) or id(param) == input_weight:
                 role = "embedding"
-            elif name == output_weight:
+            elif id(param) == output_weight:
                 role = "output"
             elif param.ndim < 2:
                 role = "bias"

@@ -1,0 +1,1 @@
+"""Lightning callbacks: thin glue over the optim, policy, manifolds and spectral layers."""

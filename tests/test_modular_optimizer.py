@@ -1,0 +1,182 @@
+"""ModularOptimizer against torch's own optimizers, state dicts, schedulers."""
+
+import copy
+
+import pytest
+import torch
+
+from lightning_optlab.optim import ModularOptimizer, available_rules
+
+SHAPES = [(7, 5), (5,), (3, 4, 2, 2), (1,)]
+
+
+def make_params(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=gen, dtype=torch.float32).requires_grad_() for s in SHAPES]
+
+
+def clone(params):
+    return [p.detach().clone().requires_grad_() for p in params]
+
+
+def set_grads(step, *param_lists):
+    gen = torch.Generator().manual_seed(1000 + step)
+    grads = [torch.randn(p.shape, generator=gen) for p in param_lists[0]]
+    for params in param_lists:
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+
+
+TORCH_CASES = [
+    ("adamw", torch.optim.AdamW, dict(lr=1e-2, betas=(0.8, 0.99), weight_decay=0.1)),
+    ("adamw", torch.optim.AdamW, dict(lr=1e-2, amsgrad=True)),
+    ("adam", torch.optim.Adam, dict(lr=1e-2, weight_decay=0.01)),
+    ("sgd", torch.optim.SGD, dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3)),
+    ("sgd", torch.optim.SGD, dict(lr=0.1)),
+    ("rmsprop", torch.optim.RMSprop, dict(lr=1e-2, momentum=0.5, centered=True)),
+]
+
+
+@pytest.mark.parametrize("algorithm, torch_cls, hp", TORCH_CASES)
+def test_matches_torch_step_for_step(algorithm, torch_cls, hp):
+    ours, ref = make_params(), make_params()
+    opt = ModularOptimizer([{"params": ours, "algorithm": algorithm, **hp}])
+    ref_opt = torch_cls(ref, **hp)
+    for step in range(25):
+        set_grads(step, ours, ref)
+        opt.step()
+        ref_opt.step()
+        for a, b in zip(ours, ref):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_only_adamw_groups_match_torch_adamw_with_per_group_hyperparameters():
+    ours, ref = make_params(), make_params()
+    opt = ModularOptimizer([
+        {"params": ours[:2], "algorithm": "adamw", "lr": 3e-3, "weight_decay": 0.0},
+        {"params": ours[2:], "algorithm": "adamw", "lr": 1e-2, "weight_decay": 0.1, "betas": [0.9, 0.95]},
+    ])
+    ref_opt = torch.optim.AdamW([
+        {"params": ref[:2], "lr": 3e-3, "weight_decay": 0.0},
+        {"params": ref[2:], "lr": 1e-2, "weight_decay": 0.1, "betas": (0.9, 0.95)},
+    ])
+    for step in range(30):
+        set_grads(step, ours, ref)
+        opt.step()
+        ref_opt.step()
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_mixed_rules_each_group_matches_its_torch_optimizer():
+    ours, ref = make_params(), make_params()
+    opt = ModularOptimizer([
+        {"params": ours[:2], "algorithm": "sgd", "lr": 0.05, "momentum": 0.9},
+        {"params": ours[2:], "algorithm": "adamw", "lr": 1e-2},
+    ])
+    ref_a = torch.optim.SGD(ref[:2], lr=0.05, momentum=0.9)
+    ref_b = torch.optim.AdamW(ref[2:], lr=1e-2)
+    for step in range(10):
+        set_grads(step, ours, ref)
+        opt.step()
+        ref_a.step()
+        ref_b.step()
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("algorithm", ["adamw", "adam", "sgd", "rmsprop"])
+def test_state_dict_round_trip_continues_like_uninterrupted(algorithm):
+    hp = {"momentum": 0.9} if algorithm in ("sgd", "rmsprop") else {}
+    full, part = make_params(), make_params()
+    opt_full = ModularOptimizer([{"params": full, "algorithm": algorithm, "lr": 1e-2, **hp}])
+    opt_part = ModularOptimizer([{"params": part, "algorithm": algorithm, "lr": 1e-2, **hp}])
+    for step in range(5):
+        set_grads(step, full, part)
+        opt_full.step()
+        opt_part.step()
+    saved = copy.deepcopy(opt_part.state_dict())
+    resumed_params = clone(part)
+    resumed = ModularOptimizer([{"params": resumed_params, "algorithm": algorithm, "lr": 1e-2, **hp}])
+    resumed.load_state_dict(saved)
+    for step in range(5, 10):
+        set_grads(step, full, resumed_params)
+        opt_full.step()
+        resumed.step()
+    for a, b in zip(full, resumed_params):
+        assert torch.equal(a, b)
+
+
+def test_load_state_dict_refuses_another_policy():
+    params = make_params()
+    opt = ModularOptimizer([{"params": params, "algorithm": "adamw"}])
+    set_grads(0, params)
+    opt.step()
+    other = ModularOptimizer([{"params": clone(params), "algorithm": "sgd", "momentum": 0.9}])
+    with pytest.raises(ValueError, match="was 'adamw' in the checkpoint but is 'sgd' now"):
+        other.load_state_dict(opt.state_dict())
+    two = ModularOptimizer([
+        {"params": clone(params)[:2], "algorithm": "adamw"},
+        {"params": clone(params)[2:], "algorithm": "adamw"},
+    ])
+    with pytest.raises(ValueError, match="checkpoint has 1 param groups, this optimizer has 2"):
+        two.load_state_dict(opt.state_dict())
+
+
+def test_scheduler_and_metadata_keys_are_carried():
+    params = make_params()
+    opt = ModularOptimizer([
+        {"params": params[:2], "algorithm": "sgd", "lr": 0.1, "name": "a", "role": "hidden", "constraint": None},
+        {"params": params[2:], "algorithm": "adamw", "lr": 0.01, "name": "b"},
+    ])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 ** s)
+    for step in range(3):
+        set_grads(step, params)
+        opt.step()
+        sched.step()
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.1 / 8, 0.01 / 8])
+    assert opt.param_groups[0]["name"] == "a" and opt.param_groups[0]["role"] == "hidden"
+    reloaded = ModularOptimizer([
+        {"params": clone(params)[:2], "algorithm": "sgd", "lr": 0.1, "name": "a"},
+        {"params": clone(params)[2:], "algorithm": "adamw", "lr": 0.01, "name": "b"},
+    ])
+    reloaded.load_state_dict(opt.state_dict())
+    assert reloaded.param_groups[0]["initial_lr"] == pytest.approx(0.1)
+
+
+def test_plain_parameters_with_a_default_algorithm():
+    params = make_params()
+    opt = ModularOptimizer(params, algorithm="sgd", lr=0.5)
+    set_grads(0, params)
+    before = [p.detach().clone() for p in params]
+    opt.step()
+    for p, b in zip(params, before):
+        torch.testing.assert_close(p, b - 0.5 * p.grad)
+
+
+def test_construction_errors():
+    params = make_params()
+    with pytest.raises(ValueError, match="has no 'algorithm'"):
+        ModularOptimizer([{"params": params}])
+    with pytest.raises(ValueError, match="without `algorithm`"):
+        ModularOptimizer(params, lr=0.1)
+    with pytest.raises(ValueError, match=r"param group 0: unknown hyperparameter 'beta1'"):
+        ModularOptimizer([{"params": params, "algorithm": "adamw", "beta1": 0.9}])
+    with pytest.raises(ValueError, match="unknown optimizer 'lion'"):
+        ModularOptimizer([{"params": params, "algorithm": "lion"}])
+    assert {"sgd", "adam", "adamw", "rmsprop"} <= set(available_rules())
+
+
+def test_closure_is_evaluated_with_grad():
+    p = torch.tensor([1.0, -2.0], requires_grad=True)
+    opt = ModularOptimizer([p], algorithm="sgd", lr=0.1)
+
+    def closure():
+        opt.zero_grad()
+        loss = (p ** 2).sum()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert loss.item() == pytest.approx(5.0)
+    torch.testing.assert_close(p.detach(), torch.tensor([0.8, -1.6]))
