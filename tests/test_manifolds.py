@@ -1,0 +1,247 @@
+"""Retractions and distances against float64 references written here (SVD, norms)."""
+
+import math
+
+import pytest
+import torch
+
+from lightning_optlab.manifolds import (
+    polar_newton_schulz,
+    sphere_distance,
+    sphere_retract,
+    stiefel_distance,
+    stiefel_retract,
+    stiefel_retract_exact,
+)
+from lightning_optlab.optim.newton_schulz import newton_schulz
+
+
+def polar64(W):
+    """Reference polar factor U V^T in float64."""
+    U, _, Vh = torch.linalg.svd(W.double(), full_matrices=False)
+    return U @ Vh
+
+
+def with_singular_values(m, n, s, seed=0):
+    """A float64 m x n matrix with the given singular values and random singular vectors."""
+    g = torch.Generator().manual_seed(seed)
+    k = min(m, n)
+    U, _ = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))
+    return U @ torch.diag(torch.as_tensor(s, dtype=torch.float64)) @ V.T, U, V
+
+
+def near_manifold(m, n, step=0.05, seed=0):
+    """A point of the Stiefel manifold plus one 'optimizer step' of spectral norm ~step."""
+    g = torch.Generator().manual_seed(seed)
+    Q = polar64(torch.randn(m, n, generator=g, dtype=torch.float64))
+    return (Q + step * torch.randn(m, n, generator=g, dtype=torch.float64) / math.sqrt(max(m, n))).float()
+
+
+def dist64(W):
+    """sqrt(mean((s^2 - 1)^2)) over the min(m, n) singular values: the Stiefel distance."""
+    s = torch.linalg.svdvals(W.double().reshape(W.shape[0], -1))
+    return torch.sqrt(((s**2 - 1) ** 2).mean()).item()
+
+
+# ----------------------------------------------------------------------------- sphere
+def test_sphere_rows_get_radius_and_keep_direction():
+    torch.manual_seed(0)
+    W = torch.randn(10, 7, dtype=torch.float64) * 3
+    for radius in (1.0, 2.5):
+        R = sphere_retract(W, radius=radius)
+        norms = R.norm(dim=1)
+        assert torch.allclose(norms, torch.full_like(norms, radius), atol=1e-12)
+        cos = (R * W).sum(1) / (R.norm(dim=1) * W.norm(dim=1))
+        assert torch.allclose(cos, torch.ones_like(cos), atol=1e-12)
+        assert sphere_distance(R, radius).item() < 1e-12
+
+
+def test_sphere_distance_is_largest_row_norm_deviation():
+    W = torch.tensor([[3.0, 4.0], [0.6, 0.8], [0.0, 0.5]])  # norms 5, 1, 0.5
+    assert sphere_distance(W).item() == pytest.approx(4.0)
+    assert sphere_distance(W, radius=5.0).item() == pytest.approx(4.5)
+
+
+def test_sphere_zero_row_stays_finite_and_zero():
+    W = torch.tensor([[0.0, 0.0, 0.0], [1.0, 2.0, 2.0]])
+    R = sphere_retract(W)
+    assert torch.isfinite(R).all()
+    assert torch.equal(R[0], torch.zeros(3))
+    assert R[1].norm().item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_sphere_bf16_and_kernel_dims():
+    torch.manual_seed(0)
+    W = (torch.randn(64, 32) * 0.1).bfloat16()
+    R = sphere_retract(W)
+    assert R.dtype == torch.bfloat16
+    assert (R.float().norm(dim=1) - 1).abs().max().item() < 1e-2
+    K = torch.randn(8, 3, 3, 3, dtype=torch.float64)
+    R = sphere_retract(K, dim=(1, 2, 3))
+    assert torch.allclose(R.reshape(8, -1).norm(dim=1), torch.ones(8, dtype=torch.float64))
+
+
+def test_sphere_refuses_scalars_and_bad_radius():
+    with pytest.raises(ValueError, match="scalar"):
+        sphere_retract(torch.tensor(2.0))
+    with pytest.raises(ValueError, match="radius"):
+        sphere_retract(torch.randn(3, 3), radius=0.0)
+
+
+# ----------------------------------------------------------------------------- stiefel distance
+@pytest.mark.parametrize("shape", [(20, 8), (8, 20), (12, 12)])
+def test_stiefel_distance_matches_singular_value_formula(shape):
+    torch.manual_seed(0)
+    W = torch.randn(*shape, dtype=torch.float64) / 3
+    assert stiefel_distance(W).item() == pytest.approx(dist64(W), rel=1e-10)
+    Q = polar64(W)
+    assert stiefel_distance(Q).item() < 1e-12
+
+
+def test_stiefel_distance_batched_and_list():
+    torch.manual_seed(0)
+    stack = torch.randn(3, 6, 4, dtype=torch.float64)
+    d = stiefel_distance(stack)
+    assert d.shape == (3,)
+    for i in range(3):
+        assert d[i].item() == pytest.approx(dist64(stack[i]), rel=1e-10)
+    kernel = torch.randn(4, 2, 3, 3, dtype=torch.float64)
+    (dk,) = stiefel_distance([kernel])
+    assert dk.item() == pytest.approx(dist64(kernel.reshape(4, -1)), rel=1e-10)
+
+
+# ----------------------------------------------------------------------------- stiefel retract
+@pytest.mark.parametrize("shape", [(256, 96), (96, 256), (128, 128)])
+def test_stiefel_retract_near_manifold_matches_exact(shape):
+    W = near_manifold(*shape, step=0.05)
+    assert dist64(W) > 1e-2  # genuinely off the manifold
+    R = stiefel_retract(W)  # default 5 steps
+    assert R.dtype == torch.float32 and R.shape == W.shape
+    assert (R.double() - polar64(W)).abs().max().item() < 1e-3
+    assert dist64(R) < 1e-5
+    # the library's exact projection agrees with the float64 SVD reference too
+    assert (stiefel_retract_exact(W).double() - polar64(W)).abs().max().item() < 1e-5
+
+
+def test_stiefel_retract_arbitrary_well_conditioned_with_tol():
+    W, _, _ = with_singular_values(200, 80, torch.linspace(0.3, 4.0, 80))
+    res = polar_newton_schulz(W.float(), steps=40, tol=1e-6)
+    assert res.steps < 40  # stopped by tol
+    assert (res.polar.double() - polar64(W)).abs().max().item() < 1e-3
+    assert res.distance_before.item() == pytest.approx(dist64(W), rel=1e-4)
+
+
+def test_tall_and_wide_orientation():
+    torch.manual_seed(0)
+    W = near_manifold(50, 20, step=0.1)
+    R = stiefel_retract(W).double()
+    assert torch.allclose(R.T @ R, torch.eye(20, dtype=torch.float64), atol=1e-5)  # orthonormal columns
+    Rt = stiefel_retract(W.T.contiguous()).double()
+    assert torch.allclose(Rt @ Rt.T, torch.eye(20, dtype=torch.float64), atol=1e-5)  # orthonormal rows
+    assert torch.allclose(Rt, R.T, atol=1e-6)
+
+
+def test_muon_quintic_is_not_a_retraction():
+    """Why the retraction has its own iteration: Muon's quintic leaves singular values off 1."""
+    W = near_manifold(128, 64, step=0.05)
+    muon = newton_schulz(W, steps=5, dtype=torch.float32)
+    assert dist64(muon) > 5e-2
+    assert dist64(stiefel_retract(W)) < 1e-5
+
+
+def test_batched_stack_equals_one_at_a_time():
+    stack = torch.stack([near_manifold(40, 24, seed=s) for s in range(4)])
+    R = stiefel_retract(stack)
+    assert R.shape == stack.shape
+    for i in range(4):
+        assert torch.allclose(R[i], stiefel_retract(stack[i]), atol=1e-6)
+
+
+def test_list_groups_shapes_and_flattens_kernels():
+    torch.manual_seed(0)
+    a, b = near_manifold(30, 10, seed=1), near_manifold(30, 10, seed=2)
+    c = near_manifold(10, 30, seed=3).double()
+    kernel = polar64(torch.randn(16, 27)).reshape(16, 3, 3, 3).float() + 0.01 * torch.randn(16, 3, 3, 3)
+    out = stiefel_retract([a, b, c, kernel.bfloat16()])
+    assert [o.shape for o in out] == [a.shape, b.shape, c.shape, kernel.shape]
+    assert [o.dtype for o in out] == [torch.float32, torch.float32, torch.float64, torch.bfloat16]
+    for o, x in zip(out[:3], (a, b, c)):
+        assert (o.double() - polar64(x)).abs().max().item() < 1e-3
+    assert dist64(out[3].float()) < 2e-2  # bf16 kernel, flattened to (16, 27)
+    assert (out[3].double().reshape(16, -1) - polar64(kernel.bfloat16().reshape(16, -1))).abs().max() < 2e-2
+    exact = stiefel_retract_exact([kernel])[0]
+    assert exact.shape == kernel.shape and dist64(exact) < 1e-5
+
+
+def test_vectors_are_refused_with_the_reason():
+    with pytest.raises(ValueError, match=r"shape \[7\].*vector"):
+        stiefel_retract(torch.randn(7))
+    with pytest.raises(ValueError, match="#1 of the list"):
+        stiefel_retract([torch.randn(3, 3), torch.randn(3)])
+
+
+def test_dtypes_bf16_and_float64():
+    W = near_manifold(64, 32)
+    R16 = stiefel_retract(W.bfloat16())
+    assert R16.dtype == torch.bfloat16 and dist64(R16.float()) < 2e-2
+    R64 = stiefel_retract(W.double())
+    assert R64.dtype == torch.float64 and dist64(R64) < 1e-12
+
+
+def test_ill_conditioned_follows_the_scalar_iteration():
+    """Each singular value follows s <- 1.5 s - 0.5 s^3 (after pre-scaling): small ones lag."""
+    s = torch.logspace(0, -3, 40, dtype=torch.float64)  # condition number 1e3
+    W, U, V = with_singular_values(60, 40, s, seed=3)
+    res = polar_newton_schulz(W, steps=5)
+    got = torch.linalg.svdvals(res.polar)
+    # reference: the documented pre-scaling (by 1/bound only when the spectral bound
+    # sqrt(min(Gershgorin, Frobenius of the Gram)) exceeds 1.5), then the scalar cubic map
+    A = W.T @ W
+    bound_sq = min(A.abs().sum(1).max().item(), A.norm().item())
+    c = 1 / math.sqrt(bound_sq) if bound_sq > 1.5**2 else 1.0
+    ref = s * c
+    for _ in range(5):
+        ref = 1.5 * ref - 0.5 * ref**3
+    assert torch.allclose(got.sort().values, ref.sort().values, atol=1e-10)
+    assert ref.min().item() < 0.1  # the smallest directions are far from 1: not on the manifold
+    assert dist64(res.polar) > 0.1
+    # with enough iterations (tol) it reaches the exact polar factor
+    res = polar_newton_schulz(W.float(), steps=60, tol=1e-6)
+    assert res.steps < 60
+    assert (res.polar.double() - polar64(W)).abs().max().item() < 1e-3
+
+
+def test_rank_deficient_creates_no_null_space_directions():
+    nonzero = torch.linspace(0.7, 1.3, 6)
+    W, U, V = with_singular_values(40, 24, torch.cat([nonzero, torch.zeros(18)]), seed=5)
+    R = stiefel_retract(W.float()).double()  # default 5 steps
+    s = torch.linalg.svdvals(R)
+    assert (s[:6] - 1).abs().max().item() < 1e-3
+    assert s[6:].max().item() < 1e-5  # zero singular values stay (numerically) zero
+    Ur, Vr = U[:, :6], V[:, :6]
+    # stays inside W's column and row spaces: no new directions
+    assert ((torch.eye(40, dtype=torch.float64) - Ur @ Ur.T) @ R).abs().max().item() < 1e-5
+    assert (R @ (torch.eye(24, dtype=torch.float64) - Vr @ Vr.T)).abs().max().item() < 1e-5
+    # the partial isometry U_r V_r^T, at distance sqrt(#zeros / k) from the manifold
+    assert (R - Ur @ Vr.T).abs().max().item() < 1e-3
+    assert stiefel_distance(R).item() == pytest.approx(math.sqrt(18 / 24), abs=1e-3)
+    Z = stiefel_retract(torch.zeros(5, 3))
+    assert torch.equal(Z, torch.zeros(5, 3))
+
+
+def test_tf32_setting_is_restored():
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        stiefel_retract(near_manifold(8, 4))
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def test_bad_steps_and_tol():
+    with pytest.raises(ValueError, match="steps"):
+        stiefel_retract(torch.randn(4, 4), steps=-1)
+    with pytest.raises(ValueError, match="tol"):
+        stiefel_retract(torch.randn(4, 4), tol=0.0)
