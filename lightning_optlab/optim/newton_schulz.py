@@ -29,7 +29,8 @@ def newton_schulz(
     """Approximate polar factor of ``G`` (shape ``(..., m, n)``) by the quintic iteration.
 
     The input is scaled by its Frobenius norm (an upper bound of the spectral norm, so every
-    singular value starts in (0, 1]); tall matrices are transposed so the Gram products are
+    singular value starts in (0, 1]; an exact power-of-two prescale first keeps that norm finite
+    for any finite input); tall matrices are transposed so the Gram products are
     the small side. Returns a tensor of ``dtype`` (default: :func:`ns_dtype` of the device).
     """
     if G.ndim < 2:
@@ -41,6 +42,10 @@ def newton_schulz(
     transposed = X.size(-2) > X.size(-1)
     if transposed:
         X = X.mT
+    # Scale by an exact power of two first (max entry in [0.5, 1)): the normalized result is
+    # unchanged, but the Frobenius norm of a huge gradient can no longer overflow to inf.
+    amax = X.abs().amax(dim=(-2, -1), keepdim=True).float()
+    X = X * torch.ldexp(torch.ones_like(amax), -torch.frexp(amax).exponent).to(X.dtype)
     X = X / X.norm(dim=(-2, -1), keepdim=True).clamp_min(eps)
     for _ in range(steps):
         A = X @ X.mT

@@ -1,0 +1,550 @@
+"""Update rules as plain functions over tensors, built from a few shared steps.
+
+Most optimizers are short chains of the same steps -- decoupled weight decay, momentum,
+centralization, row/column/RMS/std normalization, orthogonalization, shape scaling, clipping --
+so each step is written once here and each rule is a few lines composing them::
+
+    muon          = momentum (nesterov) -> orthogonalize (batched NS) -> scale by shape
+    sinkgd        = (row l2, column l2)^L, rows/columns scaled to unit-RMS entries
+    sinkhorn_tanh = (row l2, column l2, tanh(./tau))^n_iter -> restore the gradient's RMS
+    adamw_spam    = spike-aware clipping -> AdamW (torch's functional core) -> reset + warm-up
+    sparkles      = centralize -> std-normalize -> amplify by momentum -> adaptive step
+                    -> (ADOPT clip) -> (random kick) -> stochastic rounding to bf16
+
+Conventions shared by every function here:
+
+* **Precision.** Math runs in at least fp32 (:func:`upcast`): bf16/fp16 tensors are upcast,
+  transformed and cast back once (:func:`store_`); fp32/fp64 tensors are worked on in place.
+  State tensors keep the parameter's dtype, like torch's own optimizers (so ``state_dict`` /
+  ``load_state_dict``, which casts state to the parameter dtype, round-trips exactly).
+  The one deliberate exception is Muon's Newton-Schulz iteration, which runs in bf16 on CUDA.
+* **Non-finite gradients** are refused in one place, :func:`require_finite_grads`, which every
+  rule's group step calls first (so ``ModularOptimizer`` and the standalone classes behave the
+  same): a NaN/Inf gradient raises ``FloatingPointError`` naming the parameters, before any
+  weight or state is touched. Nothing is ever silently written into the weights. (Under fp16
+  AMP, ``GradScaler`` skips steps with infinite gradients before the optimizer sees them.)
+* **Scale-invariant normalizations** first multiply the matrix by an exact power of two
+  (:func:`pow2_prescale`) so sums of squares cannot overflow: gradients up to fp32's largest
+  value give the same direction as moderate ones.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Iterable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from .newton_schulz import NS_COEFFICIENTS, newton_schulz, ns_dtype
+
+# ---------------------------------------------------------------------------------------------
+# Precision helpers
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the math runs in: at least fp32 (fp64 stays fp64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def upcast(t: Tensor) -> Tensor:
+    """``t`` in :func:`compute_dtype` -- the same object when it already is (so in-place works)."""
+    dtype = compute_dtype(t.dtype)
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def store_(target: Tensor, value: Tensor) -> Tensor:
+    """Write ``value`` (computed in fp32) back into ``target`` unless it already is ``target``."""
+    if value is not target:
+        target.copy_(value)
+    return target
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite gradients: the one policy, used by every rule of this package.
+
+
+def require_finite_grads(
+    group: Mapping, params: Sequence[Tensor], grads: Sequence[Tensor], rule: str
+) -> None:
+    """Raise ``FloatingPointError`` naming the parameters whose gradient has a NaN or Inf.
+
+    One stacked check per param group, hence one host sync per group (not per parameter).
+    Called before a rule touches any weight or state, so a refused step changes nothing of
+    this group.
+    """
+    if not grads:
+        return
+    device = grads[0].device
+    flags = torch.stack([torch.isfinite(g).all().to(device) for g in grads])
+    if bool(flags.all()):
+        return
+    bad = [i for i, ok in enumerate(flags.tolist()) if not ok]
+    all_params = list(group.get("params", []))
+    names = group.get("param_names")
+    label = group.get("name")
+    described = []
+    for i in bad[:10]:
+        p = params[i]
+        index = next((k for k, q in enumerate(all_params) if q is p), None)
+        if names is not None and index is not None:
+            who = f"{names[index]!r}"
+        else:
+            who = f"parameter #{index if index is not None else i}"
+        kinds = []
+        if torch.isnan(grads[i]).any():
+            kinds.append("NaN")
+        if torch.isinf(grads[i]).any():
+            kinds.append("Inf")
+        described.append(f"{who} (shape {list(p.shape)}, {'/'.join(kinds)})")
+    more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
+    where = f" in param group {label!r}" if label else ""
+    raise FloatingPointError(
+        f"optimizer {rule!r}: non-finite gradient{where} for {', '.join(described)}{more}. "
+        "The step was refused and no weight was changed. Usual causes: a learning rate that "
+        "diverged the loss, fp16 without a GradScaler, a log/div of zero in the loss. Lower the "
+        "lr, clip gradients (Trainer(gradient_clip_val=...)), or use bf16."
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared steps
+
+
+def decoupled_weight_decay_(p: Tensor, lr: float, weight_decay: float) -> Tensor:
+    """p <- p * (1 - lr * weight_decay)  (AdamW-style, independent of the gradient transform)."""
+    if weight_decay != 0:
+        p.mul_(1 - lr * weight_decay)
+    return p
+
+
+def apply_update_(
+    param: Tensor,
+    update: Tensor,
+    lr: float,
+    weight_decay: float = 0.0,
+    update_lr: float | None = None,
+) -> None:
+    """param <- param * (1 - lr * weight_decay) - update_lr * update, in fp32, cast back once.
+
+    ``update_lr`` defaults to ``lr`` (Muon passes its shape-scaled rate).
+    """
+    p = upcast(param)
+    decoupled_weight_decay_(p, lr, weight_decay)
+    p.add_(update.reshape(param.shape), alpha=-(lr if update_lr is None else update_lr))
+    store_(param, p)
+
+
+def ema_(buf: Tensor, x: Tensor, beta: float) -> Tensor:
+    """buf <- beta * buf + (1 - beta) * x  (in place; torch.optim.Muon's momentum form)."""
+    return buf.lerp_(x, 1 - beta)
+
+
+def nesterov_blend(x: Tensor, buf: Tensor, beta: float) -> Tensor:
+    """(1 - beta) * x + beta * buf: the look-ahead of nesterov momentum after ``ema_``."""
+    return x.lerp(buf, beta)
+
+
+def momentum_direction(x: Tensor, buf: Tensor, beta: float, nesterov: bool) -> Tensor:
+    """Update ``buf`` by ``ema_`` and return the direction (nesterov look-ahead or the buffer)."""
+    ema_(buf, x, beta)
+    return nesterov_blend(x, buf, beta) if nesterov else buf
+
+
+def as_matrix(t: Tensor) -> Tensor:
+    """A >=2-D tensor as the matrix (out, fan_in): conv kernels (out, in, *k) -> (out, in*prod(k))."""
+    if t.ndim < 2:
+        raise ValueError(f"as_matrix needs at least 2 dimensions, got shape {tuple(t.shape)}")
+    return t.reshape(t.shape[0], -1)
+
+
+def pow2_prescale(x: Tensor, dim: int | tuple[int, ...] | None = None) -> tuple[Tensor, Tensor]:
+    """``(x * s, s)`` with ``s`` an exact power of two putting max|x| (over ``dim``) in [0.5, 1).
+
+    Multiplying by a power of two is exact, so scale-invariant normalizations give the same
+    result while their sums of squares cannot overflow. An all-zero slice gets ``s = 1``.
+    """
+    amax = x.abs().amax(dim=dim, keepdim=True) if dim is not None else x.abs().amax()
+    _, exponent = torch.frexp(amax.float())
+    s = torch.ldexp(torch.ones_like(amax, dtype=torch.float32), -exponent).to(x.dtype)
+    return x * s, s
+
+
+def rms(x: Tensor) -> Tensor:
+    """Root mean square of all entries (0-D tensor)."""
+    return x.square().mean().sqrt()
+
+
+def normalize_rows(G: Tensor, target_norm: float, eps: float) -> Tensor:
+    """Each row of ``G`` scaled to l2 norm ``target_norm`` (rows with norm <= eps shrink instead)."""
+    return G * (target_norm / G.norm(dim=-1, keepdim=True).clamp_min(eps))
+
+
+def normalize_cols(G: Tensor, target_norm: float, eps: float) -> Tensor:
+    """Each column of ``G`` scaled to l2 norm ``target_norm``."""
+    return G * (target_norm / G.norm(dim=-2, keepdim=True).clamp_min(eps))
+
+
+def normalize_l1(x: Tensor, eps: float) -> Tensor:
+    """x / max(||x||_1, eps)."""
+    return x / x.abs().sum().clamp_min(eps)
+
+
+def normalize_rms(x: Tensor, eps: float) -> Tensor:
+    """x / max(rms(x), eps): unit-RMS entries (a 0-D tensor becomes its sign)."""
+    return x / rms(x).clamp_min(eps)
+
+
+def restore_rms(x: Tensor, reference_rms: Tensor, eps: float) -> Tensor:
+    """x rescaled so its RMS equals ``reference_rms`` (zero stays zero)."""
+    return x * (reference_rms / rms(x).clamp_min(eps))
+
+
+def centralize(g: Tensor, alpha: float) -> Tensor:
+    """g - alpha * mean(g): per output channel (mean over dims 1..) for >=2-D, global for 1-D.
+
+    Single-element tensors are returned unchanged (their "mean" is themselves).
+    """
+    if alpha == 0 or g.numel() <= 1:
+        return g
+    if g.ndim >= 2:
+        mean = g.mean(dim=tuple(range(1, g.ndim)), keepdim=True)
+    else:
+        mean = g.mean()
+    return g - alpha * mean
+
+
+def std_normalize(g: Tensor, alpha: float, channelwise: bool, eps: float) -> Tensor:
+    """(1 - alpha) * g + alpha * g / (std(g) + eps), std unbiased.
+
+    Channel-wise (std over dims 1.. per output channel) for >=2-D tensors when ``channelwise``
+    and every reduced dim has more than one entry; otherwise global over tensors of more than
+    two entries; tensors of one or two entries are returned unchanged.
+    """
+    if alpha == 0:
+        return g
+    reduce_dims = tuple(range(1, g.ndim))
+    if g.ndim >= 2 and channelwise and all(g.shape[d] > 1 for d in reduce_dims):
+        s = g.std(dim=reduce_dims, keepdim=True)
+    elif g.numel() > 2:
+        s = g.std()
+    else:
+        return g
+    return g.lerp(g / (s + eps), alpha)
+
+
+def clip_symmetric(x: Tensor, bound: Tensor | float) -> Tensor:
+    """Entries clamped to [-bound, bound] (``bound`` a number or a same-shaped tensor)."""
+    if isinstance(bound, Tensor):
+        return torch.minimum(torch.maximum(x, -bound), bound)
+    return x.clamp(-bound, bound)
+
+
+def spike_clip(g: Tensor, exp_avg_sq: Tensor, threshold: float) -> Tensor:
+    """SPAM's spike-aware clipping: entries with g^2 > threshold * v become sign(g) * sqrt(threshold * v)."""
+    return clip_symmetric(g, (exp_avg_sq * threshold).sqrt())
+
+
+# ---------------------------------------------------------------------------------------------
+# Orthogonalization and shape scaling (Muon)
+
+ADJUST_LR_FNS = ("original", "match_rms_adamw", "spectral_unclamped")
+
+
+def muon_lr_scale(rows: int, cols: int, adjust_lr_fn: str | None) -> float:
+    """Factor on lr for a (rows, cols) update; the vocabulary of ``torch.optim.Muon``'s ``adjust_lr_fn``.
+
+    * ``original`` (Keller Jordan; also ``None``): ``sqrt(max(1, rows / cols))``
+    * ``match_rms_adamw`` (Moonshot): ``0.2 * sqrt(max(rows, cols))`` -- the update's RMS
+      matches AdamW's, so AdamW learning rates and weight decay carry over
+    * ``spectral_unclamped`` (Bernstein): ``sqrt(rows / cols)``
+    """
+    if adjust_lr_fn is None or adjust_lr_fn == "original":
+        return math.sqrt(max(1.0, rows / cols))
+    if adjust_lr_fn == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(rows, cols))
+    if adjust_lr_fn == "spectral_unclamped":
+        return math.sqrt(rows / cols)
+    raise ValueError(f"adjust_lr_fn must be one of {ADJUST_LR_FNS}, got {adjust_lr_fn!r}")
+
+
+def orthogonalize(
+    matrices: Sequence[Tensor],
+    steps: int = 5,
+    coefficients: Sequence[float] = NS_COEFFICIENTS,
+    eps: float = 1e-7,
+    dtype: torch.dtype | None = None,
+) -> list[Tensor]:
+    """Newton-Schulz polar factor of each matrix; same-shaped matrices in ONE stacked call.
+
+    Matrices are bucketed by (device, shape), each bucket stacked into a ``(B, m, n)`` tensor
+    and orthogonalized together (a few large batched matmuls instead of B small ones).
+    ``dtype`` defaults to :func:`ns_dtype` of the device (bf16 on CUDA, fp32 on CPU).
+    """
+    buckets: dict[tuple, list[int]] = defaultdict(list)
+    for i, m in enumerate(matrices):
+        if m.ndim != 2:
+            raise ValueError(f"orthogonalize expects matrices, got shape {tuple(m.shape)}")
+        buckets[(m.device, tuple(m.shape))].append(i)
+    out: list[Tensor | None] = [None] * len(matrices)
+    coefficients = tuple(float(c) for c in coefficients)
+    for (device, _), idx in buckets.items():
+        stack = torch.stack([matrices[i] for i in idx])
+        ortho = newton_schulz(
+            stack, steps=steps, coefficients=coefficients, eps=eps, dtype=dtype or ns_dtype(device)
+        )
+        for j, i in enumerate(idx):
+            out[i] = ortho[j]
+    return out  # type: ignore[return-value]
+
+
+def resolve_ns_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """``"auto"``/None -> :func:`ns_dtype` of the device; ``"bfloat16"``/``"float32"``/... or a torch dtype."""
+    if name is None or name == "auto":
+        return ns_dtype(device)
+    if isinstance(name, torch.dtype):
+        return name
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"ns_dtype must be 'auto' or a floating dtype name like 'bfloat16', got {name!r}")
+    return dtype
+
+
+# ---------------------------------------------------------------------------------------------
+# Rule updates (directions; the group steps in muon.py, sinkgd.py, spam.py, sparkles.py apply them)
+
+
+def muon_update(
+    grads: Sequence[Tensor],
+    momentum_buffers: Sequence[Tensor],
+    *,
+    momentum: float,
+    nesterov: bool,
+    ns_steps: int,
+    ns_coefficients: Sequence[float] = NS_COEFFICIENTS,
+    eps: float = 1e-7,
+    ns_dtype: torch.dtype | None = None,
+) -> list[Tensor]:
+    """Muon's orthogonalized directions, shaped as the matrices ``as_matrix(grad)``.
+
+    ``momentum_buffers`` (compute dtype, as returned by :func:`upcast`) are updated in place by
+    ``buf <- momentum * buf + (1 - momentum) * g``; the direction is the nesterov look-ahead
+    ``(1 - momentum) * g + momentum * buf`` (or ``buf``), flattened to 2-D and orthogonalized by
+    the quintic Newton-Schulz iteration, same-shaped matrices batched. The shape scaling
+    (:func:`muon_lr_scale`) is applied by the caller, on the learning rate.
+    """
+    directions = [
+        as_matrix(momentum_direction(upcast(g), buf, momentum, nesterov))
+        for g, buf in zip(grads, momentum_buffers)
+    ]
+    return orthogonalize(directions, steps=ns_steps, coefficients=ns_coefficients, eps=eps, dtype=ns_dtype)
+
+
+def sinkgd_update(grad: Tensor, iterations: int, eps: float = 1e-8) -> Tensor:
+    """SinkGD's multi-normalized gradient (Scetbon et al., arXiv 2502.06742).
+
+    For an m x n matrix, ``iterations`` alternations of
+    ``G <- sqrt(n) * G / ||G_i,:||`` (rows) then ``G <- sqrt(m) * G / ||G_:,j||`` (columns):
+    the rows and columns of a matrix with unit-RMS entries. The result has columns of norm
+    exactly sqrt(m) and rows converging to sqrt(n) as ``iterations`` grows (Sinkhorn's
+    algorithm on the squared entries).
+
+    Non-2-D tensors: kernels of >2 dims are flattened to (out, fan_in) matrices like Muon does;
+    1-D and 0-D tensors have no row/column structure and are normalized to unit RMS
+    (``g / rms(g)``; this is the 1 x n case of the row step, and the sign for a scalar).
+    Returns a new tensor (compute dtype) shaped like ``grad``.
+    """
+    g = upcast(grad)
+    if g.ndim < 2:
+        g, _ = pow2_prescale(g)
+        return normalize_rms(g, eps)
+    G, _ = pow2_prescale(as_matrix(g))
+    m, n = G.shape
+    row_norm, col_norm = math.sqrt(n), math.sqrt(m)
+    for _ in range(iterations):
+        G = normalize_rows(G, row_norm, eps)
+        G = normalize_cols(G, col_norm, eps)
+    return G.reshape(grad.shape)
+
+
+def sinkhorn_tanh_update(grad: Tensor, tau: float, n_iter: int, eps: float = 1e-8) -> Tensor:
+    """The "Sinkhorn-like" SinkGD transform of the SinkGD ablation notes.
+
+    >=2-D (flattened to (out, fan_in)): for t in 1..n_iter: ``g <- g / ||g||_row``,
+    ``g <- g / ||g||_col``, ``g <- tanh(g / tau)``; then the result is rescaled to the RMS of
+    the original gradient. 1-D: the same with l1 normalization ``g <- g / ||g||_1`` in place of
+    the row/column steps. 0-D: ``tanh(g / tau)`` iterated, no normalization and no RMS restore
+    (which would give back ``g`` itself). Norms are clamped at ``eps``: a zero gradient gives a
+    zero update. Returns a new tensor (compute dtype) shaped like ``grad``.
+    """
+    g = upcast(grad)
+    if g.ndim == 0:
+        for _ in range(n_iter):
+            g = torch.tanh(g / tau)
+        return g
+    work = as_matrix(g) if g.ndim >= 2 else g
+    work, scale = pow2_prescale(work)
+    reference = rms(work)
+    for _ in range(n_iter):
+        if work.ndim == 2:
+            work = normalize_rows(work, 1.0, eps)
+            work = normalize_cols(work, 1.0, eps)
+        else:
+            work = normalize_l1(work, eps)
+        work = torch.tanh(work / tau)
+    work = restore_rms(work, reference, eps) / scale
+    return work.reshape(grad.shape)
+
+
+def spam_warmup_factor(steps_since_reset: int, warmup_steps: int, resets: int) -> float:
+    """SPAM's LR factor after a momentum reset: cosine from ~0 up to 1 over ``warmup_steps``.
+
+    ``0.5 * (1 - cos(pi * k / (warmup_steps + 1)))`` on the k-th step after a reset
+    (k = 1..warmup_steps), 1 afterwards and before the first reset (training starts at full
+    rate; the user's own schedule handles the start).
+    """
+    if resets == 0 or warmup_steps <= 0 or steps_since_reset > warmup_steps:
+        return 1.0
+    return 0.5 * (1.0 - math.cos(math.pi * steps_since_reset / (warmup_steps + 1)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Seeded randomness (SPARKLES): reproducible from (seed, parameter slot, step) alone
+
+_MASK64 = (1 << 64) - 1
+_GENERATORS: dict[torch.device, torch.Generator] = {}
+
+
+def mix_seed(*values: int) -> int:
+    """A well-mixed 63-bit seed from integers (splitmix64 finalizer over each value)."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (int(v) & _MASK64)) & _MASK64
+        h = (h + 0x9E3779B97F4A7C15) & _MASK64
+        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _MASK64
+        h ^= h >> 31
+    return h & ((1 << 63) - 1)
+
+
+def seeded_generator(device: torch.device, seed: int) -> torch.Generator:
+    """A (cached, re-seeded) generator on ``device``; the same seed gives the same stream."""
+    device = torch.device(device)
+    gen = _GENERATORS.get(device)
+    if gen is None:
+        gen = _GENERATORS[device] = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return gen
+
+
+def stochastic_round_to_bf16(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """fp32 ``x`` rounded to bf16 up or down at random, with P(up) = the remainder's fraction.
+
+    Unbiased (E[result] = x), so many updates smaller than half a bf16 ulp still move a bf16
+    weight on average, where round-to-nearest would drop every one of them. Implemented on
+    the bits: add 16 random low bits to the fp32 pattern and truncate them.
+    """
+    x = x.float().contiguous()
+    noise = torch.randint(
+        0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator
+    )
+    bits = (x.view(torch.int32) + noise) & -65536
+    rounded = bits.view(torch.float32)
+    # Non-finite values are left to ordinary rounding (adding noise to their bits could turn inf to NaN).
+    return torch.where(torch.isfinite(x), rounded, x).to(torch.bfloat16)
+
+
+def store_rounded_(target: Tensor, value: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Write fp32 ``value`` into ``target``: stochastically rounded when ``target`` is bf16 and
+    a generator is given, plainly otherwise."""
+    if value is target:
+        return target
+    if target.dtype == torch.bfloat16 and generator is not None:
+        return target.copy_(stochastic_round_to_bf16(value, generator))
+    return target.copy_(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes held by the optimizer's per-parameter state tensors (each storage counted once)."""
+    seen: set[tuple] = set()
+    total = 0
+
+    def visit(value) -> None:
+        nonlocal total
+        if isinstance(value, Tensor):
+            storage = value.untyped_storage()
+            key = (value.device, storage.data_ptr())
+            if key not in seen:
+                seen.add(key)
+                total += storage.nbytes()
+        elif isinstance(value, Mapping):
+            for v in value.values():
+                visit(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                visit(v)
+
+    for state in optimizer.state.values():
+        visit(state)
+    return total
+
+
+def trainable_numel(params: Iterable[Tensor]) -> int:
+    return sum(p.numel() for p in params)
+
+
+def sparkles_update(
+    grad: Tensor,
+    param: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    step: int,
+    *,
+    lr: float,
+    betas: Sequence[float],
+    eps: float,
+    weight_decay: float,
+    centralization: float,
+    normalization: float,
+    normalize_channels: bool,
+    amp_fac: float,
+    clip_gradients: bool,
+    clip_exponent: float,
+    decouple_weight_decay: bool,
+) -> tuple[Tensor, float]:
+    """SPARKLES' deterministic update for step ``step`` (1-based): returns ``(update, step_size)``.
+
+    ``exp_avg``/``exp_avg_sq`` (compute dtype) are updated in place; ``grad`` and ``param`` are
+    read. The caller applies ``param <- param * (1 - step_size * weight_decay)`` when
+    ``decouple_weight_decay``, then ``param <- param - update``::
+
+        g  <- g - centralization * mean(g)                      (per output channel)
+        g  <- (1 - normalization) * g + normalization * g / std(g)
+        m  <- b1 * m + (1 - b1) * g ;  g <- g + amp_fac * m     (momentum amplification)
+        v  <- b2 * v + (1 - b2) * g^2
+        eta = lr / (1 - b1^t)                                   (bias-corrected step size)
+        g  <- g + weight_decay * p                              (unless decoupled)
+        d  = g / (sqrt(v) / sqrt(1 - b2^t) + eps)
+        d  <- clamp(d, -t^clip_exponent, t^clip_exponent)      (if clip_gradients; ADOPT)
+        update = eta * d
+    """
+    beta1, beta2 = betas
+    g = upcast(grad)
+    g = centralize(g, centralization)
+    g = std_normalize(g, normalization, normalize_channels, eps)
+    ema_(exp_avg, g, beta1)
+    g = g + amp_fac * exp_avg
+    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    step_size = lr / (1 - beta1**step)
+    if weight_decay != 0 and not decouple_weight_decay:
+        g = g + weight_decay * upcast(param)
+    denom = exp_avg_sq.sqrt().div_(math.sqrt(1 - beta2**step)).add_(eps)
+    direction = g / denom
+    if clip_gradients:
+        direction = clip_symmetric(direction, float(step) ** clip_exponent)
+    return direction.mul_(step_size), step_size

@@ -1,0 +1,175 @@
+"""AdamW-SPAM: AdamW with SPAM's spike-aware clipping and periodic momentum reset.
+
+Huang et al., "SPAM: Spike-Aware Adam with Momentum Reset for Stable LLM Training" (ICLR 2025);
+the S0 control of the SinkGD ablation. Registry name ``adamw_spam``; class :class:`AdamWSPAM`.
+Per step t of a parameter:
+
+1. **Momentum reset.** Every ``reset_interval`` steps (t = reset_interval + 1,
+   2 * reset_interval + 1, ...) both moments are zeroed and Adam's bias correction restarts
+   (zeroed moments are exactly Adam's initial condition, so the first moments after a reset
+   are bias-corrected estimates again rather than ~0).
+2. **Spike-aware clipping.** Entries with ``g^2 > spike_threshold * v`` (``v`` the second
+   moment before this step) are set to ``sign(g) * sqrt(spike_threshold * v)``. Clipping is
+   off for the first ``spike_clip_delay`` steps after the start and after every reset, while
+   ``v`` holds too few gradients to say what a spike is (with ``v = 0`` every gradient would
+   be clipped to zero). ``spike_threshold: 0`` disables clipping.
+3. **AdamW** -- torch's own functional ``adamw`` (the same math as ``torch.optim.AdamW``) --
+   with ``lr * warmup``, where ``warmup`` rises from ~0 to 1 along a cosine over the
+   ``warmup_steps`` steps after each reset (1 before the first reset).
+
+Math in fp32 (bf16/fp16 weights and state are upcast and cast back); state tensors keep the
+parameter dtype like torch's AdamW. ``reset_interval: 0`` disables resets. A NaN/Inf gradient
+raises ``FloatingPointError`` before anything is changed (see :mod:`.functional`).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch.optim import adamw as _adamw
+from torch.optim.optimizer import _get_scalar_dtype
+
+from .functional import require_finite_grads, spam_warmup_factor, spike_clip, store_, upcast
+from .registry import UpdateRule, check_common, register_rule
+from .rule_optimizer import RuleOptimizer
+
+ADAMW_SPAM_DEFAULTS: dict[str, Any] = dict(
+    lr=1e-3,
+    betas=(0.9, 0.999),
+    eps=1e-8,
+    weight_decay=1e-2,
+    spike_threshold=5000.0,
+    reset_interval=500,
+    warmup_steps=150,
+    spike_clip_delay=20,
+)
+
+
+def check_adamw_spam(hp: Mapping[str, Any]) -> None:
+    check_common(hp)
+    for key in ("reset_interval", "warmup_steps", "spike_clip_delay"):
+        value = hp[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{key} must be an integer >= 0, got {value!r}")
+    theta = hp["spike_threshold"]
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or theta < 0:
+        raise ValueError(f"spike_threshold must be a number >= 0 (0 disables clipping), got {theta!r}")
+
+
+def adamw_spam_step(group: dict, params: list, grads: list, states: list) -> None:
+    """One AdamW-SPAM step over a param group (shared by ModularOptimizer and :class:`AdamWSPAM`)."""
+    require_finite_grads(group, params, grads, "adamw_spam")
+    beta1, beta2 = group["betas"]
+    interval, theta = group["reset_interval"], group["spike_threshold"]
+    # Parameters that stepped equally often share a warm-up factor: one torch adamw call each.
+    buckets: dict[float, list[int]] = defaultdict(list)
+    for i, (p, state) in enumerate(zip(params, states)):
+        if not state:
+            state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())  # steps since the last reset (Adam's bias correction)
+            state["total_steps"] = 0
+            state["resets"] = 0
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        t = state["total_steps"] + 1
+        if interval > 0 and t > 1 and (t - 1) % interval == 0:
+            state["exp_avg"].zero_()
+            state["exp_avg_sq"].zero_()
+            state["step"].zero_()
+            state["resets"] += 1
+        state["total_steps"] = t
+        k = int(state["step"].item()) + 1
+        buckets[spam_warmup_factor(k, group["warmup_steps"], state["resets"])].append(i)
+
+    for warmup, idx in buckets.items():
+        ps, gs, ms, vs, steps, writes = [], [], [], [], [], []
+        for i in idx:
+            p, state = params[i], states[i]
+            p32, m32, v32 = upcast(p), upcast(state["exp_avg"]), upcast(state["exp_avg_sq"])
+            g32 = upcast(grads[i])
+            if theta > 0 and int(state["step"].item()) + 1 > group["spike_clip_delay"]:
+                g32 = spike_clip(g32, v32, theta)
+            ps.append(p32)
+            gs.append(g32)
+            ms.append(m32)
+            vs.append(v32)
+            steps.append(state["step"])
+            writes.append((p, p32, state["exp_avg"], m32, state["exp_avg_sq"], v32))
+        _adamw.adamw(
+            ps,
+            gs,
+            ms,
+            vs,
+            [],
+            steps,
+            foreach=None,
+            capturable=False,
+            differentiable=False,
+            fused=None,
+            has_complex=False,
+            amsgrad=False,
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"] * warmup,
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=False,
+        )
+        for p, p32, m, m32, v, v32 in writes:
+            store_(p, p32)
+            store_(m, m32)
+            store_(v, v32)
+
+
+ADAMW_SPAM_RULE = register_rule(
+    UpdateRule(
+        name="adamw_spam",
+        step=adamw_spam_step,
+        defaults=ADAMW_SPAM_DEFAULTS,
+        summary="AdamW + SPAM: spike-aware clipping, momentum reset every reset_interval with cosine warm-up",
+        check=check_adamw_spam,
+        aliases=("spam",),
+    )
+)
+
+
+class AdamWSPAM(RuleOptimizer):
+    """AdamW-SPAM for plain PyTorch; the same update as the ``adamw_spam`` rule.
+
+    Args:
+        params: parameters (or ``named_parameters()``, or param groups).
+        lr, betas, eps, weight_decay: as ``torch.optim.AdamW`` (defaults 1e-3, (0.9, 0.999),
+            1e-8, 1e-2).
+        spike_threshold: theta; ``g^2 > theta * v`` is a spike, clipped to ``sqrt(theta * v)``
+            (default 5000; 0 disables).
+        reset_interval: steps between momentum resets (default 500; 0 disables).
+        warmup_steps: cosine LR warm-up after each reset (default 150).
+        spike_clip_delay: steps after the start/a reset before clipping turns on (default 20).
+    """
+
+    rule_name = "adamw_spam"
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = ADAMW_SPAM_DEFAULTS["lr"],
+        betas: tuple[float, float] = ADAMW_SPAM_DEFAULTS["betas"],
+        eps: float = ADAMW_SPAM_DEFAULTS["eps"],
+        weight_decay: float = ADAMW_SPAM_DEFAULTS["weight_decay"],
+        spike_threshold: float = ADAMW_SPAM_DEFAULTS["spike_threshold"],
+        reset_interval: int = ADAMW_SPAM_DEFAULTS["reset_interval"],
+        warmup_steps: int = ADAMW_SPAM_DEFAULTS["warmup_steps"],
+        spike_clip_delay: int = ADAMW_SPAM_DEFAULTS["spike_clip_delay"],
+    ) -> None:
+        super().__init__(
+            params,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            spike_threshold=spike_threshold,
+            reset_interval=reset_interval,
+            warmup_steps=warmup_steps,
+            spike_clip_delay=spike_clip_delay,
+        )
