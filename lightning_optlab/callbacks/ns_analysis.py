@@ -1,0 +1,154 @@
+"""NewtonSchulzAnalysis: what Muon's orthogonalization does to the gradients, per step count."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from lightning.pytorch.callbacks.callback import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+from ..spectral.ns import DEFAULT_NS_STEPS, ns_transformation
+from ._common import (
+    VALID_SOURCES,
+    BackgroundWorker,
+    Snapshot,
+    by_shape,
+    check_components,
+    check_every_n_steps,
+    gradient_matrices,
+    log_scalars,
+    mean,
+    sanitize_tag,
+    side_stream_context,
+    tracked_parameters,
+)
+
+FIGURES = ("cosine", "angle_deg", "information_loss", "orthogonality_error")
+
+
+class NewtonSchulzAnalysis(Callback):
+    r"""Angle, information loss and orthogonality of ``NS(G)`` for several Newton-Schulz step counts.
+
+    Every ``every_n_steps`` optimizer steps, in ``on_before_optimizer_step`` (accumulated, unscaled
+    gradients), the matrices of ``components`` are copied on their device and a background thread
+    runs :func:`lightning_optlab.spectral.ns_transformation` on them (one batched NS per shape and
+    step count, in Muon's dtype: bf16 on CUDA, on a side stream; fp32 on CPU). Results are logged
+    from the training thread at a later hook under the step they belong to. If the previous
+    analysis is still running when the next is due, that one is skipped (``wait_if_busy=True``
+    waits instead). Only global rank zero measures.
+
+    Figures (see :mod:`lightning_optlab.spectral.ns`): ``cosine`` and ``angle_deg`` between G and
+    NS(G), ``information_loss`` = ``||G/||G|| - NS(G)/||NS(G)|| ||_F``, ``orthogonality_error`` =
+    ``||O O^T - I||_F / sqrt(min(m, n))``.
+
+    Tags: ``ns_analysis/steps_{s}/{figure}`` (mean over the analysed matrices) and, with
+    ``log_per_matrix``, ``ns_analysis/matrix/{parameter name}/steps_{s}/{figure}``.
+
+    Args:
+        every_n_steps: analyse every this many optimizer steps.
+        steps: Newton-Schulz step counts to compare.
+        components: which components to analyse (``input``, ``hidden``, ``output``); Muon's
+            domain is ``hidden``.
+        source: ``gradient``, ``momentum`` (the rule's ``momentum_buffer``/``exp_avg`` as the
+            previous step left it) or ``auto`` (momentum where the rule keeps one).
+        dtype: NS compute dtype (default: Muon's, bf16 on CUDA, fp32 on CPU).
+        log_per_matrix: also log each matrix's figures.
+        wait_if_busy: wait for the previous analysis instead of skipping one.
+
+    Example::
+
+        trainer = Trainer(callbacks=[NewtonSchulzAnalysis(every_n_steps=200, steps=(1, 3, 5, 10))])
+    """
+
+    _optlab_monitor = True
+
+    def __init__(
+        self,
+        every_n_steps: int = 100,
+        steps: Sequence[int] = DEFAULT_NS_STEPS,
+        components: Sequence[str] = ("hidden",),
+        source: str = "gradient",
+        dtype: torch.dtype | None = None,
+        log_per_matrix: bool = False,
+        wait_if_busy: bool = False,
+    ) -> None:
+        self.every_n_steps = check_every_n_steps("NewtonSchulzAnalysis", every_n_steps)
+        self.steps = tuple(steps)
+        if not self.steps or any(not isinstance(s, int) or s < 1 for s in self.steps):
+            raise ValueError(f"NewtonSchulzAnalysis(steps={list(steps)!r}): give positive integers, e.g. steps=(1, 2, 3, 5, 10)")
+        self.components = check_components("NewtonSchulzAnalysis", components)
+        if source not in VALID_SOURCES:
+            raise ValueError(f"NewtonSchulzAnalysis(source={source!r}): use one of {list(VALID_SOURCES)}")
+        self.source = source
+        self.dtype = dtype
+        self.log_per_matrix = log_per_matrix
+        self.wait_if_busy = wait_if_busy
+        #: figures of the latest logged analysis ``{tag: value}`` and its step
+        self.last_metrics: dict[str, float] = {}
+        self.last_step: int | None = None
+        self.skipped = 0
+        self._worker = BackgroundWorker("NewtonSchulzAnalysis")
+        self._tracked = None
+        self._warned = False
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        self._log_ready(trainer)
+        step = trainer.global_step
+        if not trainer.is_global_zero or step % self.every_n_steps:
+            return
+        if self._tracked is None:
+            self._tracked = tracked_parameters(optimizer, pl_module)
+        mats, _, _ = gradient_matrices(self._tracked, optimizer, self.components, self.source)
+        if not mats:
+            if not self._warned:
+                self._warned = True
+                rank_zero_warn(
+                    f"NewtonSchulzAnalysis: no {self.source} matrices in components {list(self.components)} "
+                    "at this step; check components=... (roles come from the policy / describe_parameters)"
+                )
+            return
+        if self._worker.busy:
+            if not self.wait_if_busy:
+                self.skipped += 1
+                return
+            self._log_ready(trainer, wait=True)
+        self._worker.submit(step, self._compute, Snapshot(mats, to_cpu=False))
+        if self.wait_if_busy:
+            self._log_ready(trainer, wait=True)
+
+    def on_train_batch_end(self, trainer: Any, *args: Any, **kwargs: Any) -> None:
+        self._log_ready(trainer)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self._log_ready(trainer, wait=True)
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self._worker.close()
+        self._tracked = None
+
+    def _compute(self, snap: Snapshot) -> dict[str, float]:
+        tensors = snap.wait()
+        per: dict[str, list[float]] = {}
+        scalars: dict[str, float] = {}
+        with side_stream_context(tensors):
+            for names, stack in by_shape(tensors):
+                finite = torch.isfinite(stack).flatten(1).all(1)
+                figs = ns_transformation(stack, self.steps, dtype=self.dtype)
+                for s, f in figs.items():
+                    for key in FIGURES:
+                        values = f[key].float().cpu().tolist()
+                        for name, v, ok in zip(names, values, finite.tolist()):
+                            if not ok:
+                                continue
+                            per.setdefault(f"ns_analysis/steps_{s}/{key}", []).append(v)
+                            if self.log_per_matrix:
+                                scalars[f"ns_analysis/matrix/{sanitize_tag(name)}/steps_{s}/{key}"] = v
+        for tag, vals in per.items():
+            scalars[tag] = mean(vals)
+        return scalars
+
+    def _log_ready(self, trainer: Any, wait: bool = False) -> None:
+        for step, scalars in self._worker.flush() if wait else self._worker.collect():
+            log_scalars(trainer, scalars, step)
+            self.last_metrics, self.last_step = scalars, step

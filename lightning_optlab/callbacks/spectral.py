@@ -1,0 +1,321 @@
+"""SpectralMonitor: singular spectra of weights and gradients, off the training critical path."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from lightning.pytorch.callbacks.callback import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+from ..spectral.metrics import as_matrix, singular_values_grouped, spectrum_metrics
+from ._common import (
+    BackgroundWorker,
+    Snapshot,
+    check_every_n_steps,
+    first_optimizer,
+    geometric_mean,
+    log_histogram,
+    log_image,
+    log_scalars,
+    mean,
+    sanitize_tag,
+    tracked_parameters,
+)
+
+KINDS = ("weights", "gradients")
+
+
+def _matplotlib_available() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def render_spectrum_image(title: str, s: np.ndarray, width_px: int = 320, height_px: int = 240) -> np.ndarray:
+    """A log-scale plot of singular values ``s`` (descending) as an ``(H, W, 3)`` uint8 array.
+
+    Uses matplotlib's object API (no pyplot, so it is safe in a worker thread).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    dpi = 80
+    fig = Figure(figsize=(width_px / dpi, height_px / dpi), dpi=dpi)
+    canvas = FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    positive = s[s > 0]
+    if positive.size:
+        ax.semilogy(np.arange(1, positive.size + 1), positive, lw=1.2)
+    ax.set_title(title, fontsize=7)
+    ax.set_xlabel("index", fontsize=7)
+    ax.set_ylabel("singular value", fontsize=7)
+    ax.tick_params(labelsize=6)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+class SpectralMonitor(Callback):
+    r"""Log singular-spectrum figures of weight and gradient matrices to TensorBoard.
+
+    Every ``every_n_steps`` optimizer steps, in ``on_before_optimizer_step`` (where Lightning has
+    finished gradient accumulation and unscaled AMP gradients), the monitor copies every tracked
+    matrix (weights: their current value, i.e. after the previous step and its retraction;
+    gradients: the accumulated, unscaled ``.grad`` about to be applied). A background thread
+    computes the SVDs on CPU and the figures; the results are logged from the training thread
+    at a later hook, under the step they were taken at. The training step never waits for an SVD.
+
+    What is exact and what is sampled:
+
+    * exact: each figure is computed from the full singular spectrum (``torch.linalg.svdvals``
+      in float32 on CPU, one batched call per distinct shape) of every tracked matrix, from an
+      exact copy of the tensor at that step. Conv kernels are flattened to ``(out, in*kh*kw)``.
+    * sampled in time: only every ``every_n_steps``-th step is measured. If the worker has not
+      finished the previous snapshot when the next one is due, that snapshot is skipped (counted
+      in ``spectral/skipped_snapshots``, with a warning) unless ``wait_if_busy=True``.
+    * matrices whose gradient is missing or non-finite (an AMP overflow step) are left out of that
+      snapshot (counted in ``spectral/gradients/nonfinite_matrices``).
+
+    On CUDA the copies go to pinned host memory asynchronously (one buffer per matrix, reused);
+    the worker waits on a CUDA event, never the training thread. Host memory used: one copy of
+    the tracked weights and gradients. Only global rank zero measures (under DDP the weights and
+    the all-reduced gradients are the same on every rank; sharded strategies are not supported).
+
+    Tags (``{kind}`` is ``weights`` or ``gradients``; ``{metric}`` is ``effective_rank``,
+    ``stable_rank``, ``condition_number``, ``top{k}_concentration``, ``spectral_norm``):
+
+    * ``spectral/{kind}/component/{input|hidden|output}/{metric}``: mean over the component's
+      matrices (components from each parameter's role: embedding -> input, hidden, output);
+      the condition number is averaged geometrically.
+    * ``spectral/{kind}/group/{param group name}/{metric}``: the same per param group (one per
+      policy rule, i.e. per role/optimizer assignment).
+    * ``spectral/{kind}/matrix/{parameter name}/{metric}``: per matrix (``log_per_matrix``).
+    * histogram ``spectral/{kind}/spectrum/{parameter name}``: the full singular spectrum.
+    * image ``spectral/{kind}/spectrum_plot/{parameter name}``: log-scale spectrum plot, every
+      ``image_every_n_steps`` steps.
+    * ``spectral/skipped_snapshots``, ``spectral/gradients/nonfinite_matrices``.
+
+    Args:
+        every_n_steps: measure every this many optimizer steps (at ``trainer.global_step``
+            divisible by it, starting at 0).
+        weights: measure weights.
+        gradients: measure gradients.
+        top_k: ``k`` of the top-k concentration.
+        topk_power: 1 = share of the singular values, 2 = share of the energy.
+        log_per_matrix: also log the scalars of each matrix (not only component/group means).
+        histograms: log each full spectrum as a histogram.
+        image_every_n_steps: log spectrum plots every this many steps (a multiple of
+            ``every_n_steps``); ``"auto"`` = 10 x ``every_n_steps`` when matplotlib is
+            installed, none otherwise; ``None`` = never.
+        include: parameter name globs to track (default: every parameter with >= 2 dims).
+        exclude: parameter name globs to leave out.
+        wait_if_busy: wait for the previous snapshot instead of skipping one (exact cadence,
+            but the wait lands on the training step; for tests and short studies).
+
+    Example::
+
+        from lightning.pytorch import Trainer
+        from lightning_optlab.callbacks import SpectralMonitor
+
+        trainer = Trainer(callbacks=[SpectralMonitor(every_n_steps=100, top_k=5)])
+    """
+
+    _optlab_monitor = True  # StepTimeMonitor counts its hooks as monitoring time
+
+    def __init__(
+        self,
+        every_n_steps: int = 100,
+        weights: bool = True,
+        gradients: bool = True,
+        top_k: int = 5,
+        topk_power: float = 1.0,
+        log_per_matrix: bool = True,
+        histograms: bool = True,
+        image_every_n_steps: int | str | None = "auto",
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
+        wait_if_busy: bool = False,
+    ) -> None:
+        self.every_n_steps = check_every_n_steps("SpectralMonitor", every_n_steps)
+        if not (weights or gradients):
+            raise ValueError("SpectralMonitor(weights=False, gradients=False) measures nothing; enable one of them")
+        if not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"SpectralMonitor(top_k={top_k!r}): give a positive integer, e.g. top_k=5")
+        if image_every_n_steps == "auto":
+            image_every_n_steps = 10 * self.every_n_steps if _matplotlib_available() else None
+        elif image_every_n_steps is not None:
+            check_every_n_steps("SpectralMonitor", image_every_n_steps, "image_every_n_steps")
+            if image_every_n_steps % self.every_n_steps:
+                raise ValueError(
+                    f"SpectralMonitor(image_every_n_steps={image_every_n_steps}) must be a multiple of "
+                    f"every_n_steps={self.every_n_steps} (images are drawn from the measured snapshots), "
+                    f"e.g. image_every_n_steps={10 * self.every_n_steps}"
+                )
+            if not _matplotlib_available():
+                raise ImportError(
+                    "SpectralMonitor(image_every_n_steps=...) draws spectrum plots with matplotlib, which is "
+                    "not installed: `pip install matplotlib`, or pass image_every_n_steps=None"
+                )
+        self.image_every_n_steps = image_every_n_steps
+        self.kinds = tuple(k for k, on in zip(KINDS, (weights, gradients)) if on)
+        self.top_k = top_k
+        self.topk_power = topk_power
+        self.log_per_matrix = log_per_matrix
+        self.histograms = histograms
+        self.include = list(include) if include else None
+        self.exclude = list(exclude) if exclude else None
+        self.wait_if_busy = wait_if_busy
+
+        self.skipped_snapshots = 0
+        #: figures of the latest logged snapshot: ``{tag: value}``, and its step
+        self.last_metrics: dict[str, float] = {}
+        self.last_step: int | None = None
+        #: singular values of the latest logged snapshot: ``{(kind, parameter name): tensor}``
+        self.last_spectra: dict[tuple[str, str], torch.Tensor] = {}
+        self._worker = BackgroundWorker("SpectralMonitor")
+        self._buffers: dict = {}
+        self._tracked = None
+        self._warned_skip = False
+        self._warned_no_tb = False
+
+    @property
+    def _metric_names(self) -> tuple[str, ...]:
+        return ("effective_rank", "stable_rank", "condition_number", f"top{self.top_k}_concentration", "spectral_norm")
+
+    # --- hooks -------------------------------------------------------------------------------
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if self.image_every_n_steps is not None:
+            # import once here rather than on the worker's first image
+            import matplotlib.backends.backend_agg  # noqa: F401
+            import matplotlib.figure  # noqa: F401
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        self._log_ready(trainer)
+        if not trainer.is_global_zero:
+            return
+        step = trainer.global_step
+        if step % self.every_n_steps:
+            return
+        if self._tracked is None:
+            self._tracked = tracked_parameters(
+                optimizer if hasattr(optimizer, "param_groups") else first_optimizer(trainer),
+                pl_module, include=self.include, exclude=self.exclude,
+            )
+            if not self._tracked:
+                rank_zero_warn("SpectralMonitor: no parameter with >= 2 dimensions to track (check include/exclude)")
+        if self._worker.busy:
+            if self.wait_if_busy:
+                self._log_ready(trainer, wait=True)
+            else:
+                self.skipped_snapshots += 1
+                if not self._warned_skip:
+                    self._warned_skip = True
+                    rank_zero_warn(
+                        f"SpectralMonitor: the SVDs of the previous snapshot were still running at step {step}; "
+                        "this snapshot is skipped (training does not wait). Raise every_n_steps, narrow "
+                        "include=..., or pass wait_if_busy=True."
+                    )
+                log_scalars(trainer, {"spectral/skipped_snapshots": float(self.skipped_snapshots)}, step)
+                return
+        tensors, meta, missing = {}, [], 0
+        for tp in self._tracked:
+            for kind in self.kinds:
+                t = tp.param if kind == "weights" else tp.param.grad
+                if t is None:
+                    missing += kind == "gradients"
+                    continue
+                tensors[(kind, tp.name)] = t
+                meta.append((kind, tp.name, tp.component, tp.group_name))
+        if not tensors:
+            return
+        snap = Snapshot(tensors, to_cpu=True, buffers=self._buffers)
+        images = self.image_every_n_steps is not None and step % self.image_every_n_steps == 0
+        self._worker.submit(step, self._compute, snap, meta, images, missing)
+        if self.wait_if_busy:
+            self._log_ready(trainer, wait=True)
+
+    def on_train_batch_end(self, trainer: Any, *args: Any, **kwargs: Any) -> None:
+        self._log_ready(trainer)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        # Results of the last snapshots are logged before the loggers are finalized.
+        self._log_ready(trainer, wait=True)
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self._worker.close()
+        self._buffers.clear()
+        self._tracked = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"skipped_snapshots": self.skipped_snapshots}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.skipped_snapshots = int(state_dict.get("skipped_snapshots", 0))
+
+    # --- worker side -------------------------------------------------------------------------
+
+    def _compute(self, snap: Snapshot, meta: list, images: bool, missing: int) -> dict[str, Any]:
+        tensors = snap.wait()
+        finite, nonfinite = [], missing
+        for m in meta:
+            t = tensors[(m[0], m[1])]
+            if torch.isfinite(t).all():
+                finite.append(m)
+            else:
+                nonfinite += 1
+        spectra = singular_values_grouped([as_matrix(tensors[(m[0], m[1])]) for m in finite])
+        scalars: dict[str, float] = {}
+        per_scope: dict[str, list[dict[str, float]]] = {}
+        out_spectra, hist, imgs = {}, {}, {}
+        for (kind, name, component, group), s in zip(finite, spectra):
+            figs = {k: float(v) for k, v in spectrum_metrics(s, self.top_k, self.topk_power).items()}
+            figs[f"top{self.top_k}_concentration"] = figs.pop("topk_concentration")
+            tag_name = sanitize_tag(name)
+            if self.log_per_matrix:
+                for k, v in figs.items():
+                    scalars[f"spectral/{kind}/matrix/{tag_name}/{k}"] = v
+            if component is not None:
+                per_scope.setdefault(f"spectral/{kind}/component/{component}", []).append(figs)
+            per_scope.setdefault(f"spectral/{kind}/group/{group}", []).append(figs)
+            out_spectra[(kind, name)] = s
+            if self.histograms:
+                hist[f"spectral/{kind}/spectrum/{tag_name}"] = s.numpy()
+            if images:
+                imgs[f"spectral/{kind}/spectrum_plot/{tag_name}"] = render_spectrum_image(
+                    f"{kind}: {name} {tuple(tensors[(kind, name)].shape)}", s.numpy()
+                )
+        for scope, rows in per_scope.items():
+            for k in rows[0]:
+                avg = geometric_mean if k == "condition_number" else mean
+                scalars[f"{scope}/{k}"] = avg(r[k] for r in rows)
+        if "gradients" in self.kinds:
+            scalars["spectral/gradients/nonfinite_matrices"] = float(nonfinite)
+        return {"scalars": scalars, "spectra": out_spectra, "histograms": hist, "images": imgs}
+
+    # --- training-thread side ----------------------------------------------------------------
+
+    def _log_ready(self, trainer: Any, wait: bool = False) -> None:
+        results = self._worker.flush() if wait else self._worker.collect()
+        for step, res in results:
+            log_scalars(trainer, res["scalars"], step)
+            ok = True
+            for tag, values in res["histograms"].items():
+                ok &= log_histogram(trainer, tag, values, step)
+            for tag, img in res["images"].items():
+                ok &= log_image(trainer, tag, img, step)
+            if not ok and not self._warned_no_tb:
+                self._warned_no_tb = True
+                rank_zero_warn(
+                    "SpectralMonitor: no logger takes histograms/images (they need TensorBoardLogger); "
+                    "only scalars are logged. Add a TensorBoardLogger or pass histograms=False, image_every_n_steps=None."
+                )
+            self.last_metrics = res["scalars"]
+            self.last_spectra = res["spectra"]
+            self.last_step = step

@@ -1,0 +1,346 @@
+"""Measurement callbacks in short CPU fits: TensorBoard tags, gradient semantics, timing, LR scaling."""
+
+import copy
+import math
+import statistics
+import time
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.precision import MixedPrecision
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_optlab.callbacks import (
+    ComponentGradientAnalysis,
+    ModularLRScaling,
+    NewtonSchulzAnalysis,
+    SpectralMonitor,
+    StepTimeMonitor,
+)
+from lightning_optlab.policy import build_optimizer
+
+POLICY = {"rules": [
+    {"match": {"role": "hidden"}, "optimizer": "sgd", "lr": 0.05, "name": "hidden"},
+    {"match": {"role": "embedding"}, "optimizer": "adamw", "lr": 1e-3, "name": "input"},
+    {"match": {}, "optimizer": "adamw", "lr": 1e-3, "name": "rest"},
+]}
+
+
+class Tiny(L.LightningModule):
+    def __init__(self, d_in=12, width=16, classes=5, policy=POLICY, scheduler=None):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d_in, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
+                                 nn.Linear(width, width), nn.ReLU(), nn.Linear(width, classes))
+        self.policy, self.scheduler = policy, scheduler
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        opt = build_optimizer(self, self.policy)
+        if self.scheduler is None:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler(opt), "interval": "step"}}
+
+
+def loader(n=64, d_in=12, classes=5, batch_size=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ds = TensorDataset(torch.randn(n, d_in, generator=g), torch.randint(0, classes, (n,), generator=g))
+    return DataLoader(ds, batch_size=batch_size, shuffle=False)
+
+
+def trainer(tmp_path, callbacks, **kw):
+    kw.setdefault("max_steps", 6)
+    return L.Trainer(logger=TensorBoardLogger(str(tmp_path), name="run"), callbacks=callbacks,
+                     enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                     log_every_n_steps=1, accelerator="cpu", devices=1, **kw)
+
+
+def read_events(log_dir):
+    ea = EventAccumulator(log_dir, size_guidance={"scalars": 0, "histograms": 0, "images": 0, "tensors": 0})
+    ea.Reload()
+    return ea
+
+
+def np_effective_rank(A):
+    s = np.linalg.svd(A, compute_uv=False)
+    p = s / s.sum()
+    p = p[p > 0]
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
+def test_fit_with_all_callbacks_writes_tensorboard_tags(tmp_path):
+    torch.manual_seed(0)
+    model = Tiny()
+    initial = {n: p.detach().double().numpy().copy() for n, p in model.named_parameters() if p.ndim == 2}
+    cbs = [
+        StepTimeMonitor(log_every_n_steps=2),
+        SpectralMonitor(every_n_steps=2, image_every_n_steps=4, top_k=3, wait_if_busy=True),
+        NewtonSchulzAnalysis(every_n_steps=2, steps=(1, 5), log_per_matrix=True, wait_if_busy=True),
+        ComponentGradientAnalysis(every_n_steps=2, wait_if_busy=True),
+        ModularLRScaling(depth_scaling="inv_sqrt", adaptation="grad_norm", log_every_n_steps=1),
+    ]
+    tr = trainer(tmp_path, cbs)
+    tr.fit(model, loader())
+    ea = read_events(tr.logger.log_dir)
+    scalars, hists, images = set(ea.Tags()["scalars"]), set(ea.Tags()["histograms"]), set(ea.Tags()["images"])
+    expected = set()
+    for kind in ("weights", "gradients"):
+        for scope in ("component/input", "component/hidden", "component/output", "group/hidden", "group/input",
+                      "group/rest", "matrix/net.2.weight"):
+            for m in ("effective_rank", "stable_rank", "condition_number", "top3_concentration", "spectral_norm"):
+                expected.add(f"spectral/{kind}/{scope}/{m}")
+    for part in ("forward_backward", "optimizer", "retraction", "monitors", "callbacks", "other", "total"):
+        expected.add(f"step_time/{part}_ms")
+    expected |= {"step_time/optimizer_share", "step_time/monitors_share", "throughput/samples_per_sec"}
+    for s in (1, 5):
+        for f in ("cosine", "angle_deg", "information_loss", "orthogonality_error"):
+            expected |= {f"ns_analysis/steps_{s}/{f}", f"ns_analysis/matrix/net.4.weight/steps_{s}/{f}"}
+    for c in ("input", "hidden", "output"):
+        for f in ("effective_rank", "relative_effective_rank", "ns_effective_rank", "benefit_ratio", "information_loss"):
+            expected.add(f"gradient_analysis/{c}/{f}")
+    for g in ("hidden", "input", "rest"):
+        expected |= {f"lr_scaling/{g}/effective_lr", f"lr_scaling/{g}/multiplier", f"lr_scaling/{g}/depth"}
+    assert not expected - scalars, sorted(expected - scalars)
+    for kind in ("weights", "gradients"):
+        for name in ("net.0.weight", "net.2.weight", "net.4.weight", "net.6.weight"):
+            assert f"spectral/{kind}/spectrum/{name}" in hists
+        assert f"spectral/{kind}/spectrum_plot/net.2.weight" in images
+    assert "gradient_analysis/recommendations/text_summary" in ea.Tags()["tensors"]
+    # every cadence step (0, 2, 4) was measured and logged before fit ended
+    assert [e.step for e in ea.Scalars("spectral/gradients/component/hidden/effective_rank")] == [0, 2, 4]
+    assert [e.step for e in ea.Images("spectral/weights/spectrum_plot/net.2.weight")] == [0, 4]
+    img = ea.Images("spectral/weights/spectrum_plot/net.2.weight")[0]
+    assert img.width > 100 and img.height > 100
+    # step 0 weights are the initial weights: figures against a numpy reference
+    ev = ea.Scalars("spectral/weights/matrix/net.2.weight/effective_rank")[0]
+    assert ev.step == 0 and ev.value == pytest.approx(np_effective_rank(initial["net.2.weight"]), rel=1e-4)
+    h = ea.Histograms("spectral/weights/spectrum/net.0.weight")[0]
+    s0 = np.linalg.svd(initial["net.0.weight"], compute_uv=False)
+    assert h.step == 0 and h.histogram_value.num == len(s0)
+    assert h.histogram_value.max == pytest.approx(s0.max(), rel=1e-5)
+    comp = ea.Scalars("spectral/weights/component/hidden/effective_rank")[0]
+    hidden_ref = np.mean([np_effective_rank(initial[n]) for n in ("net.2.weight", "net.4.weight")])
+    assert comp.value == pytest.approx(hidden_ref, rel=1e-4)
+    # recommendation table in the log dir
+    report = (tmp_path / "run" / "version_0" / "gradient_recommendations.md").read_text()
+    assert "| hidden |" in report and "| input |" in report and "| output |" in report
+    assert "sgd" in report and "adamw" in report  # the rules the components were trained with
+
+
+def reference_accumulated_grads(model, batches, autocast_dtype=None):
+    """d(mean over micro-batches of the loss)/dW by hand, as Lightning accumulates it."""
+    ref = copy.deepcopy(model)
+    ref.zero_grad()
+    for x, y in batches:
+        with torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            loss = nn.functional.cross_entropy(ref(x), y) / len(batches)
+        loss.backward()
+    return {n: p.grad.detach().double() for n, p in ref.named_parameters() if p.ndim == 2}
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed-gradscaler"])
+def test_gradient_metrics_see_accumulated_unscaled_gradient(tmp_path, precision):
+    torch.manual_seed(1)
+    model = Tiny()
+    dl = loader(n=32, batch_size=8)
+    batches = [b for _, b in zip(range(3), dl)]
+    autocast = {"32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed-gradscaler": torch.float16}[precision]
+    ref = reference_accumulated_grads(model, batches, autocast)
+    kw = {"precision": precision} if precision != "16-mixed-gradscaler" else {
+        # fp16 AMP with a loss scaler on CPU: gradients are 2**12 x too large until unscaled
+        "plugins": [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**12))]}
+    spec = SpectralMonitor(every_n_steps=1, weights=False, image_every_n_steps=None, wait_if_busy=True)
+    comp = ComponentGradientAnalysis(every_n_steps=1, wait_if_busy=True)
+    tr = trainer(tmp_path, [spec, comp], max_steps=1, accumulate_grad_batches=3, **kw)
+    tr.fit(model, dl)
+    assert spec.last_step == 0
+    rtol = {"32-true": 1e-4, "bf16-mixed": 2e-2, "16-mixed-gradscaler": 5e-3}[precision]
+    for name, G in ref.items():
+        s_ref = np.linalg.svd(G.numpy(), compute_uv=False)
+        s = spec.last_spectra[("gradients", name)].double().numpy()
+        np.testing.assert_allclose(s[:4], s_ref[:4], rtol=rtol, err_msg=name)
+    hidden = [np_effective_rank(ref[n].numpy()) for n in ("net.2.weight", "net.4.weight")]
+    assert comp.last_metrics["gradient_analysis/hidden/effective_rank"] == pytest.approx(np.mean(hidden), rel=5 * rtol)
+
+
+class _Stamp(L.Callback):
+    """Independent step clock: first callback's batch start to last callback's batch end."""
+
+    def __init__(self, role, shared):
+        self.role, self.shared = role, shared
+
+    def on_train_batch_start(self, *args):
+        if self.role == "first":
+            self.shared["t0"] = time.perf_counter()
+
+    def on_train_batch_end(self, *args):
+        if self.role == "last":
+            self.shared.setdefault("ms", []).append((time.perf_counter() - self.shared["t0"]) * 1000)
+
+
+def test_step_time_parts_add_up_to_measured_step_time(tmp_path):
+    torch.manual_seed(0)
+    model = Tiny(d_in=128, width=256, classes=10)
+    dl = loader(n=64 * 30, d_in=128, classes=10, batch_size=64)
+    shared = {}
+    st = StepTimeMonitor(log_every_n_steps=5)
+    cbs = [_Stamp("first", shared), st, SpectralMonitor(every_n_steps=5, image_every_n_steps=None),
+           NewtonSchulzAnalysis(every_n_steps=5, steps=(1, 3))]
+    try:
+        from lightning_optlab.callbacks import ManifoldRetraction
+        cbs.append(ManifoldRetraction({"net.0.weight": "sphere", "net.2.weight": "stiefel"}))
+        with_retraction = True
+    except Exception:  # the retraction callback belongs to another part of the package
+        with_retraction = False
+    cbs.append(_Stamp("last", shared))
+    tr = trainer(tmp_path, cbs, max_steps=24)
+    tr.fit(model, dl)
+    recs = list(st.records)
+    assert len(recs) == 24 == len(shared["ms"])
+    ratios = []
+    for r, ref in zip(recs[2:], shared["ms"][2:]):  # first steps: warm-up
+        parts = sum(r[f"{p}_ms"] for p in ("forward_backward", "optimizer", "retraction", "monitors", "callbacks"))
+        assert min(r["forward_backward_ms"], r["optimizer_ms"], r["monitors_ms"]) > 0
+        ratios.append(parts / ref)
+    assert 0.9 <= statistics.median(ratios) <= 1.1, ratios
+    if with_retraction:
+        assert statistics.median(r["retraction_ms"] for r in recs) > 0
+    monitor_steps = [r["monitors_ms"] for r in recs if int(r["step"]) % 5 == 0]
+    quiet_steps = [r["monitors_ms"] for r in recs if int(r["step"]) % 5]
+    assert statistics.median(monitor_steps) > statistics.median(quiet_steps)  # the snapshots are counted
+    ea = read_events(tr.logger.log_dir)
+    steps = [e.step for e in ea.Scalars("step_time/total_ms")]
+    assert steps == [4, 9, 14, 19, 23]
+    sps = ea.Scalars("throughput/samples_per_sec")[0].value
+    window = recs[:5]
+    assert sps == pytest.approx(5 * 64 / (sum(r["total_ms"] for r in window) / 1000), rel=1e-4)
+    assert "throughput/tokens_per_sec" not in ea.Tags()["scalars"]  # float features: no tokens
+
+
+class TinyLM(L.LightningModule):
+    def __init__(self, vocab=11, d=8):
+        super().__init__()
+        self.emb, self.head = nn.Embedding(vocab, d), nn.Linear(d, vocab)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self.head(self.emb(x)).flatten(0, 1), y.flatten())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)  # a plain optimizer: roles by fallback
+
+
+def test_tokens_per_second_from_token_batches_and_plain_optimizer(tmp_path):
+    x = torch.randint(0, 11, (32, 7))
+    dl = DataLoader(TensorDataset(x, x), batch_size=4)
+    st = StepTimeMonitor(log_every_n_steps=4)
+    spec = SpectralMonitor(every_n_steps=2, image_every_n_steps=None, wait_if_busy=True)
+    trainer(tmp_path, [st, spec], max_steps=4).fit(TinyLM(), dl)
+    rec = st.records[0]
+    assert rec["samples"] == 4 and rec["tokens"] == 28
+    assert "spectral/weights/component/input/effective_rank" in spec.last_metrics  # nn.Embedding -> input
+    assert "spectral/weights/component/output/effective_rank" in spec.last_metrics
+    ea = read_events(str(tmp_path / "run" / "version_0"))
+    tps, sps = ea.Scalars("throughput/tokens_per_sec")[0].value, ea.Scalars("throughput/samples_per_sec")[0].value
+    assert tps == pytest.approx(7 * sps, rel=1e-6)
+
+
+class _LrProbe(L.Callback):
+    """Reads the lr the scheduler set (batch start) and the lr the step uses (before the step)."""
+
+    def __init__(self):
+        self.base, self.used, self.grad, self.w_before, self.w_after = [], [], [], [], []
+
+    def on_train_batch_start(self, trainer, pl_module, *args):
+        self.base.append([g["lr"] for g in trainer.optimizers[0].param_groups])
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.used.append([g["lr"] for g in optimizer.param_groups])
+        self.grad.append([[p.grad.detach().clone() for p in g["params"]] for g in optimizer.param_groups])
+        self.w_before.append(pl_module.net[2].weight.detach().clone())
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        self.w_after.append(pl_module.net[2].weight.detach().clone())
+
+
+SGD_POLICY = {"rules": [
+    {"match": {"role": "embedding"}, "optimizer": "sgd", "lr": 0.1, "name": "input"},
+    {"match": {"role": "hidden"}, "optimizer": "sgd", "lr": 0.1, "name": "hidden"},
+    {"match": {}, "optimizer": "sgd", "lr": 0.1, "name": "rest"},
+]}
+
+
+def test_lr_scaling_multiplies_the_scheduler_lr_and_restores_it(tmp_path):
+    torch.manual_seed(0)
+    # ExponentialLR is chainable: it multiplies the lr it finds, so a multiplier left in place would compound
+    model = Tiny(policy=SGD_POLICY, scheduler=lambda opt: torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.5))
+    probe = _LrProbe()
+    scaling = ModularLRScaling(depth_scaling="linear", min_factor=0.25, log_every_n_steps=1)
+    tr = trainer(tmp_path, [scaling, probe], max_steps=4)
+    tr.fit(model, loader())
+    # depths by first parameter position: input=1 (net.0.weight), hidden=2 (net.2.weight), rest=3 (net.0.bias? no:
+    # 'rest' holds biases and the output; its first parameter net.0.bias comes right after net.0.weight)
+    assert scaling._group_depth == [1, 3, 2]
+    factors = [1.0, 0.25, 0.625]
+    for t in range(4):
+        assert probe.base[t] == pytest.approx([0.1 * 0.5 ** t] * 3)  # the scheduler's own values
+        assert probe.used[t] == pytest.approx([0.1 * 0.5 ** t * f for f in factors])
+        # the update the optimizer made used the scaled lr: W' = W - lr_used * G (SGD, no momentum)
+        g = probe.grad[t][1][0]
+        torch.testing.assert_close(probe.w_after[t], probe.w_before[t] - probe.used[t][1] * g)
+    ea = read_events(tr.logger.log_dir)
+    assert [round(e.value, 8) for e in ea.Scalars("lr_scaling/hidden/effective_lr")] == [
+        round(0.1 * 0.5 ** t * 0.25, 8) for t in range(4)]
+    assert scaling.state_dict() == {"adaptive": {}}
+
+
+def test_lr_scaling_grad_norm_balances_update_norms_and_resumes(tmp_path):
+    torch.manual_seed(0)
+    probe = _LrProbe()
+    scaling = ModularLRScaling(adaptation="grad_norm", ema=0.0, min_multiplier=1e-3, max_multiplier=1e3)
+    trainer(tmp_path, [scaling, probe], max_steps=3).fit(Tiny(policy=SGD_POLICY), loader())
+    for t in range(3):
+        u = [lr * math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads))
+             for lr, grads in zip(probe.used[t], probe.grad[t])]
+        assert u == pytest.approx([u[0]] * 3, rel=1e-5)  # equal shares of lr * ||G||
+    state = scaling.state_dict()
+    assert set(state["adaptive"]) == {"input", "hidden", "rest"}
+    resumed = ModularLRScaling(adaptation="grad_norm")
+    resumed.load_state_dict(state)
+    assert resumed.adaptive == state["adaptive"]
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: SpectralMonitor(every_n_steps=0), "every_n_steps=50"),
+    (lambda: SpectralMonitor(every_n_steps=10, image_every_n_steps=15), "multiple of every_n_steps"),
+    (lambda: SpectralMonitor(weights=False, gradients=False), "enable one"),
+    (lambda: SpectralMonitor(top_k=0), "top_k=5"),
+    (lambda: NewtonSchulzAnalysis(steps=(0,)), "positive integers"),
+    (lambda: NewtonSchulzAnalysis(components=("middle",)), "input"),
+    (lambda: NewtonSchulzAnalysis(source="adam"), "momentum"),
+    (lambda: ComponentGradientAnalysis(ns_steps=0), "ns_steps=5"),
+    (lambda: ModularLRScaling(depth_scaling="cosine"), "inv_sqrt"),
+    (lambda: ModularLRScaling(adaptation="lars"), "trust_ratio"),
+    (lambda: StepTimeMonitor(log_every_n_steps=-1), "log_every_n_steps"),
+])
+def test_bad_arguments_name_the_fix(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_lr_scaling_unknown_group_names_the_groups(tmp_path):
+    tr = trainer(tmp_path, [ModularLRScaling(depths={"blocks": 2})], max_steps=1)
+    with pytest.raises(ValueError, match=r"its groups are \['hidden', 'input', 'rest'\]"):
+        tr.fit(Tiny(), loader())
