@@ -83,7 +83,12 @@ class SpectralMonitor(Callback):
       snapshot (counted in ``spectral/gradients/nonfinite_matrices``).
 
     On CUDA the copies go to pinned host memory asynchronously (one buffer per matrix, reused);
-    the worker waits on a CUDA event, never the training thread. Host memory used: one copy of
+    the worker waits on a CUDA event, never the training thread. The copies are enqueued on the
+    training stream (they must finish before the optimizer overwrites the weights), so the GPU
+    cost per snapshot is one device-to-host copy of the tracked tensors; the SVDs cost CPU time
+    only. CPU SVDs are slower than GPU ones: on a large model, if a snapshot's SVDs take longer
+    than ``every_n_steps`` steps, snapshots are skipped (see above); narrow ``include`` or raise
+    ``every_n_steps``. Host memory used: one copy of
     the tracked weights and gradients. Only global rank zero measures (under DDP the weights and
     the all-reduced gradients are the same on every rank; sharded strategies are not supported).
 
