@@ -14,6 +14,16 @@ from torch.utils.data import DataLoader, Sampler, TensorDataset
 from lightning_optlab.callbacks import ManifoldRetraction
 from lightning_optlab.policy import build_optimizer
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: one thread is as fast, and much faster on a shared, busy machine
+    (OpenMP threads spin against the other processes)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 POLICY = {
     "rules": [
         {"name": "input", "match": {"role": "embedding"}, "optimizer": "adamw", "lr": 0.02,
@@ -331,3 +341,83 @@ def test_nothing_constrained_warns():
     policy = {"rules": [{"match": {}, "optimizer": "sgd", "lr": 0.1}]}
     with pytest.warns(UserWarning, match="no parameter has a constraint"):
         trainer([ManifoldRetraction()], max_steps=1).fit(TinyNet(policy), loader())
+
+
+# ----------------------------------------------------------------------------- research plan configs
+MODULAR_CONFIGS = {
+    # name in the research plan -> (file, {component: constraint})
+    "baseline_adamw": ("modular_baseline_adamw.yaml", {}),
+    "baseline_muon": ("modular_baseline_muon.yaml", {}),
+    "modular_sphere": ("modular_sphere.yaml", {"input": "sphere"}),
+    "modular_stiefel": ("modular_stiefel.yaml", {"hidden": "stiefel"}),
+    "full_modular": ("modular_full_modular.yaml", {"input": "sphere", "hidden": "stiefel"}),
+}
+PLAN_OPTIMIZERS = {  # the research plan's table: optimizer of (input, hidden, output) weights
+    "baseline_adamw": ("adamw", "adamw", "adamw"),
+    "baseline_muon": ("muon", "muon", "adamw"),
+    "modular_sphere": ("adamw", "muon", "muon"),
+    "modular_stiefel": ("muon", "muon", "adamw"),
+    "full_modular": ("adamw", "muon", "adamw"),
+}
+
+
+class LossRecorder(Callback):
+    def __init__(self):
+        self.losses = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+
+
+@pytest.mark.parametrize("name", list(MODULAR_CONFIGS))
+def test_research_plan_configuration_trains_mnist(name, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from lightning_optlab.cli import main
+
+    file, constraints = MODULAR_CONFIGS[name]
+    config = Path(__file__).resolve().parents[1] / "configs" / "mnist" / file
+    monkeypatch.chdir(tmp_path)
+    cli = main([
+        "--config", str(config), "--trainer.max_steps=100", "--trainer.accelerator=cpu",
+        "--trainer.devices=1", "--trainer.enable_progress_bar=false", "--trainer.num_sanity_val_steps=0",
+        "--trainer.limit_val_batches=2", f"--trainer.default_root_dir={tmp_path}",
+        "--data.init_args.download=false", "--data.init_args.batch_size=64",
+    ], run=False)
+    model, t = cli.model, cli.trainer
+    # the policy is the plan's row: optimizer and constraint of each component's weight
+    groups = {n: (g["algorithm"], g["constraint"]) for g in build_optimizer(model, model.policy).param_groups
+              for n in g["param_names"]}
+    weights = {"input": ["input.weight"], "hidden": ["hidden.0.weight", "hidden.1.weight"], "output": ["output.weight"]}
+    for component, optimizer in zip(("input", "hidden", "output"), PLAN_OPTIMIZERS[name]):
+        for w in weights[component]:
+            assert groups[w] == (optimizer, constraints.get(component)), (name, w)
+    assert all(groups[n][0] == "adamw" for n in groups if n.endswith(".bias"))
+
+    # the monitors of other issues are exercised by tests/test_configs.py; here only training counts
+    t.callbacks = [cb for cb in t.callbacks if type(cb).__name__ not in ("SpectralMonitor", "StepTimeMonitor")]
+    recorder = LossRecorder()
+    t.callbacks.append(recorder)
+    t.fit(model, datamodule=cli.datamodule)
+    assert t.global_step == 100
+    first, last = sum(recorder.losses[:10]) / 10, sum(recorder.losses[-10:]) / 10
+    assert last < 0.5 * first, (first, last)
+    model.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in cli.datamodule.val_dataloader():
+            correct += (model(x).argmax(-1) == y).sum().item()
+            total += len(y)
+    assert correct / total > 0.6  # chance is 0.1
+
+    retractions = [cb for cb in t.callbacks if isinstance(cb, ManifoldRetraction)]
+    assert len(retractions) == (1 if constraints else 0)
+    if constraints:
+        assert retractions[0].num_retractions == 100
+    for component, kind in constraints.items():
+        for w in weights[component]:
+            p = model.get_parameter(w)
+            if kind == "stiefel":
+                assert stiefel_dist64(p) <= 1e-3, w
+            else:
+                assert sphere_dist64(p) <= 1e-5, w
