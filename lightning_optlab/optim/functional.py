@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -493,9 +493,6 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
         visit(state)
     return total
 
-
-def trainable_numel(params: Iterable[Tensor]) -> int:
-    return sum(p.numel() for p in params)
 
 
 def sparkles_update(

@@ -4,7 +4,8 @@ The standalone classes (``Muon``, ``SinkGD``, ``SinkhornTanh``, ``AdamWSPAM``, `
 subclasses that only name their rule: ``step`` calls the very function ``ModularOptimizer``
 calls for a group of that rule (``get_rule(name).step``), so there is one implementation of
 every update, and hyperparameters are validated by the same registry code (unknown names,
-bad values and too-small parameters are refused with the same messages).
+bad values and too-small parameters are refused with the same messages), and a NaN/Inf
+gradient raises the same ``FloatingPointError`` (:func:`.functional.require_finite_grads`).
 """
 
 from __future__ import annotations
