@@ -180,3 +180,29 @@ def test_closure_is_evaluated_with_grad():
     loss = opt.step(closure)
     assert loss.item() == pytest.approx(5.0)
     torch.testing.assert_close(p.detach(), torch.tensor([0.8, -1.6]))
+
+
+@pytest.mark.parametrize("algorithm", ["adamw", "adam", "sgd", "rmsprop"])
+def test_non_finite_gradient_is_refused_and_changes_nothing(algorithm):
+    params = make_params()
+    opt = ModularOptimizer([{"params": params, "algorithm": algorithm, "name": "body",
+                             "param_names": ["a", "b", "c", "d"]}])
+    set_grads(0, params)
+    opt.step()
+    before = [p.detach().clone() for p in params]
+    state_before = copy.deepcopy(opt.state_dict())
+    set_grads(1, params)
+    params[2].grad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"non-finite gradient in param group 'body' for 'c' \(shape \[3, 4, 2, 2\], NaN\)"):
+        opt.step()
+    for p, b in zip(params, before):
+        assert torch.equal(p, b)
+    assert str(opt.state_dict()) == str(state_before)
+
+
+def test_stateless_rules_leave_no_state_entries():
+    params = [torch.randn(6, 4, requires_grad=True)]
+    opt = ModularOptimizer([{"params": params, "algorithm": "sinkgd"}])
+    set_grads(0, params)
+    opt.step()
+    assert opt.state_dict()["state"] == {}

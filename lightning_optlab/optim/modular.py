@@ -44,7 +44,7 @@ class ModularOptimizer(torch.optim.Optimizer):
         self._default_algorithm = algorithm
         self._default_hyperparameters = dict(hyperparameters)
         if algorithm is not None:
-            resolve_hyperparameters(algorithm, hyperparameters, where="ModularOptimizer")
+            resolve_hyperparameters(algorithm, hyperparameters, where=type(self).__name__)
         elif hyperparameters:
             raise ValueError(
                 "ModularOptimizer: hyperparameters "
@@ -53,9 +53,12 @@ class ModularOptimizer(torch.optim.Optimizer):
             )
         super().__init__(params, defaults={})
 
+    def _group_label(self, index: int) -> str:
+        return f"param group {index}"
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         group = dict(param_group)
-        label = group.get("name") or f"param group {len(self.param_groups)}"
+        label = group.get("name") or self._group_label(len(self.param_groups))
         algorithm = group.get("algorithm", self._default_algorithm)
         if algorithm is None:
             raise ValueError(
@@ -70,18 +73,20 @@ class ModularOptimizer(torch.optim.Optimizer):
         group.update(resolve_hyperparameters(rule.name, given, where=label))
 
         params = group["params"]
-        if isinstance(params, torch.Tensor):
-            params = [params]
-        params = list(params)
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        if params and all(isinstance(p, tuple) for p in params):  # model.named_parameters()
+            group["param_names"] = [name for name, _ in params]
+            params = [p for _, p in params]
         names = group.get("param_names")
         for i, p in enumerate(params):
             if p.ndim < rule.min_ndim:
-                who = names[i] if names else f"a parameter of shape {tuple(p.shape)}"
+                who = repr(names[i]) if names else f"parameter #{i}"
                 raise ValueError(
                     f"{label}: optimizer {rule.name!r} needs parameters with at least "
                     f"{rule.min_ndim} dimensions, but {who} has shape {tuple(p.shape)}. Route "
-                    "0-/1-D parameters (biases, norms, scalars) to another rule, e.g. "
-                    "{match: {ndim: [0, 1]}, optimizer: adamw}."
+                    "0-/1-D parameters (biases, norms, scalars) to another rule, e.g. a policy rule "
+                    "{match: {ndim: [0, 1]}, optimizer: adamw} placed before this one, or a separate "
+                    "torch.optim.AdamW."
                 )
         group["params"] = params
         super().add_param_group(group)
@@ -102,9 +107,10 @@ class ModularOptimizer(torch.optim.Optimizer):
                         f"ModularOptimizer: sparse gradients are not supported "
                         f"({group.get('name', 'a param group')}); use dense embeddings"
                     )
-            grads = [p.grad for p in params]
-            states = [self.state[p] for p in params]
-            get_rule(group["algorithm"]).step(group, params, grads, states)
+            rule = get_rule(group["algorithm"])
+            # A stateless rule gets throwaway dicts, so not even empty entries reach state_dict().
+            states = [{} for _ in params] if rule.stateless else [self.state[p] for p in params]
+            rule.step(group, params, [p.grad for p in params], states)
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

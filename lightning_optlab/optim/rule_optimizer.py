@@ -1,23 +1,21 @@
 """RuleOptimizer: a plain ``torch.optim.Optimizer`` over one registry rule.
 
 The standalone classes (``Muon``, ``SinkGD``, ``SinkhornTanh``, ``AdamWSPAM``, ``SPARKLES``) are
-subclasses that only name their rule: ``step`` calls the very function ``ModularOptimizer``
-calls for a group of that rule (``get_rule(name).step``), so there is one implementation of
-every update, and hyperparameters are validated by the same registry code (unknown names,
-bad values and too-small parameters are refused with the same messages), and a NaN/Inf
-gradient raises the same ``FloatingPointError`` (:func:`.functional.require_finite_grads`).
+subclasses that only name their rule. A RuleOptimizer is a :class:`ModularOptimizer` whose every
+group uses that rule, so the step loop, the hyperparameter validation (unknown names, bad values,
+too-small parameters), the checkpoint checks and the NaN/Inf policy
+(:func:`.functional.require_finite_grads`) are the same code in both.
 """
 
 from __future__ import annotations
 
 from typing import Any, ClassVar, Iterable
 
-import torch
+from .modular import ModularOptimizer
+from .registry import resolve_hyperparameters
 
-from .registry import GROUP_META_KEYS, get_rule, resolve_hyperparameters
 
-
-class RuleOptimizer(torch.optim.Optimizer):
+class RuleOptimizer(ModularOptimizer):
     """Base class: ``rule_name`` names the registry rule every param group uses.
 
     ``params`` may be tensors, ``(name, tensor)`` pairs (``model.named_parameters()``, so
@@ -28,51 +26,16 @@ class RuleOptimizer(torch.optim.Optimizer):
     rule_name: ClassVar[str]
 
     def __init__(self, params: Iterable[Any], **hyperparameters: Any) -> None:
-        where = type(self).__name__
-        defaults = resolve_hyperparameters(self.rule_name, hyperparameters, where=where)
-        super().__init__(params, defaults)
+        super().__init__(params, algorithm=self.rule_name, **hyperparameters)
+        # torch.optim convention: `defaults` shows the hyperparameters in effect.
+        self.defaults = resolve_hyperparameters(self.rule_name, hyperparameters, where=type(self).__name__)
+
+    def _group_label(self, index: int) -> str:
+        return f"{type(self).__name__} param group {index}"
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        rule = get_rule(self.rule_name)
-        group = dict(param_group)
-        label = group.get("name") or f"{type(self).__name__} param group {len(self.param_groups)}"
-        params = group["params"]
-        params = [params] if isinstance(params, torch.Tensor) else list(params)
-        if params and all(isinstance(p, tuple) for p in params):
-            group["param_names"] = [name for name, _ in params]
-            params = [p for _, p in params]
-        names = group.get("param_names")
-        given = {k: v for k, v in group.items() if k not in GROUP_META_KEYS}
-        group.update(
-            resolve_hyperparameters(self.rule_name, {**self.defaults, **given}, where=label)
-        )
-        for i, p in enumerate(params):
-            if isinstance(p, torch.Tensor) and p.ndim < rule.min_ndim:
-                who = repr(names[i]) if names else f"parameter #{i}"
-                raise ValueError(
-                    f"{label}: {type(self).__name__} ({rule.name!r}) needs parameters with at least "
-                    f"{rule.min_ndim} dimensions, but {who} has shape {tuple(p.shape)}. Route 0-/1-D "
-                    "parameters (biases, norms, scalars) to another optimizer, e.g. torch.optim.AdamW, "
-                    "or use ModularOptimizer with a policy rule {match: {ndim: [0, 1]}, optimizer: adamw}."
-                )
-        group["params"] = params
-        super().add_param_group(group)
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        rule = get_rule(self.rule_name)
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            for p in params:
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-            # A stateless rule gets throwaway dicts, so not even empty entries reach state_dict().
-            states = [{} for _ in params] if rule.stateless else [self.state[p] for p in params]
-            rule.step(group, params, [p.grad for p in params], states)
-        return loss
+        if param_group.get("algorithm", self.rule_name) != self.rule_name:
+            raise ValueError(
+                f"{type(self).__name__} runs {self.rule_name!r} only; use ModularOptimizer to mix rules"
+            )
+        super().add_param_group(param_group)
