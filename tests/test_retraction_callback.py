@@ -421,3 +421,39 @@ def test_research_plan_configuration_trains_mnist(name, tmp_path, monkeypatch):
                 assert stiefel_dist64(p) <= 1e-3, w
             else:
                 assert sphere_dist64(p) <= 1e-5, w
+
+
+# ----------------------------------------------------------------------------- with the package's mixin
+CONSTRAINED_POLICY = {
+    "rules": [
+        {"match": {"role": "embedding"}, "optimizer": "adamw", "lr": 3e-3, "constraint": "sphere"},
+        {"match": {"role": "hidden"}, "optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "constraint": "stiefel"},
+        {"match": {}, "optimizer": "adamw", "lr": 3e-3},
+    ]
+}
+
+
+def test_mixin_attaches_the_default_callback():
+    from lightning_optlab.models import MLPClassifier
+
+    torch.manual_seed(0)
+    model = MLPClassifier(policy=CONSTRAINED_POLICY, input_dim=20, hidden_sizes=(16, 16, 12), num_classes=4)
+    t = trainer([], max_steps=5)
+    t.fit(model, loader())
+    attached = [cb for cb in t.callbacks if isinstance(cb, ManifoldRetraction)]
+    assert len(attached) == 1 and attached[0].num_retractions == 5
+    assert stiefel_dist64(model.hidden[0].weight) <= 1e-3 and stiefel_dist64(model.hidden[1].weight) <= 1e-3
+    assert sphere_dist64(model.input.weight) <= 1e-5
+
+
+def test_ddp_ranks_retract_identically(tmp_path):
+    """2-process gloo DDP (the lead's script): no communication, yet identical and on the manifold."""
+    from test_ddp import run_ddp
+
+    r0, r1 = run_ddp(tmp_path, CONSTRAINED_POLICY)
+    assert r0["world"] == 2 and r0["steps"] == r1["steps"] == 8
+    for name, tensor in r0["state"].items():
+        assert torch.equal(tensor, r1["state"][name]), name
+    for name in ("hidden.0.weight",):
+        assert stiefel_dist64(r0["state"][name]) <= 1e-3
+    assert sphere_dist64(r0["state"]["input.weight"]) <= 1e-5
