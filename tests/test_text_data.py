@@ -152,6 +152,14 @@ def test_sampler_is_a_function_of_seed_and_epoch_and_shards_ranks():
     for i, r in enumerate(ranks):
         merged[i::4] = list(r)
     assert merged == list(a)
+    # resume: the next pass over that epoch leaves out the windows already trained on, once
+    b = RandomWindowSampler(10_000, 64, seed=3)
+    b.set_epoch(2)
+    a.resume(epoch=2, skip=10)
+    assert list(a) == list(b)[10:]
+    assert list(a) == list(b)
+    a.resume(epoch=1, skip=10)  # a state from another epoch (an end-of-epoch checkpoint) is dropped
+    assert list(a) == list(b)
 
 
 class _Recorder(L.Callback):
@@ -162,14 +170,16 @@ class _Recorder(L.Callback):
         self.seen.setdefault(trainer.current_epoch, []).append(batch[0][:, 0].tolist())
 
 
-def _trainer(tmp_path, epochs, recorder, **kw):
+def _trainer(tmp_path, epochs, recorder, callbacks_extra=()):
     return L.Trainer(
-        max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=0, default_root_dir=str(tmp_path), callbacks=[recorder], **kw,
+        max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+        limit_val_batches=0, default_root_dir=str(tmp_path), callbacks=[recorder, *callbacks_extra],
     )
 
 
 def test_resume_from_checkpoint_replays_the_same_windows(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
     from lightning_optlab.models import GPT
 
     root, _ = _corpus(tmp_path, n=4)
@@ -178,26 +188,22 @@ def test_resume_from_checkpoint_replays_the_same_windows(tmp_path):
         torch.manual_seed(0)
         model = GPT(size="tiny", n_layers=1, policy={"rules": [{"match": {}, "optimizer": "adamw", "lr": 1e-3}]})
         # block_size null: the windows take the model's context length (64 for tiny)
-        dm = TextDataModule(paths=str(root), batch_size=2, train_windows=6, seed=7, cache_dir=str(tmp_path / "c"))
+        dm = TextDataModule(paths=str(root), batch_size=2, train_windows=12, seed=7, cache_dir=str(tmp_path / "c"))
         return model, dm
 
+    # 6 batches per epoch; checkpoints every 2 steps: step=6 ends epoch 0, step=8 is mid-epoch 1
     full = _Recorder()
     model, dm = parts()
-    _trainer(tmp_path / "full", 3, full).fit(model, dm)
+    ckpts = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=2, save_top_k=-1, filename="{step}")
+    _trainer(tmp_path / "full", 3, full, callbacks_extra=[ckpts]).fit(model, dm)
     assert dm.block_size == 64
-    assert sorted(full.seen) == [0, 1, 2] and full.seen[0] != full.seen[1]
+    assert [len(full.seen[e]) for e in range(3)] == [6, 6, 6] and full.seen[0] != full.seen[1]
 
-    part = _Recorder()
-    model, dm = parts()
-    trainer = _trainer(tmp_path / "part", 1, part)
-    trainer.fit(model, dm)
-    ckpt = str(tmp_path / "epoch1.ckpt")
-    trainer.save_checkpoint(ckpt)
-    resumed = _Recorder()
-    model, dm = parts()
-    _trainer(tmp_path / "resumed", 3, resumed).fit(model, dm, ckpt_path=ckpt)
-    assert part.seen[0] == full.seen[0]
-    assert resumed.seen == {1: full.seen[1], 2: full.seen[2]}
+    for step, expected in ((6, {1: full.seen[1], 2: full.seen[2]}), (8, {1: full.seen[1][2:], 2: full.seen[2]})):
+        resumed = _Recorder()
+        model, dm = parts()
+        _trainer(tmp_path / f"resumed{step}", 3, resumed).fit(model, dm, ckpt_path=str(tmp_path / "ckpt" / f"step={step}.ckpt"))
+        assert resumed.seen == expected, f"resume from step {step}"
 
 
 def test_default_corpus_is_the_stdlib_python_sources(tmp_path):

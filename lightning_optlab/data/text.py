@@ -20,7 +20,9 @@ Determinism:
   boundary; text files contain no NUL);
 * training windows are drawn by :class:`RandomWindowSampler`, seeded by ``(seed, epoch)``:
   Lightning calls its ``set_epoch`` at the start of every epoch, so a run resumed from a checkpoint
-  sees the same windows in each epoch as the uninterrupted run;
+  sees the same windows in each epoch as the uninterrupted run; the training loader is a
+  :class:`ResumableDataLoader`, so a checkpoint taken mid-epoch resumes with the next window of
+  that epoch rather than replaying its first ones;
 * validation windows are fixed, evenly spaced over the validation split.
 
 The cache key is a hash of the file list (absolute paths, sizes, modification times) and the split,
@@ -36,7 +38,7 @@ import os
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
@@ -244,9 +246,14 @@ class RandomWindowSampler(DistributedSampler):
         self.rank = int(rank)
         self.epoch = 0
         self.num_samples = len(range(self.rank, self.total_windows, self.num_replicas))
+        self._resume: tuple[int, int] | None = None  # (epoch, windows of it already trained on)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
+
+    def resume(self, epoch: int, skip: int) -> None:
+        """Make the next pass over ``epoch`` leave out its first ``skip`` windows (of this rank)."""
+        self._resume = (int(epoch), int(skip)) if 0 < skip < self.num_samples else None
 
     def starts(self) -> torch.Tensor:
         """All ranks' starts for the current epoch."""
@@ -254,10 +261,37 @@ class RandomWindowSampler(DistributedSampler):
         return torch.randint(0, self.num_starts, (self.total_windows,), generator=g)
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.starts()[self.rank :: self.num_replicas].tolist())
+        starts = self.starts()[self.rank :: self.num_replicas].tolist()
+        if self._resume is not None:
+            epoch, skip = self._resume
+            self._resume = None
+            if epoch == self.epoch:
+                starts = starts[skip:]
+        return iter(starts)
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader over a :class:`RandomWindowSampler` that Lightning can resume mid-epoch.
+
+    Lightning saves ``state_dict()`` in checkpoints and, on resume, hands it to
+    ``load_state_dict`` before iterating: the state is the epoch and how many batches of it the
+    training loop has processed (``progress()``), and the resumed epoch continues with the next
+    window instead of replaying the epoch's first batches.
+    """
+
+    def __init__(self, *args, progress: Callable[[], int] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._progress = progress
+
+    def state_dict(self) -> dict[str, int]:
+        done = int(self._progress()) if self._progress is not None else 0
+        return {"epoch": self.sampler.epoch, "batches_done": done}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.resume(state["epoch"], state["batches_done"] * self.batch_size)
 
 
 class EvenWindowSampler(torch.utils.data.Sampler):
@@ -408,8 +442,9 @@ class TextDataModule(pl.LightningDataModule):
         rank = getattr(trainer, "global_rank", 0) if trainer else 0
         windows = self.train_windows or max(self.batch_size, self.splits["train"].num_bytes // self.block_size)
         self.train_sampler = RandomWindowSampler(len(ds), windows, self.seed, num_replicas, rank)
-        return DataLoader(
+        return ResumableDataLoader(
             ds,
+            progress=self._batches_processed,
             batch_size=self.batch_size,
             sampler=self.train_sampler,
             num_workers=self.num_workers,
@@ -417,6 +452,12 @@ class TextDataModule(pl.LightningDataModule):
             drop_last=True,
             persistent_workers=self.num_workers > 0,
         )
+
+    def _batches_processed(self) -> int:
+        # Batches of the current epoch the training loop has run (counts the one whose
+        # on_train_batch_end is saving a checkpoint right now).
+        loop = getattr(getattr(self.trainer, "fit_loop", None), "epoch_loop", None)
+        return int(loop.batch_progress.current.processed) if loop is not None else 0
 
     def val_dataloader(self) -> DataLoader:
         ds = self._dataset("val")
