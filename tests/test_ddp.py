@@ -32,3 +32,14 @@ def test_ddp_gloo_fit_gives_identical_parameters(tmp_path):
     for name, tensor in r0["state"].items():
         assert torch.equal(tensor, r1["state"][name]), name
     assert any(not torch.equal(r0["state"][k], init[k]) for k in init)  # training did move them
+
+
+def test_ddp_gloo_fit_with_muon_split_gives_identical_parameters(tmp_path):
+    policy = {"rules": [
+        {"match": {"role": "hidden"}, "optimizer": "muon", "lr": 0.02},
+        {"match": {}, "optimizer": "adamw", "lr": 3e-3},
+    ]}
+    r0, r1 = run_ddp(tmp_path, policy)
+    assert r0["steps"] == r1["steps"] == 8
+    for name, tensor in r0["state"].items():
+        assert torch.equal(tensor, r1["state"][name]), name

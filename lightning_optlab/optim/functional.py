@@ -65,19 +65,31 @@ def store_(target: Tensor, value: Tensor) -> Tensor:
 # Non-finite gradients: the one policy, used by every rule of this package.
 
 
+def finite_flags(grads: Sequence[Tensor]) -> Tensor:
+    """One bool per tensor: all entries finite. A single foreach max-abs reduction, no host sync.
+
+    The inf-norm is NaN/Inf exactly when an entry is, and, unlike a sum of squares, never
+    overflows on large finite gradients.
+    """
+    norms = torch._foreach_norm(list(grads), float("inf"))
+    device = norms[0].device
+    # fp64 stays fp64 (a finite 1e300 must not overflow); .to is a no-op for fp32 on one device
+    dtype = torch.float64 if any(n.dtype == torch.float64 for n in norms) else torch.float32
+    return torch.stack([n.to(device=device, dtype=dtype) for n in norms]).isfinite()
+
+
 def require_finite_grads(
     group: Mapping, params: Sequence[Tensor], grads: Sequence[Tensor], rule: str
 ) -> None:
     """Raise ``FloatingPointError`` naming the parameters whose gradient has a NaN or Inf.
 
-    One stacked check per param group, hence one host sync per group (not per parameter).
-    Called before a rule touches any weight or state, so a refused step changes nothing of
-    this group.
+    ``ModularOptimizer.step`` (and so every standalone class) checks all groups' gradients in one
+    reduction and one host sync before any rule runs, so a refused step changes no weight and no
+    state of any group; this function is what builds the error once a bad gradient is found.
     """
     if not grads:
         return
-    device = grads[0].device
-    flags = torch.stack([torch.isfinite(g).all().to(device) for g in grads])
+    flags = finite_flags(grads)
     if bool(flags.all()):
         return
     bad = [i for i, ok in enumerate(flags.tolist()) if not ok]
@@ -269,18 +281,58 @@ def muon_lr_scale(rows: int, cols: int, adjust_lr_fn: str | None) -> float:
     raise ValueError(f"adjust_lr_fn must be one of {ADJUST_LR_FNS}, got {adjust_lr_fn!r}")
 
 
+def ns_split_world(split: bool | str | None) -> tuple[int, int] | None:
+    """(rank, world) when Newton-Schulz work should be split across ranks, else None.
+
+    ``"auto"`` splits whenever a process group with more than one rank is initialized: under
+    DDP every rank holds the same averaged gradients and momenta, so each rank can
+    orthogonalize a share of the matrices and all-gather the results (identical bits on every
+    rank). Pass ``False`` where ranks hold different gradients on purpose (local SGD).
+    """
+    if split is False or split is None or split == "off":
+        return None
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        if split is True:
+            raise RuntimeError("ns_split=True needs an initialized torch.distributed process group")
+        return None
+    world = dist.get_world_size()
+    return (dist.get_rank(), world) if world > 1 else None
+
+
+def _newton_schulz_split(stack: Tensor, world: tuple[int, int], **ns_kwargs) -> Tensor:
+    """Each rank orthogonalizes its slice of ``stack`` (padded to a multiple of the world size);
+    an all-gather assembles the whole, so every rank ends with the same result."""
+    import torch.distributed as dist
+
+    rank, size = world
+    count = stack.shape[0]
+    per_rank = -(-count // size)
+    if per_rank * size > count:
+        stack = torch.cat([stack, stack.new_zeros((per_rank * size - count, *stack.shape[1:]))])
+    mine = newton_schulz(stack[rank * per_rank : (rank + 1) * per_rank], **ns_kwargs).contiguous()
+    gathered = mine.new_empty((per_rank * size, *mine.shape[1:]))
+    dist.all_gather_into_tensor(gathered, mine)
+    return gathered[:count]
+
+
 def orthogonalize(
     matrices: Sequence[Tensor],
     steps: int = 5,
     coefficients: Sequence[float] = NS_COEFFICIENTS,
     eps: float = 1e-7,
     dtype: torch.dtype | None = None,
+    out_dtype: torch.dtype | None = None,
+    split: bool | str | None = None,
 ) -> list[Tensor]:
     """Newton-Schulz polar factor of each matrix; same-shaped matrices in ONE stacked call.
 
     Matrices are bucketed by (device, shape), each bucket stacked into a ``(B, m, n)`` tensor
     and orthogonalized together (a few large batched matmuls instead of B small ones).
-    ``dtype`` defaults to :func:`ns_dtype` of the device (bf16 on CUDA, fp32 on CPU).
+    ``dtype`` defaults to :func:`ns_dtype` of the device (bf16 on CUDA, fp32 on CPU);
+    ``out_dtype`` casts each bucket's result once (default: leave it in ``dtype``); ``split``
+    shares the buckets' matrices out across ranks (see :func:`ns_split_world`).
     """
     buckets: dict[tuple, list[int]] = defaultdict(list)
     for i, m in enumerate(matrices):
@@ -288,12 +340,14 @@ def orthogonalize(
             raise ValueError(f"orthogonalize expects matrices, got shape {tuple(m.shape)}")
         buckets[(m.device, tuple(m.shape))].append(i)
     out: list[Tensor | None] = [None] * len(matrices)
-    coefficients = tuple(float(c) for c in coefficients)
+    world = ns_split_world(split)
     for (device, _), idx in buckets.items():
         stack = torch.stack([matrices[i] for i in idx])
-        ortho = newton_schulz(
-            stack, steps=steps, coefficients=coefficients, eps=eps, dtype=dtype or ns_dtype(device)
-        )
+        kwargs = dict(steps=steps, coefficients=tuple(float(c) for c in coefficients), eps=eps,
+                      dtype=dtype or ns_dtype(device))
+        ortho = _newton_schulz_split(stack, world, **kwargs) if world else newton_schulz(stack, **kwargs)
+        if out_dtype is not None:
+            ortho = ortho.to(out_dtype)
         for j, i in enumerate(idx):
             out[i] = ortho[j]
     return out  # type: ignore[return-value]
@@ -325,20 +379,25 @@ def muon_update(
     ns_coefficients: Sequence[float] = NS_COEFFICIENTS,
     eps: float = 1e-7,
     ns_dtype: torch.dtype | None = None,
+    out_dtype: torch.dtype | None = None,
+    split: bool | str | None = None,
 ) -> list[Tensor]:
     """Muon's orthogonalized directions, shaped as the matrices ``as_matrix(grad)``.
 
     ``momentum_buffers`` (compute dtype, as returned by :func:`upcast`) are updated in place by
     ``buf <- momentum * buf + (1 - momentum) * g``; the direction is the nesterov look-ahead
     ``(1 - momentum) * g + momentum * buf`` (or ``buf``), flattened to 2-D and orthogonalized by
-    the quintic Newton-Schulz iteration, same-shaped matrices batched. The shape scaling
+    the quintic Newton-Schulz iteration, same-shaped matrices batched. Momentum runs as two
+    foreach kernels over the whole group, not a kernel per parameter. The shape scaling
     (:func:`muon_lr_scale`) is applied by the caller, on the learning rate.
     """
-    directions = [
-        as_matrix(momentum_direction(upcast(g), buf, momentum, nesterov))
-        for g, buf in zip(grads, momentum_buffers)
-    ]
-    return orthogonalize(directions, steps=ns_steps, coefficients=ns_coefficients, eps=eps, dtype=ns_dtype)
+    grads32 = [upcast(g) for g in grads]
+    torch._foreach_lerp_(list(momentum_buffers), grads32, 1 - momentum)
+    directions = torch._foreach_lerp(grads32, list(momentum_buffers), momentum) if nesterov else momentum_buffers
+    return orthogonalize(
+        [as_matrix(d) for d in directions], steps=ns_steps, coefficients=ns_coefficients, eps=eps,
+        dtype=ns_dtype, out_dtype=out_dtype, split=split,
+    )
 
 
 def sinkgd_update(grad: Tensor, iterations: int, eps: float = 1e-8) -> Tensor:

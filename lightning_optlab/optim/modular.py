@@ -22,6 +22,7 @@ from typing import Any, Iterable
 
 import torch
 
+from .functional import finite_flags, require_finite_grads
 from .registry import GROUP_META_KEYS, get_rule, resolve_hyperparameters
 
 
@@ -97,6 +98,7 @@ class ModularOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        work = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -104,13 +106,22 @@ class ModularOptimizer(torch.optim.Optimizer):
             for p in params:
                 if p.grad.is_sparse:
                     raise RuntimeError(
-                        f"ModularOptimizer: sparse gradients are not supported "
+                        f"{type(self).__name__}: sparse gradients are not supported "
                         f"({group.get('name', 'a param group')}); use dense embeddings"
                     )
+            work.append((group, params, [p.grad for p in params]))
+        if not work:
+            return loss
+        # NaN/Inf policy: refuse the whole step before any weight or state changes, with one
+        # reduction and one host sync for all groups (see functional.require_finite_grads).
+        if not bool(finite_flags([g for _, _, grads in work for g in grads]).all()):
+            for group, params, grads in work:
+                require_finite_grads(group, params, grads, group["algorithm"])
+        for group, params, grads in work:
             rule = get_rule(group["algorithm"])
             # A stateless rule gets throwaway dicts, so not even empty entries reach state_dict().
             states = [{} for _ in params] if rule.stateless else [self.state[p] for p in params]
-            rule.step(group, params, [p.grad for p in params], states)
+            rule.step(group, params, grads, states)
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

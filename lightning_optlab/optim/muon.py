@@ -26,10 +26,9 @@ import torch
 
 from .functional import (
     ADJUST_LR_FNS,
-    apply_update_,
     muon_lr_scale,
     muon_update,
-    require_finite_grads,
+    
     resolve_ns_dtype,
     store_,
     upcast,
@@ -48,6 +47,7 @@ MUON_DEFAULTS: dict[str, Any] = dict(
     eps=1e-7,
     adjust_lr_fn="original",
     ns_dtype="auto",
+    ns_split="auto",
 )
 
 
@@ -71,12 +71,30 @@ def check_muon(hp: Mapping[str, Any]) -> None:
     if not isinstance(hp["nesterov"], bool):
         raise ValueError(f"nesterov must be true or false, got {hp['nesterov']!r}")
     resolve_ns_dtype(hp["ns_dtype"], torch.device("cpu"))
+    if hp["ns_split"] not in ("auto", True, False):
+        raise ValueError(f"ns_split must be 'auto', true or false, got {hp['ns_split']!r}")
+
+
+def _refuse_sharded(params: list, group: dict) -> None:
+    # A shard of a matrix is not a matrix: orthogonalizing shards would be silently wrong.
+    for p in params:
+        if type(p).__name__ in ("DTensor", "FlatParameter") or getattr(p, "_is_flat_param", False):
+            raise RuntimeError(
+                f"muon ({group.get('name', 'param group')}): parameters are sharded "
+                f"({type(p).__name__}, e.g. FSDP); Newton-Schulz needs each whole matrix. Train "
+                "Muon groups with DDP (the NS work is then split across ranks), or route sharded "
+                "parameters to an element-wise rule such as adamw."
+            )
 
 
 def muon_step(group: dict, params: list, grads: list, states: list) -> None:
-    """One Muon step over a param group (shared by ModularOptimizer and :class:`Muon`)."""
-    require_finite_grads(group, params, grads, "muon")
-    buffers, work = [], []
+    """One Muon step over a param group (shared by ModularOptimizer and :class:`Muon`).
+
+    Hot path: momentum is two foreach kernels, Newton-Schulz one stacked call per shape (split
+    across ranks under DDP), weight decay one foreach kernel and the update one foreach kernel
+    per shape -- no per-parameter kernels for fp32 weights.
+    """
+    _refuse_sharded(params, group)
     for p, state in zip(params, states):
         if p.ndim < 2:
             raise ValueError(
@@ -85,10 +103,11 @@ def muon_step(group: dict, params: list, grads: list, states: list) -> None:
             )
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        buffers.append(state["momentum_buffer"])
-        work.append(upcast(state["momentum_buffer"]))
+    buffers = [state["momentum_buffer"] for state in states]
+    work = [upcast(b) for b in buffers]  # the buffers themselves for fp32 (updated in place)
     # None lets orthogonalize pick per device (bf16 on CUDA, fp32 on CPU).
     dtype = None if group["ns_dtype"] in (None, "auto") else resolve_ns_dtype(group["ns_dtype"], params[0].device)
+    weights = [upcast(p) for p in params]
     updates = muon_update(
         grads,
         work,
@@ -98,12 +117,23 @@ def muon_step(group: dict, params: list, grads: list, states: list) -> None:
         ns_coefficients=group["ns_coefficients"],
         eps=group["eps"],
         ns_dtype=dtype,
+        out_dtype=weights[0].dtype,
+        split=group["ns_split"],
     )
     lr, wd = group["lr"], group["weight_decay"]
-    for p, buf, buf32, update in zip(params, buffers, work, updates):
-        store_(buf, buf32)
-        rows, cols = update.shape
-        apply_update_(p, update, lr, wd, update_lr=lr * muon_lr_scale(rows, cols, group["adjust_lr_fn"]))
+    if wd != 0:
+        torch._foreach_mul_(weights, 1 - lr * wd)
+    by_shape: dict[tuple, list[int]] = {}
+    for i, u in enumerate(updates):
+        by_shape.setdefault(tuple(u.shape), []).append(i)
+    for (rows, cols), idx in by_shape.items():
+        torch._foreach_add_(
+            [weights[i] for i in idx],
+            [updates[i].reshape(params[i].shape) for i in idx],
+            alpha=-lr * muon_lr_scale(rows, cols, group["adjust_lr_fn"]),
+        )
+    for target, value in zip(params + buffers, weights + work):
+        store_(target, value)  # casts back bf16/fp16 weights and buffers; no-op for fp32
 
 
 MUON_RULE = register_rule(
@@ -134,6 +164,9 @@ class Muon(RuleOptimizer):
             (default), ``"match_rms_adamw"`` ``0.2*sqrt(max(rows, cols))`` (AdamW lr and weight
             decay carry over), ``"spectral_unclamped"`` ``sqrt(rows/cols)``.
         ns_dtype: ``"auto"`` (bf16 on CUDA, fp32 elsewhere), ``"bfloat16"``, ``"float32"``...
+        ns_split: ``"auto"`` (default) splits the Newton-Schulz work across ranks when a
+            process group is initialized (DDP: same gradients everywhere, each rank
+            orthogonalizes its share, an all-gather assembles them); ``False`` never splits.
     """
 
     rule_name = "muon"
@@ -150,6 +183,7 @@ class Muon(RuleOptimizer):
         eps: float = MUON_DEFAULTS["eps"],
         adjust_lr_fn: str | None = MUON_DEFAULTS["adjust_lr_fn"],
         ns_dtype: str = MUON_DEFAULTS["ns_dtype"],
+        ns_split: bool | str = MUON_DEFAULTS["ns_split"],
     ) -> None:
         super().__init__(
             params,
@@ -162,4 +196,5 @@ class Muon(RuleOptimizer):
             eps=eps,
             adjust_lr_fn=adjust_lr_fn,
             ns_dtype=ns_dtype,
+            ns_split=ns_split,
         )

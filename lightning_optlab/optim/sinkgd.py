@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Mapping
 
-from .functional import apply_update_, require_finite_grads, sinkgd_update, sinkhorn_tanh_update
+from .functional import apply_update_, sinkgd_update, sinkhorn_tanh_update
 from .registry import UpdateRule, check_common, register_rule
 from .rule_optimizer import RuleOptimizer
 
@@ -49,7 +49,6 @@ def check_sinkhorn_tanh(hp: Mapping[str, Any]) -> None:
 
 def sinkgd_step(group: dict, params: list, grads: list, states: list) -> None:
     """One SinkGD step over a param group (stateless: ``states`` are left empty)."""
-    require_finite_grads(group, params, grads, "sinkgd")
     for p, g in zip(params, grads):
         update = sinkgd_update(g, group["sinkhorn_iterations"], group["eps"])
         apply_update_(p, update, group["lr"], group["weight_decay"])
@@ -57,7 +56,6 @@ def sinkgd_step(group: dict, params: list, grads: list, states: list) -> None:
 
 def sinkhorn_tanh_step(group: dict, params: list, grads: list, states: list) -> None:
     """One Sinkhorn-tanh step over a param group (stateless)."""
-    require_finite_grads(group, params, grads, "sinkhorn_tanh")
     for p, g in zip(params, grads):
         update = sinkhorn_tanh_update(g, group["tau"], group["n_iter"], group["eps"])
         apply_update_(p, update, group["lr"], group["weight_decay"])

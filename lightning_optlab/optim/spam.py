@@ -31,7 +31,7 @@ import torch
 from torch.optim import adamw as _adamw
 from torch.optim.optimizer import _get_scalar_dtype
 
-from .functional import require_finite_grads, spam_warmup_factor, spike_clip, store_, upcast
+from .functional import spam_warmup_factor, spike_clip, store_, upcast
 from .registry import UpdateRule, check_common, register_rule
 from .rule_optimizer import RuleOptimizer
 
@@ -60,7 +60,6 @@ def check_adamw_spam(hp: Mapping[str, Any]) -> None:
 
 def adamw_spam_step(group: dict, params: list, grads: list, states: list) -> None:
     """One AdamW-SPAM step over a param group (shared by ModularOptimizer and :class:`AdamWSPAM`)."""
-    require_finite_grads(group, params, grads, "adamw_spam")
     beta1, beta2 = group["betas"]
     interval, theta = group["reset_interval"], group["spike_threshold"]
     # Parameters that stepped equally often share a warm-up factor: one torch adamw call each.

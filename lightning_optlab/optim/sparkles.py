@@ -52,7 +52,7 @@ import torch
 from .functional import (
     decoupled_weight_decay_,
     mix_seed,
-    require_finite_grads,
+    
     seeded_generator,
     sparkles_update,
     store_rounded_,
@@ -120,7 +120,6 @@ def _stalled(group: dict, grads: list, states: list) -> list[bool]:
 
 def sparkles_step(group: dict, params: list, grads: list, states: list) -> None:
     """One SPARKLES step over a param group (shared by ModularOptimizer and :class:`SPARKLES`)."""
-    require_finite_grads(group, params, grads, "sparkles")
     if any(not s for s in states):
         slots = {id(p): k for k, p in enumerate(group["params"])}
         for p, state in zip(params, states):

@@ -17,7 +17,6 @@ from torch.optim import rmsprop as _rmsprop
 from torch.optim import sgd as _sgd
 from torch.optim.optimizer import _get_scalar_dtype
 
-from .functional import require_finite_grads
 from .registry import UpdateRule, check_common, register_rule
 
 
@@ -43,7 +42,6 @@ def _ensure_step_device(state: dict, p: torch.Tensor, on_device: bool) -> None:
 
 
 def _adam_family_step(group, params, grads, states, *, decoupled: bool) -> None:
-    require_finite_grads(group, params, grads, "adamw" if decoupled else "adam")
     fused = _fused_by_default(group, params)
     on_device = fused or group["capturable"]
     exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], []
@@ -92,7 +90,6 @@ def adamw_step(group, params, grads, states) -> None:
 
 
 def sgd_step(group, params, grads, states) -> None:
-    require_finite_grads(group, params, grads, "sgd")
     buffers = [state.get("momentum_buffer") for state in states]
     fused = group["fused"] if group["fused"] is not None else False
     _sgd.sgd(
@@ -115,7 +112,6 @@ def sgd_step(group, params, grads, states) -> None:
 
 
 def rmsprop_step(group, params, grads, states) -> None:
-    require_finite_grads(group, params, grads, "rmsprop")
     square_avgs, grad_avgs, buffers, steps = [], [], [], []
     for p, state in zip(params, states):
         if not state:
