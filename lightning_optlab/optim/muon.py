@@ -32,6 +32,7 @@ from .functional import (
     resolve_ns_dtype,
     store_,
     upcast,
+    use_compiled_muon,
 )
 from .newton_schulz import NS_COEFFICIENTS
 from .registry import UpdateRule, check_common, register_rule
@@ -48,6 +49,7 @@ MUON_DEFAULTS: dict[str, Any] = dict(
     adjust_lr_fn="original",
     ns_dtype="auto",
     ns_split="auto",
+    compile="auto",
 )
 
 
@@ -71,6 +73,8 @@ def check_muon(hp: Mapping[str, Any]) -> None:
     if not isinstance(hp["nesterov"], bool):
         raise ValueError(f"nesterov must be true or false, got {hp['nesterov']!r}")
     resolve_ns_dtype(hp["ns_dtype"], torch.device("cpu"))
+    if hp["compile"] not in ("auto", True, False):
+        raise ValueError(f"compile must be 'auto', true or false, got {hp['compile']!r}")
     if hp["ns_split"] not in ("auto", True, False):
         raise ValueError(f"ns_split must be 'auto', true or false, got {hp['ns_split']!r}")
 
@@ -119,6 +123,7 @@ def muon_step(group: dict, params: list, grads: list, states: list) -> None:
         ns_dtype=dtype,
         out_dtype=weights[0].dtype,
         split=group["ns_split"],
+        compiled=use_compiled_muon(group["compile"], params[0].device),
     )
     lr, wd = group["lr"], group["weight_decay"]
     if wd != 0:
@@ -167,6 +172,8 @@ class Muon(RuleOptimizer):
         ns_split: ``"auto"`` (default) splits the Newton-Schulz work across ranks when a
             process group is initialized (DDP: same gradients everywhere, each rank
             orthogonalizes its share, an all-gather assembles them); ``False`` never splits.
+        compile: ``"auto"`` (default) fuses the step's element-wise work with ``torch.compile``
+            on CUDA (eager elsewhere, and eager with a warning if compilation fails).
     """
 
     rule_name = "muon"
@@ -184,6 +191,7 @@ class Muon(RuleOptimizer):
         adjust_lr_fn: str | None = MUON_DEFAULTS["adjust_lr_fn"],
         ns_dtype: str = MUON_DEFAULTS["ns_dtype"],
         ns_split: bool | str = MUON_DEFAULTS["ns_split"],
+        compile: bool | str = MUON_DEFAULTS["compile"],
     ) -> None:
         super().__init__(
             params,
@@ -197,4 +205,5 @@ class Muon(RuleOptimizer):
             adjust_lr_fn=adjust_lr_fn,
             ns_dtype=ns_dtype,
             ns_split=ns_split,
+            compile=compile,
         )
