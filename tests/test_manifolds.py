@@ -7,6 +7,7 @@ import torch
 
 from lightning_optlab.manifolds import (
     polar_newton_schulz,
+    predicted_distances,
     sphere_distance,
     sphere_retract,
     stiefel_distance,
@@ -245,3 +246,90 @@ def test_bad_steps_and_tol():
         stiefel_retract(torch.randn(4, 4), steps=-1)
     with pytest.raises(ValueError, match="tol"):
         stiefel_retract(torch.randn(4, 4), tol=0.0)
+
+
+# ----------------------------------------------------------------------------- adaptive step count
+@pytest.mark.parametrize("precision", ["fp32", "mixed"])  # mixed: bf16 operands, emulated on CPU
+def test_predict_near_manifold_takes_one_or_two_steps(precision):
+    for shape in [(256, 96), (96, 96)]:
+        for step, expected in [(0.01, {1}), (0.05, {1, 2})]:
+            W = near_manifold(*shape, step=step)
+            res = polar_newton_schulz(W, steps=5, tol=5e-4, schedule="predict", precision=precision)
+            assert res.steps in expected, (shape, step, res.steps)
+            assert res.distance_before.item() == pytest.approx(dist64(W), rel=1e-3)
+            assert dist64(res.polar) <= 5e-4
+            assert (res.polar.double() - polar64(W)).abs().max().item() < 1e-3
+
+
+def test_predict_far_input_runs_more_steps_and_reaches_tol():
+    near = polar_newton_schulz(near_manifold(128, 64, step=0.02), tol=1e-4, schedule="predict")
+    far = polar_newton_schulz(near_manifold(128, 64, step=0.4), tol=1e-4, schedule="predict", steps=8)
+    assert near.steps == 1 and far.steps > near.steps
+    assert dist64(far.polar) <= 1e-4
+    # too far for the bound (a singular value near 0): falls back to checking every iteration
+    W, _, _ = with_singular_values(60, 40, torch.linspace(0.05, 1.2, 40))
+    res = polar_newton_schulz(W.float(), steps=30, tol=1e-4, schedule="predict")
+    assert 5 < res.steps < 30 and dist64(res.polar) <= 1e-4
+
+
+def corrected_step64(X):
+    """One step X <- X + (E/2 + 3E^2/8) X, E = I - X X^T (wide X), in float64."""
+    E = torch.eye(X.shape[0], dtype=torch.float64) - X @ X.T
+    return X + (0.5 * E + 0.375 * E @ E) @ X
+
+
+@pytest.mark.parametrize("spread", ["uniform", "outlier", "one_sided"])
+def test_predicted_distances_bound_the_float64_iteration(spread):
+    """The bound from (d, mean e^4, mean e^8) is never below the distance actually reached."""
+    k, m = 48, 96
+    g = torch.Generator().manual_seed(1)
+    for scale in (0.02, 0.1, 0.3):
+        if spread == "uniform":
+            lam = 1 + scale * (2 * torch.rand(k, generator=g, dtype=torch.float64) - 1)
+        elif spread == "outlier":
+            lam = 1 + 0.1 * scale * torch.randn(k, generator=g, dtype=torch.float64)
+            lam[0] = 1 + 2 * scale
+        else:
+            lam = 1 - scale * torch.rand(k, generator=g, dtype=torch.float64)
+        X = with_singular_values(k, m, lam.sqrt(), seed=2)[0]
+        e = 1 - lam
+        bounds = predicted_distances(
+            e.pow(2).mean().sqrt().item(), e.pow(4).mean().item(), e.pow(8).mean().item(), k, 3)
+        for t in range(1, 4):
+            X = corrected_step64(X)
+            assert dist64(X) <= bounds[t] * (1 + 1e-9) + 1e-14, (scale, t)
+        assert bounds[1] < 5 * dist64(corrected_step64(with_singular_values(k, m, lam.sqrt(), seed=2)[0])) + 1e-12
+
+
+def test_predict_over_a_list_of_shapes_and_dtypes():
+    torch.manual_seed(0)
+    params = [near_manifold(64, 32, step=0.05, seed=s) for s in range(3)] + [
+        near_manifold(32, 80, step=0.05, seed=7), near_manifold(48, 48, step=0.05, seed=8).bfloat16()]
+    out = stiefel_retract(params, tol=5e-4, schedule="predict")
+    assert [o.dtype for o in out] == [p.dtype for p in params]
+    for o, p in zip(out[:4], params[:4]):
+        assert dist64(o) <= 5e-4
+        assert (o.double() - polar64(p)).abs().max().item() < 1e-3
+    assert dist64(out[4].float()) <= 2e-2  # bf16 storage rounding
+
+
+def test_predict_bf16_loose_target_uses_bf16_gram():
+    W = near_manifold(128, 64, step=0.05).bfloat16()
+    res = polar_newton_schulz(W.float(), tol=1e-2, schedule="predict", precision="mixed")
+    assert res.steps == 1
+    assert dist64(res.polar.bfloat16().float()) <= 2e-2
+
+
+def test_schedule_and_precision_errors():
+    with pytest.raises(ValueError, match="schedule='predict' stops at a tolerance; give tol"):
+        stiefel_retract(torch.randn(4, 4), schedule="predict")
+    with pytest.raises(ValueError, match="schedule must be one of fixed, check, predict"):
+        stiefel_retract(torch.randn(4, 4), schedule="adaptive", tol=1e-3)
+    with pytest.raises(ValueError, match="precision must be one of auto, fp32, mixed"):
+        stiefel_retract(torch.randn(4, 4), precision="bf16")
+
+
+def test_mixed_precision_fixed_schedule_keeps_float32_accuracy():
+    W = near_manifold(128, 64, step=0.05)
+    R = stiefel_retract(W, steps=3, precision="mixed")
+    assert dist64(R) < 1e-4 and (R.double() - polar64(W)).abs().max().item() < 1e-3

@@ -168,7 +168,57 @@ def test_on_manifold_after_every_step(precision, stiefel_tol, sphere_tol):
     assert m["manifold/sphere_distance_before/embedding"] > m["manifold/sphere_distance_after/embedding"]
     assert m["manifold/stiefel_distance_after/hidden"].item() == pytest.approx(
         max(stiefel_dist64(model.hid1.weight), stiefel_dist64(model.hid2.weight)), rel=1e-3, abs=1e-6)
-    assert m["manifold/stiefel_steps"] == 5 and m["manifold/time_ms"] > 0
+    # the adaptive count: one optimizer step off the manifold -> one or two iterations, logged
+    # per shape bucket; the overall tag is the largest bucket count
+    buckets = {k: v.item() for k, v in m.items() if k.startswith("manifold/stiefel_steps/")}
+    assert set(buckets) == {"manifold/stiefel_steps/16x16", "manifold/stiefel_steps/24x16"}
+    assert 1 <= m["manifold/stiefel_steps"] <= 2 and m["manifold/stiefel_steps"] == max(buckets.values())
+    assert retraction.last_stiefel_steps == {k.rsplit("/", 1)[1]: int(v) for k, v in buckets.items()}
+    assert m["manifold/time_ms"] > 0
+
+
+class StepsRecorder(Callback):
+    """The step count of every retraction (read right after it, from the callback)."""
+
+    def __init__(self, retraction):
+        self.retraction, self.counts = retraction, []
+
+    def on_train_start(self, trainer, pl_module):
+        self.handle = trainer.optimizers[0].register_step_post_hook(
+            lambda *_: self.counts.append(dict(self.retraction.last_stiefel_steps)))
+
+    def on_train_end(self, trainer, pl_module):
+        self.handle.remove()
+
+
+def test_step_count_follows_the_distance_the_step_left():
+    """Small steps -> 1 iteration; steps that throw the weights far -> more; every count keeps
+    the distance under the target (checked in float64 after every step)."""
+    def fit(lr, tol="auto", steps=5):
+        torch.manual_seed(0)
+        policy = {"rules": [dict(POLICY["rules"][1], lr=lr), {"match": {}, "optimizer": "adamw", "lr": 0.01}]}
+        retraction = ManifoldRetraction(tol=tol, steps=steps)
+        recorder, checker = StepsRecorder(retraction), OnManifoldChecker()
+        trainer([retraction, recorder, checker], max_steps=6).fit(TinyNet(policy), loader())
+        return [max(c.values()) for c in recorder.counts], checker.worst["stiefel"]
+
+    small, worst_small = fit(lr=0.01)
+    large, worst_large = fit(lr=1.0)
+    assert max(small) == 1 and worst_small <= 5e-4
+    assert max(large) >= 2 and worst_large <= 5e-4  # (the first step has no momentum yet)
+    tight, worst_tight = fit(lr=1.0, tol=1e-6, steps=10)  # a tighter target costs more iterations
+    assert sum(tight) > sum(large) and worst_tight <= 1e-6
+
+
+def test_fixed_and_check_schedules_keep_their_meaning():
+    torch.manual_seed(0)
+    fixed = ManifoldRetraction(schedule="fixed", tol=None, steps=4)
+    t = trainer([fixed], max_steps=2, log_every_n_steps=1)
+    t.fit(TinyNet(), loader())
+    assert fixed.last_stiefel_steps == {"16x16": 4, "24x16": 4} and t.callback_metrics["manifold/stiefel_steps"] == 4
+    check, checker = ManifoldRetraction(schedule="check", tol=1e-6, steps=10), OnManifoldChecker()
+    trainer([check, checker], max_steps=3).fit(TinyNet(), loader())
+    assert checker.worst["stiefel"] <= 1e-5 and all(1 <= v < 10 for v in check.last_stiefel_steps.values())
 
 
 def test_without_the_callback_the_checker_sees_the_violation():
@@ -323,6 +373,10 @@ def test_errors_name_the_culprit():
         fit_with([ManifoldRetraction({"blocks.*": "stiefel"})])
     with pytest.raises(ValueError, match=r"unknown constraint 'stifel'.*did you mean 'stiefel'"):
         ManifoldRetraction({"blocks.*.weight": "stifel"})
+    with pytest.raises(ValueError, match=r"schedule must be one of predict, check, fixed, got 'predcit'.*did you mean 'predict'"):
+        ManifoldRetraction(schedule="predcit")
+    with pytest.raises(ValueError, match=r"precision must be one of auto, fp32, mixed, got 'bf16'"):
+        ManifoldRetraction(precision="bf16")
     with pytest.raises(ValueError, match=r"unknown sphere option\(s\) \['raduis'\]"):
         ManifoldRetraction({"emb.weight": {"constraint": "sphere", "raduis": 2}})
     policy = {"rules": [

@@ -26,8 +26,23 @@ fit end. So it is tied to ``optimizer.step()`` itself, not to batches:
 Logging (rank zero, at the trainer's ``log_every_n_steps`` cadence, through ``LightningModule.log``
 in ``on_train_batch_end``): ``manifold/<constraint>_distance_before/<role>`` (how far the step
 left the manifold: max over that role's parameters), ``manifold/<constraint>_distance_after/<role>``,
-``manifold/stiefel_steps`` (Newton-Schulz iterations run) and ``manifold/time_ms`` (the
-retraction's own wall time; CUDA is synchronised only on these logging steps). Distances are
+``manifold/stiefel_steps`` (Newton-Schulz iterations run: the largest count of any shape bucket),
+``manifold/stiefel_steps/<m>x<n>`` (the count each shape bucket ran) and ``manifold/time_ms``
+(the retraction's own wall time; CUDA is synchronised for it only on these logging steps).
+
+Step count (``schedule="predict"``, the default). A weight one optimizer step off the manifold
+is close to it, and the iteration converges there at third order, so one or two iterations
+usually suffice -- but how many depends on how far the step went. The first Gram matrix of
+each shape bucket (computed anyway) gives every matrix's distance and two spectral moments;
+ONE host sync per retraction reads them for all buckets together; each bucket then runs the
+smallest count whose proven bound reaches ``tol`` (see
+:func:`~lightning_optlab.manifolds.stiefel.polar_newton_schulz_buckets`; ``steps`` is the
+maximum; a bucket too far off for the bound iterates with a check per iteration instead). With
+``precision="auto"`` the matmuls of float32 weights on CUDA are bf16 with float32 accumulation,
+the Gram matrices that set the accuracy are formed to float32 accuracy (split bf16), so the
+float32 guarantee holds; ``tol="auto"`` is 5e-4 for float32/64 weights and 1e-2 for bf16/fp16
+weights (whose own rounding leaves them ~3e-3 off). ``schedule="fixed"`` runs exactly ``steps``
+iterations with no sync at all; ``"check"`` syncs once per iteration. Distances are
 :func:`~lightning_optlab.manifolds.stiefel_distance` and
 :func:`~lightning_optlab.manifolds.sphere_distance`.
 """
@@ -48,6 +63,7 @@ from ..manifolds import (
     as_matrix,
     compute_dtype,
     polar_newton_schulz,
+    polar_newton_schulz_buckets,
     sphere_distance,
     sphere_retract,
     stiefel_distance,
@@ -60,8 +76,18 @@ CONSTRAINTS = ("sphere", "stiefel")
 # Options each constraint accepts (in a policy rule's ``constraint_options`` or a mapping entry).
 CONSTRAINT_OPTIONS = {
     "sphere": ("radius", "dim", "eps"),
-    "stiefel": ("steps", "tol"),
+    "stiefel": ("steps", "tol", "schedule", "precision"),
 }
+SCHEDULES = ("predict", "check", "fixed")
+PRECISIONS = ("auto", "fp32", "mixed")
+# tol="auto": the target distance of the step-count prediction, by weight dtype. Half-precision
+# weights are rounded to 8 (bf16) / 11 (fp16) bits after the retraction, which alone leaves them
+# ~3e-3 off the manifold, so their target is loose (and their Gram matrices may be bf16).
+AUTO_TOL = {torch.float32: 5e-4, torch.float64: 5e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+def auto_tol(dtype: torch.dtype) -> float:
+    return AUTO_TOL.get(dtype, 5e-4)
 
 
 @dataclass
@@ -81,6 +107,10 @@ class _Job:
 
     constraint: str
     targets: list[_Target] = field(default_factory=list)
+    steps: int = 5  # Stiefel options of the bucket (tol resolved from "auto")
+    tol: float | None = None
+    schedule: str = "fixed"
+    precision: str = "auto"
 
 
 def _close(word: str, options: list[str]) -> str:
@@ -107,10 +137,15 @@ class ManifoldRetraction(Callback):
             constraints of the optimizers' param groups are used (the policy's).
         on_fit_start: retract once at fit start so training starts on the manifold (skipped when
             resuming from a checkpoint of a run that already did).
-        steps: Newton-Schulz iterations per Stiefel retraction (the maximum when ``tol`` is set).
-            5 brings a weight one ordinary optimizer step off the manifold to float32 precision.
-        tol: stop the iteration once every matrix's Stiefel distance is ``<= tol`` (costs one
-            host sync per iteration); ``None`` runs exactly ``steps`` iterations.
+        steps: Newton-Schulz iterations per Stiefel retraction: the maximum for the ``predict``
+            and ``check`` schedules, the exact count for ``fixed``.
+        tol: target Stiefel distance after each retraction; ``"auto"`` (default) = 5e-4 for
+            float32/64 weights, 1e-2 for bf16/fp16 weights; ``None`` = ``schedule="fixed"``.
+        schedule: ``"predict"`` (default; one host sync per retraction, count chosen from the
+            measured distance), ``"check"`` (one sync per iteration) or ``"fixed"`` (no sync,
+            exactly ``steps``). See "Step count" in the module docstring.
+        precision: ``"auto"`` (bf16 matmuls with float32 accumulation for float32 weights on
+            CUDA, full precision otherwise), ``"fp32"`` or ``"mixed"``.
         fit_start_steps, fit_start_tol: the fit-start retraction iterates up to
             ``fit_start_steps`` times until the distance is ``<= fit_start_tol``; matrices that do
             not get there (ill-conditioned or rank-deficient initialisations) are projected
@@ -127,19 +162,26 @@ class ManifoldRetraction(Callback):
         constraints: Mapping[str, str | Mapping[str, Any]] | None = None,
         on_fit_start: bool = True,
         steps: int = 5,
-        tol: float | None = None,
+        tol: float | str | None = "auto",
+        schedule: str = "predict",
+        precision: str = "auto",
         fit_start_steps: int = 30,
         fit_start_tol: float = 1e-5,
         log: bool = True,
     ) -> None:
         self.constraints = self._check_mapping(constraints)
         self.retract_on_fit_start = bool(on_fit_start)
-        self.defaults = self._resolve_options("stiefel", {"steps": steps, "tol": tol}, "ManifoldRetraction()", {})
+        self.defaults = self._resolve_options(
+            "stiefel", {"steps": steps, "tol": tol, "schedule": schedule, "precision": precision},
+            "ManifoldRetraction()", {},
+        )
         self.fit_start = self._resolve_options(
             "stiefel", {"steps": fit_start_steps, "tol": fit_start_tol}, "fit_start options", {}
         )
         self.log = bool(log)
         self.num_retractions = 0  # post-hook retractions in the current fit (diagnostic)
+        #: iterations each Stiefel shape bucket ran in the latest retraction: {"768x2304": 1, ...}
+        self.last_stiefel_steps: dict[str, int] = {}
         self.retracted_at_fit_start = False  # whether this fit started with a retraction
         self.targets: list[_Target] = []
         self._plans: dict[int, list[_Job]] = {}
@@ -194,10 +236,26 @@ class ManifoldRetraction(Callback):
         opts = {**defaults, **{k: v for k, v in given.items()}}
         if kind == "stiefel":
             steps, tol = opts.get("steps"), opts.get("tol")
+            opts.setdefault("schedule", "check" if tol is not None else "fixed")
+            opts.setdefault("precision", "auto")
             if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
                 raise ValueError(f"ManifoldRetraction: {where}: stiefel steps must be an int >= 0, got {steps!r}")
-            if tol is not None and not (isinstance(tol, (int, float)) and tol > 0):
-                raise ValueError(f"ManifoldRetraction: {where}: stiefel tol must be > 0 or None, got {tol!r}")
+            if tol is not None and tol != "auto" and not (isinstance(tol, (int, float)) and tol > 0):
+                raise ValueError(
+                    f"ManifoldRetraction: {where}: stiefel tol must be > 0, 'auto' or None, got {tol!r}"
+                )
+            if opts["schedule"] not in SCHEDULES:
+                raise ValueError(
+                    f"ManifoldRetraction: {where}: stiefel schedule must be one of {', '.join(SCHEDULES)}, "
+                    f"got {opts['schedule']!r}{_close(str(opts['schedule']), list(SCHEDULES))}"
+                )
+            if opts["precision"] not in PRECISIONS:
+                raise ValueError(
+                    f"ManifoldRetraction: {where}: stiefel precision must be one of {', '.join(PRECISIONS)}, "
+                    f"got {opts['precision']!r}{_close(str(opts['precision']), list(PRECISIONS))}"
+                )
+            if tol is None and opts["schedule"] != "fixed":
+                opts["schedule"] = "fixed"  # no target: exactly `steps` iterations
         else:
             radius = opts.setdefault("radius", 1.0)
             opts.setdefault("eps", SPHERE_EPS)
@@ -324,9 +382,13 @@ class ManifoldRetraction(Callback):
                 jobs.append(_Job("sphere", [t]))
                 continue
             m = as_matrix(t.param, t.name)
-            key = (tuple(m.shape), t.param.device, compute_dtype(t.param.dtype), t.options["steps"], t.options["tol"])
+            o = t.options
+            tol = auto_tol(t.param.dtype) if o["tol"] == "auto" else o["tol"]
+            key = (tuple(m.shape), t.param.device, compute_dtype(t.param.dtype), o["steps"], tol,
+                   o["schedule"], o["precision"])
             if key not in batches:
-                batches[key] = _Job("stiefel")
+                batches[key] = _Job("stiefel", steps=o["steps"], tol=tol, schedule=o["schedule"],
+                                    precision=o["precision"])
                 jobs.append(batches[key])
             batches[key].targets.append(t)
         return jobs
@@ -341,6 +403,7 @@ class ManifoldRetraction(Callback):
     def _retract(self, plan: list[_Job], measure: bool, steps: int | None = None, tol: float | None = None) -> dict[str, torch.Tensor]:
         """Retract every job's parameters in place; with ``measure``, return before-distances."""
         metrics: dict[str, torch.Tensor] = {}
+        predicted: list[tuple[_Job, torch.Tensor]] = []
         for job in plan:
             if job.constraint == "sphere":
                 (t,) = job.targets
@@ -353,11 +416,14 @@ class ManifoldRetraction(Callback):
             t0 = job.targets[0]
             dtype = compute_dtype(t0.param.dtype)
             stack = torch.stack([as_matrix(t.param).to(dtype) for t in job.targets])
-            result = polar_newton_schulz(
-                stack,
-                steps=t0.options["steps"] if steps is None else steps,
-                tol=t0.options["tol"] if steps is None else tol,
-            )
+            if steps is None and job.schedule == "predict":
+                predicted.append((job, stack))  # all predict buckets together: one host sync
+                continue
+            if steps is None:
+                result = polar_newton_schulz(stack, steps=job.steps, tol=job.tol, schedule=job.schedule,
+                                             precision=job.precision)
+            else:  # fit start: full-precision iteration with a check per iteration
+                result = polar_newton_schulz(stack, steps=steps, tol=tol, schedule="check", precision="fp32")
             polar = result.polar
             if steps is not None:  # fit start: exact projection where the iteration fell short
                 short = stiefel_distance(polar) > tol
@@ -365,13 +431,29 @@ class ManifoldRetraction(Callback):
                     polar = polar.clone()
                     polar[short] = stiefel_retract_exact(stack[short])
                     self._fallback_names.extend(t.name for t, s in zip(job.targets, short.tolist()) if s)
-            for j, t in enumerate(job.targets):
-                t.param.copy_(polar[j].reshape(t.param.shape))
-                if measure:
-                    self._merge(metrics, f"manifold/stiefel_distance_before/{t.role}", result.distance_before[j])
-            if measure:
-                self._merge(metrics, "manifold/stiefel_steps", torch.tensor(float(result.steps)))
+            self._write_back(job, polar, result, measure, metrics)
+        if predicted:
+            by_precision: dict[tuple, list[tuple[_Job, torch.Tensor]]] = {}
+            for job, stack in predicted:
+                by_precision.setdefault((job.steps, job.tol, job.precision), []).append((job, stack))
+            for (n, tol_, precision), items in by_precision.items():
+                results = polar_newton_schulz_buckets([st for _, st in items], steps=n, tol=tol_, precision=precision)
+                for (job, _), result in zip(items, results):
+                    self._write_back(job, result.polar, result, measure, metrics)
         return metrics
+
+    def _write_back(self, job: _Job, polar: torch.Tensor, result, measure: bool, metrics: dict) -> None:
+        params = [t.param for t in job.targets]
+        torch._foreach_copy_(params, [polar[j].reshape(p.shape) for j, p in enumerate(params)])
+        shape = "x".join(str(d) for d in as_matrix(job.targets[0].param).shape)
+        self.last_stiefel_steps[shape] = result.steps
+        if not measure:
+            return
+        for j, t in enumerate(job.targets):
+            self._merge(metrics, f"manifold/stiefel_distance_before/{t.role}", result.distance_before[j])
+        steps = torch.tensor(float(result.steps))
+        self._merge(metrics, "manifold/stiefel_steps", steps)
+        self._merge(metrics, f"manifold/stiefel_steps/{shape}", steps)
 
     @staticmethod
     @torch.no_grad()

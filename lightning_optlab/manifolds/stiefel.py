@@ -48,6 +48,31 @@ singular value is 3e-7 after 5 iterations, 2e-6 after 10, 1e-4 after 20, 7e-3 af
 reference instead completes U and V with an arbitrary orthonormal basis of the null space, so it
 is on the manifold but not unique.
 
+Adaptive step count (``schedule="predict"``). After one optimizer step a weight is close to the
+manifold, and there the iteration is run in its corrected form X <- X + (E/2 + 3E^2/8) X with
+E = I - X X^T (the Taylor expansion of (X X^T)^(-1/2) X to second order; on an eigenvalue
+lambda = 1 - e of the Gram matrix it maps e to exactly 5/8 e^3 + 15/64 e^4 + 9/64 e^5: third-order
+convergence for one extra k x k x k product, much cheaper than the k x k x max(m, n) Gram and
+update products). The first Gram matrix gives each matrix's distance d = sqrt(mean e^2) and, with
+E^2 and E^4, the moments mean e^4 and mean e^8; from these, :func:`predicted_distances` bounds the
+distance after t steps (rigorously in exact arithmetic: max|e| is bounded by the Schatten-8 norm
+of E, and the per-eigenvalue error map is bounded by a monotone polynomial), and
+:func:`choose_steps` picks the smallest t whose bound plus the rounding floors is <= ``tol``. One
+host sync reads the moments of all stacks together; the iterations themselves run without one.
+Measured on CPU (float32, tol 1e-3): a 768 x 2304 matrix at distance 0.025 takes 1 step (reaches
+2e-5), at 0.08 1 step (8e-4: the bound is tight), at 0.27 4 steps.
+
+Mixed precision (``precision="mixed"``, the ``"auto"`` choice for float32 on CUDA). Newton
+iterations correct their own rounding errors, except those of the last step, which are set by
+how accurately the last Gram matrix is formed (an error in A is an error in the distance).
+So every product runs on bf16 operands with float32 accumulation (``torch.bmm(...,
+out_dtype=torch.float32)``): the update products (E is small, so their relative error 2^-9 is an
+absolute error ~2^-9 * distance), and the Gram matrices, which, when ``tol`` < 1e-2, are formed
+from the split X = H + L (H = bf16(X), L = bf16(X - H)) as H H^T + H L^T + L H^T: two bf16 products,
+error ~1e-5, where one float32 product (no TF32) would cost ~8x more on an H100. For a looser
+``tol`` (bf16 weights) one bf16 Gram product is used. On CPU ``"mixed"`` is emulated exactly
+(bf16-rounded operands, float32 products) for testing; ``"auto"`` picks ``"fp32"`` there.
+
 Conventions. A tensor argument of shape (..., m, n) is a matrix or a stack of matrices (leading
 dims batched, as in ``torch.linalg``). A list/tuple argument holds *parameters*: each is flattened
 to 2-D as (out, in * k * ...) (conv kernels), the ones of equal flattened shape are retracted in
@@ -114,30 +139,132 @@ class PolarNS(NamedTuple):
     steps: int  # iterations actually run (< the maximum when tol stopped it early)
 
 
-def polar_newton_schulz(
-    X: torch.Tensor, steps: int = 5, tol: float | None = None
-) -> PolarNS:
-    """Cubic Newton-Schulz iteration for the polar factor of ``X`` (..., m, n), batched.
+SCHEDULES = ("fixed", "check", "predict")
+PRECISIONS = ("auto", "fp32", "mixed")
+# Below this tolerance the Gram matrix of a float32 iterate must be formed to ~float32 accuracy
+# (a plain bf16 Gram mis-measures the distance by up to ~3e-3); above it a bf16 Gram is enough.
+BF16_GRAM_TOL = 1e-2
+# Error floors added to the predicted distance (see "Adaptive step count" in the module docstring).
+GRAM_FLOOR = {"fp32": 2e-6, "split": 2e-5, "bf16": 4e-3}
+UPDATE_REL_FLOOR = {False: 1e-6, True: 2.0**-8}  # x the distance before the last update
+MOMENT_SAFETY = 1.0 + 2.0**-5  # bf16 products of E: relative error ~2^-8, bounds inflated by 3%
 
-    ``X`` must already be floating point (the iteration runs in its dtype). Runs ``steps``
-    iterations, or, with ``tol``, stops as soon as every matrix's Stiefel distance is ``<= tol``
-    (one host sync per iteration to read it; the distance comes free from the Gram matrix the
-    iteration computes anyway). See the module docstring for the pre-scaling and the behaviour on
-    ill-conditioned and rank-deficient inputs.
-    """
-    if X.ndim < 2:
-        raise ValueError(f"polar_newton_schulz needs (..., m, n), got shape {list(X.shape)}")
+
+def _check_schedule(steps, tol, schedule, precision) -> str:
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
         raise ValueError(f"stiefel retraction: steps must be an int >= 0, got {steps!r}")
     if tol is not None and not tol > 0:
         raise ValueError(f"stiefel retraction: tol must be > 0 or None, got {tol!r}")
+    if schedule is None:
+        schedule = "fixed" if tol is None else "check"
+    if schedule not in SCHEDULES:
+        raise ValueError(
+            f"stiefel retraction: schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}"
+        )
+    if schedule != "fixed" and tol is None:
+        raise ValueError(
+            f"stiefel retraction: schedule={schedule!r} stops at a tolerance; give tol (e.g. tol=1e-3)"
+        )
+    if precision not in PRECISIONS:
+        raise ValueError(
+            f"stiefel retraction: precision must be one of {', '.join(PRECISIONS)}, got {precision!r}"
+        )
+    return schedule
+
+
+def _low_precision(precision: str, X: torch.Tensor) -> bool:
+    """Whether to run the matmuls on bf16 operands (float32 accumulation and output)."""
+    if X.dtype != torch.float32 or precision == "fp32":
+        return False  # float64 stays float64 throughout
+    return precision == "mixed" or X.is_cuda
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, low: bool) -> torch.Tensor:
+    """Batched ``a @ b``; with ``low``: operands rounded to bf16, products summed and returned in
+    float32 (tensor-core bf16 GEMM with a float32 output on CUDA, emulated exactly on CPU)."""
+    if not low:
+        return a @ b
+    a16, b16 = a.bfloat16(), b.bfloat16()
+    if a.is_cuda:
+        try:
+            return torch.bmm(a16, b16, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):  # older torch: no out_dtype
+            return a @ b
+    return a16.float() @ b16.float()  # bf16 values are exact in float32: same numerics
+
+
+def _gram(X: torch.Tensor, how: str) -> torch.Tensor:
+    """``X X^T`` of a wide stack. ``fp32``: working precision. ``bf16``: one bf16 GEMM (error
+    ~2^-9 relative). ``split``: X = H + L with H = bf16(X), L = bf16(X - H), A = H H^T + C + C^T
+    with C = H L^T (two bf16 GEMMs, error ~2^-17: float32-grade at a fraction of the cost)."""
+    if how == "fp32":
+        return X @ X.mT
+    H = X.bfloat16()
+    A = _mm(H, H.mT, True)
+    if how == "split":
+        C = _mm(H, (X - H.float()).bfloat16().mT, True)
+        A = A + C + C.mT
+    return A
+
+
+def _cubic_update(X: torch.Tensor, A: torch.Tensor, low: bool) -> torch.Tensor:
+    """One cubic Newton-Schulz step X <- 1.5 X - 0.5 A X = X + 0.5 (I - A) X."""
+    if not low:
+        return torch.baddbmm(X, A, X, beta=1.5, alpha=-0.5)
+    E = _eye_minus(A)
+    return X + 0.5 * _mm(E, X, True)
+
+
+def _eye_minus(A: torch.Tensor) -> torch.Tensor:
+    E = -A
+    E.diagonal(dim1=-2, dim2=-1).add_(1.0)
+    return E
+
+
+def _sq_frobenius(M: torch.Tensor) -> torch.Tensor:
+    return M.square().sum(dim=(-2, -1))
+
+
+def polar_newton_schulz(
+    X: torch.Tensor,
+    steps: int = 5,
+    tol: float | None = None,
+    *,
+    schedule: str | None = None,
+    precision: str = "auto",
+) -> PolarNS:
+    """Newton-Schulz iteration for the polar factor of ``X`` (..., m, n), batched.
+
+    ``X`` must already be floating point (the iteration runs in its dtype). ``schedule``:
+
+    * ``"fixed"`` (default without ``tol``): exactly ``steps`` cubic iterations;
+    * ``"check"`` (default with ``tol``): cubic iterations until every matrix's Stiefel distance
+      is ``<= tol``, at most ``steps`` (one host sync per iteration; the distance comes free from
+      the Gram matrix the iteration computes anyway);
+    * ``"predict"``: read the distance (and two spectral moments) once -- one host sync -- and
+      run the number of second-order-corrected iterations that provably reaches ``tol``
+      (module docstring, "Adaptive step count"), falling back to ``"check"`` when the input is
+      too far from the manifold for the prediction.
+
+    ``precision``: ``"fp32"`` runs every matmul in ``X``'s dtype at full precision; ``"mixed"``
+    runs them on bf16 operands with float32 accumulation where that keeps the accuracy;
+    ``"auto"`` = mixed for float32 on CUDA, fp32 otherwise. See the module docstring for the
+    pre-scaling and the behaviour on ill-conditioned and rank-deficient inputs.
+    """
+    if X.ndim < 2:
+        raise ValueError(f"polar_newton_schulz needs (..., m, n), got shape {list(X.shape)}")
+    schedule = _check_schedule(steps, tol, schedule, precision)
+    if schedule == "predict":
+        return polar_newton_schulz_buckets([X], steps=steps, tol=tol, precision=precision)[0]
     shape = X.shape
     X = X.reshape(-1, *shape[-2:])
     tall = X.size(-2) > X.size(-1)
     if tall:  # iterate on the wide form so the Gram matrix is the small side
         X = X.mT
+    low = _low_precision(precision, X)
+    how = "split" if low else "fp32"  # fixed/check: every Gram to float32 accuracy
     with full_fp32_matmul():
-        A = X @ X.mT
+        A = _gram(X, how)
         distance_before = _gram_distance(A)
         bound_sq = torch.minimum(A.abs().sum(-1).amax(-1), A.norm(dim=(-2, -1)))
         scale_sq = torch.where(bound_sq > SCALE_LIMIT**2, 1.0 / bound_sq, torch.ones_like(bound_sq))
@@ -146,14 +273,150 @@ def polar_newton_schulz(
         taken = 0
         for i in range(steps):
             if i > 0:
-                A = X @ X.mT
-            if tol is not None and bool((_gram_distance(A) <= tol).all()):
+                A = _gram(X, how)
+            if schedule == "check" and bool((_gram_distance(A) <= tol).all()):
                 break
-            X = torch.baddbmm(X, A, X, beta=1.5, alpha=-0.5)
+            X = _cubic_update(X, A, low)
             taken += 1
     if tall:
         X = X.mT
     return PolarNS(X.reshape(shape), distance_before.reshape(shape[:-2]), taken)
+
+
+# ---------------------------------------------------------------- adaptive step count (predict)
+# Error of one corrected step on an eigenvalue lambda = 1 - e of the Gram matrix:
+# X <- (I + E/2 + 3E^2/8) X gives e' = 5/8 e^3 + 15/64 e^4 + 9/64 e^5 (exactly), so
+# |e'| <= R(|e|) with R below, monotone, R(x) < x for x < 1.
+def _R(x: float) -> float:
+    return x**3 * (0.625 + x * (0.234375 + 0.140625 * x))
+
+
+def predicted_distances(
+    d: float, m4: float, m8: float, k: int, steps: int
+) -> list[float]:
+    """Upper bounds of the Stiefel distance after t = 0..steps corrected iterations (exact
+    arithmetic), from the distance ``d`` = sqrt(mean e^2) and the moments ``m4`` = mean e^4,
+    ``m8`` = mean e^8 of the eigenvalues e of E = I - X X^T (k x k). ``inf`` where the bound does
+    not contract (too far from the manifold for the prediction)."""
+    out = [d]
+    # rho >= max|e|: the smallest of the Frobenius, Schatten-4 and Schatten-8 norms of E
+    rho = min(math.sqrt(k) * d, (k * m4) ** 0.25, (k * m8) ** 0.125)
+    if rho == 0.0:
+        return out + [0.0] * steps
+    if rho >= 1.0:
+        return out + [math.inf] * steps
+    r = rho
+    for t in range(1, steps + 1):
+        r = _R(r)  # >= max|e| after t steps
+        # |e_t| <= (R^t(rho) / rho^(3^t)) |e|^(3^t) since R^t(x)/x^(3^t) increases with x;
+        # mean(e^(2*3^t)) <= rho^(2*3^t - 8) m8 (t >= 2), mean(e^6) <= sqrt(m4 m8) (t = 1)
+        if t == 1:
+            bound = r / rho**3 * (m4 * m8) ** 0.25
+        else:
+            bound = r / rho**4 * math.sqrt(m8)
+        out.append(min(bound, r))
+    return out
+
+
+def choose_steps(
+    d: float, m4: float, m8: float, k: int, tol: float, max_steps: int,
+    gram_floor: float, update_rel_floor: float,
+) -> int | None:
+    """Smallest count whose predicted distance (plus the rounding floors) is ``<= tol``;
+    ``None`` if none up to ``max_steps`` is."""
+    bounds = predicted_distances(d, m4, m8, k, max_steps)
+    if bounds[0] + gram_floor <= tol:
+        return 0
+    for t in range(1, max_steps + 1):
+        if bounds[t] + gram_floor + update_rel_floor * bounds[t - 1] <= tol:
+            return t
+    return None
+
+
+def polar_newton_schulz_buckets(
+    stacks: Sequence[torch.Tensor],
+    steps: int = 5,
+    tol: float = 1e-3,
+    precision: str = "auto",
+) -> list[PolarNS]:
+    """The ``"predict"`` schedule for several stacks of same-shaped matrices with ONE host sync.
+
+    For each stack (..., m, n): the Gram matrix A of the small side (to float32 accuracy when
+    ``tol`` < 1e-2), E = I - A, E^2 and E^4 give each matrix's distance d and moments; one sync
+    reads them all; each stack then runs, without further syncs, the smallest count t <= ``steps``
+    whose bound (:func:`predicted_distances` plus rounding floors) is ``<= tol`` of the corrected
+    iteration X <- X + (E/2 + 3E^2/8) X (the Taylor expansion of A^(-1/2) X to second order:
+    third-order convergence, one k x k x k product more than the cubic step, which is needed
+    for the moments anyway). Matrices too far from the manifold for the bound (a stack with no
+    such t) are retracted with the ``"check"`` schedule instead (one sync per iteration).
+    Returns one :class:`PolarNS` per stack; ``steps`` is the count that stack ran.
+    """
+    _check_schedule(steps, tol, "predict", precision)
+    prepared = []
+    with full_fp32_matmul():
+        for X in stacks:
+            if X.ndim < 2:
+                raise ValueError(f"polar_newton_schulz needs (..., m, n), got shape {list(X.shape)}")
+            shape = X.shape
+            Xw = X.reshape(-1, *shape[-2:])
+            tall = Xw.size(-2) > Xw.size(-1)
+            if tall:
+                Xw = Xw.mT
+            low = _low_precision(precision, Xw)
+            accurate = tol < BF16_GRAM_TOL
+            how = ("split" if accurate else "bf16") if low else "fp32"
+            A = _gram(Xw, how)
+            E = _eye_minus(A)
+            E2 = _mm(E, E, low)
+            E4 = _mm(E2, E2, low)
+            k = Xw.size(-2)
+            stats = torch.stack(
+                [_sq_frobenius(E) / k, _sq_frobenius(E2) / k, _sq_frobenius(E4) / k], dim=-1
+            )
+            prepared.append((shape, tall, low, how, accurate, Xw, E, E2, stats))
+        # the one host sync: every matrix's (d^2, m4, m8), all stacks together (per device)
+        by_device: dict[torch.device, list[int]] = {}
+        for i, p in enumerate(prepared):
+            by_device.setdefault(p[8].device, []).append(i)
+        host: dict[int, list[list[float]]] = {}
+        for idx in by_device.values():
+            flat = torch.cat([prepared[i][8].reshape(-1, 3) for i in idx]).double().cpu().tolist()
+            at = 0
+            for i in idx:
+                n = prepared[i][8].reshape(-1, 3).shape[0]
+                host[i], at = flat[at:at + n], at + n
+
+        results = []
+        for i, (shape, tall, low, how, accurate, Xw, E, E2, stats) in enumerate(prepared):
+            k = Xw.size(-2)
+            safety = MOMENT_SAFETY if low else 1.0
+            gram_floor = GRAM_FLOOR[how]
+            counts = [
+                choose_steps(math.sqrt(max(d2, 0.0)), m4 * safety, m8 * safety, k, tol, steps,
+                             gram_floor, UPDATE_REL_FLOOR[low])
+                for d2, m4, m8 in host[i]
+            ]
+            distance_before = stats[..., 0].clamp_min(0).sqrt()
+            if any(c is None for c in counts):  # too far for the bound: check every iteration
+                X = Xw.mT if tall else Xw
+                res = polar_newton_schulz(X, steps=steps, tol=tol, schedule="check", precision=precision)
+                results.append(PolarNS(res.polar.reshape(shape), distance_before.reshape(shape[:-2]), res.steps))
+                continue
+            n = max(counts) if counts else 0
+            X = Xw
+            for t in range(n):
+                if t > 0:
+                    # intermediate Gram matrices need no float32 accuracy (the iteration corrects
+                    # their errors); the last one sets the final accuracy
+                    A = _gram(X, how if (t == n - 1 or not low) else "bf16")
+                    E = _eye_minus(A)
+                    E2 = _mm(E, E, low)
+                P = 0.5 * E + 0.375 * E2
+                X = X + _mm(P, X, low)
+            if tall:
+                X = X.mT
+            results.append(PolarNS(X.reshape(shape), distance_before.reshape(shape[:-2]), n))
+    return results
 
 
 def _check_tensor(W) -> None:
@@ -182,23 +445,53 @@ def _per_parameter(
 
 
 def stiefel_retract(
-    W: torch.Tensor | Sequence[torch.Tensor], steps: int = 5, tol: float | None = None
+    W: torch.Tensor | Sequence[torch.Tensor],
+    steps: int = 5,
+    tol: float | None = None,
+    *,
+    schedule: str | None = None,
+    precision: str = "auto",
 ) -> torch.Tensor | list[torch.Tensor]:
     """Nearest matrix with orthonormal columns (tall) or rows (wide), by Newton-Schulz.
 
     ``W``: a matrix or a stack (..., m, n), or a list of parameters (conv kernels flattened to
     (out, in*k*k); equal shapes batched together). ``steps``: iterations (the maximum when
-    ``tol`` is given); ``tol``: stop once every Stiefel distance is ``<= tol``. Returns new
-    tensor(s) of the input shape(s) and dtype(s). Agrees with :func:`stiefel_retract_exact` on
-    well-conditioned inputs; see the module docstring for ill-conditioned and rank-deficient ones.
+    ``tol`` is given); ``tol``: the target Stiefel distance. ``schedule``: ``"fixed"`` (default
+    without ``tol``: exactly ``steps``), ``"check"`` (default with ``tol``: stop once every
+    distance is ``<= tol``, one host sync per iteration) or ``"predict"`` (one host sync for the
+    whole call -- all shape groups of a list together -- then the step count proven to reach
+    ``tol``; for weights one optimizer step off the manifold, usually 1 or 2). ``precision``:
+    ``"auto"`` | ``"fp32"`` | ``"mixed"`` (bf16 matmuls where the accuracy allows; see
+    :func:`polar_newton_schulz`). Returns new tensor(s) of the input shape(s) and dtype(s).
+    Agrees with :func:`stiefel_retract_exact` on well-conditioned inputs; see the module
+    docstring for ill-conditioned and rank-deficient ones.
     """
+    schedule = _check_schedule(steps, tol, schedule, precision)
+
     def run(X: torch.Tensor) -> torch.Tensor:
-        return polar_newton_schulz(X, steps=steps, tol=tol).polar
+        return polar_newton_schulz(X, steps=steps, tol=tol, schedule=schedule, precision=precision).polar
 
     if isinstance(W, (list, tuple)):
+        if schedule == "predict":
+            return _per_parameter_buckets(W, steps, tol, precision)
         return _per_parameter(W, run, reshape_back=True)
     _check_tensor(W)
     return run(W.to(compute_dtype(W.dtype))).to(W.dtype)
+
+
+def _per_parameter_buckets(Ws, steps, tol, precision) -> list[torch.Tensor]:
+    """``predict`` over a list of parameters: one batched stack per flattened shape, one sync."""
+    mats = [as_matrix(W, name=f"#{i} of the list") for i, W in enumerate(Ws)]
+    groups: dict[tuple, list[int]] = {}
+    for i, M in enumerate(mats):
+        groups.setdefault((tuple(M.shape), M.device, compute_dtype(M.dtype)), []).append(i)
+    stacks = [torch.stack([mats[i].to(key[2]) for i in idx]) for key, idx in groups.items()]
+    results = polar_newton_schulz_buckets(stacks, steps=steps, tol=tol, precision=precision)
+    out: list[torch.Tensor | None] = [None] * len(mats)
+    for idx, res in zip(groups.values(), results):
+        for j, i in enumerate(idx):
+            out[i] = res.polar[j].reshape(Ws[i].shape).to(Ws[i].dtype)
+    return out  # type: ignore[return-value]
 
 
 def stiefel_retract_exact(
