@@ -1,0 +1,282 @@
+"""Turn the benchmark JSON files into ``docs/benchmarks.md`` (and README's benchmark section).
+
+Reads every ``*.json`` under ``--results`` (default ``benchmarks/results/``, searched recursively)
+written by ``bench_ops.py`` (``kind: ops``) and ``bench_train.py`` (``kind: train``), keeps the
+newest of each kind (tiny CPU smoke results only with ``--include-tiny``), and writes the Markdown
+report to ``--out`` (default ``docs/benchmarks.md``). The report is generated, never edited by hand.
+
+It prints a short Markdown summary; with ``--readme`` (default ``README.md``) it also replaces the
+text between the markers ``<!-- benchmarks:start -->`` and ``<!-- benchmarks:end -->`` in that
+file with the summary when both markers are there (nothing else in the file changes).
+
+    PYTHONPATH=. python benchmarks/report.py                      # benchmarks/results -> docs + README
+    PYTHONPATH=. python benchmarks/report.py --results $OUT --out /tmp/benchmarks.md --readme none
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import ROOT, fmt, markdown_table
+
+START, END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
+
+
+def load_results(results_dir: Path, include_tiny: bool) -> dict[str, dict[str, Any]]:
+    """The newest result of each kind (``ops``, ``train``) under ``results_dir``."""
+    found: dict[str, list[tuple[str, Path, dict[str, Any]]]] = {}
+    for path in sorted(results_dir.rglob("*.json")) if results_dir.is_dir() else []:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            print(f"report: skipping {path}: {exc}", file=sys.stderr)
+            continue
+        if not isinstance(data, dict) or data.get("kind") not in ("ops", "train"):
+            continue
+        if data.get("mode") == "tiny" and not include_tiny:
+            continue
+        data["_path"] = str(path)
+        found.setdefault(data["kind"], []).append((data.get("date", ""), path, data))
+    return {kind: max(items, key=lambda t: t[0])[2] for kind, items in found.items()}
+
+
+def _result(passed: Any) -> str:
+    return "-" if passed is None else ("PASS" if passed else "FAIL")
+
+
+def _meta_lines(data: dict[str, Any]) -> list[str]:
+    s = data.get("settings", {})
+    return [
+        f"- device: **{data.get('device_name')}** ({data.get('device')}); mode: {data.get('mode')}",
+        f"- date: {data.get('date')}; commit: `{data.get('commit')}`",
+        f"- torch {data.get('torch_version')} (CUDA {data.get('cuda_version')}), lightning "
+        f"{data.get('lightning_version')}, Python {data.get('python_version')}",
+        f"- settings: `{json.dumps({k: v for k, v in s.items() if v is not None}, sort_keys=True)}`",
+        f"- source: `{Path(data['_path']).relative_to(ROOT) if Path(data['_path']).is_relative_to(ROOT) else data['_path']}`",
+    ]
+
+
+def _checks_table(checks: list[dict[str, Any]]) -> str:
+    rows = [[c["what"], c["value"], f"{c['op']} {c['target']:g} {c['unit']}".strip(), _result(c["passed"])]
+            for c in checks]
+    return markdown_table(["target (issue 8)", "measured", "target", "result"], rows)
+
+
+def ops_section(data: dict[str, Any]) -> list[str]:
+    from benchmarks.bench_ops import summary_rows
+
+    r = data.get("results", {})
+    out = ["## Operations (`benchmarks/bench_ops.py`)", ""] + _meta_lines(data) + [""]
+    model = r.get("model", {})
+    if "error" in model:
+        return out + [f"The model could not be built: `{model['error']}`", ""]
+    fb = r.get("fwd_bwd", {})
+    out += [f"GPT `{model.get('size')}`: {fmt(model.get('parameters'))} parameters, "
+            f"{model.get('hidden_matrices')} hidden matrices ({fmt(model.get('hidden_parameters'))} values); "
+            f"batch {model.get('batch')}, autocast {fb.get('autocast', '-')}. Median of "
+            f"{data.get('settings', {}).get('repeats')} repeats after {data.get('settings', {}).get('warmup')} "
+            "warm-up calls (CUDA events on GPU). Ratio = ours / peer on the same tensors.", ""]
+    rows = summary_rows(r)
+    out += [markdown_table(["figure", "ours (ms)", "peer", "peer (ms) / value", "ratio", "NS floor (ms)"], rows), ""]
+    out += ["### Targets", "", _checks_table(data.get("checks", [])), ""]
+    floors = r.get("floors", {})
+    if "ns_flops" in floors:
+        out += ["### Newton-Schulz floor", "",
+                f"{floors['ns_steps']} quintic iterations on the hidden matrices: "
+                f"{floors['ns_flops'] / 1e9:,.0f} GFLOP. Floor at the dense bf16 peak "
+                f"({floors['peak_tflops']:g} TFLOP/s): {fmt(floors['ns_floor_ms_at_peak'])} ms; at the achieved "
+                f"rate the issue quotes ({floors['achieved_tflops']:g} TFLOP/s): "
+                f"{fmt(floors['ns_floor_ms_at_achieved'])} ms. {floors.get('convention', '')}", ""]
+    rules = r.get("rules", {})
+    if rules:
+        rows = []
+        for label, rec in rules.items():
+            for who, res in (("ours", rec.get("ours") or {}), (f"peer ({rec.get('peer')})", rec.get("peer_result") or {})):
+                rows.append([label, who, res.get("state_bytes_per_param"), res.get("persistent_delta_bytes_per_param"),
+                             res.get("peak_delta_bytes_per_param"), res.get("error", "")])
+        out += ["### Optimizer-state memory", "",
+                "Bytes per parameter: state tensors (`optimizer_state_bytes`), and on CUDA the allocator's "
+                "delta after the first step (persistent) and at its peak (includes transient work buffers).", "",
+                markdown_table(["rule", "optimizer", "state B/param", "persistent B/param", "peak B/param", "error"], rows), ""]
+    st = r.get("stiefel", {})
+    if st and "error" not in st:
+        out += ["### Stiefel retraction", "",
+                f"Start: {st.get('start')}; distance before: max {fmt(st.get('distance_before_max'))}, mean "
+                f"{fmt(st.get('distance_before_mean'))}. `stiefel_retract` parameters found: "
+                f"`{st.get('api_parameters')}`.", ""]
+        rows = []
+        for mode in ("fixed_5", "adaptive", "adaptive_check"):
+            m = st.get(mode)
+            if not isinstance(m, dict):
+                continue
+            for how in ("batched", "one_by_one"):
+                x = m.get(how, {})
+                rows.append([mode, f"`{json.dumps(m.get('kwargs'))}`", how, x.get("median_ms", x.get("error")),
+                             x.get("pct_of_fwd_bwd"), x.get("distance_after_max"),
+                             ", ".join(f"{k}: {v}" for k, v in (m.get("iterations_per_shape") or {}).items()
+                                       if k not in ("error", "traceback"))])
+        if isinstance(st.get("adaptive"), str):
+            out += [f"Adaptive mode: {st['adaptive']}.", ""]
+        out += [markdown_table(["mode", "kwargs", "how", "ms", "% fwd+bwd", "distance after (max)",
+                                "iterations per shape"], rows), ""]
+    mon = r.get("spectral_monitor", {})
+    if mon.get("with") and mon.get("without"):
+        w, wo = mon["with"], mon["without"]
+        out += ["### SpectralMonitor", "",
+                f"{mon.get('steps')} training steps ({mon.get('policy')}, {mon.get('data')}), with and without "
+                f"`SpectralMonitor(every_n_steps={mon.get('every_n_steps')})`; per-step wall time synchronised.", "",
+                markdown_table(["", "median step (ms)", "max step (ms)", "timed total (ms)", "skipped snapshots"], [
+                    ["without", wo.get("median_step_ms"), wo.get("max_step_ms"), wo.get("total_ms"), None],
+                    ["with", w.get("median_step_ms"), w.get("max_step_ms"), w.get("total_ms"), w.get("skipped_snapshots")],
+                ]), "",
+                f"Extra time {fmt(mon.get('overhead_pct_measured'))}% at every {mon.get('every_n_steps')} steps; "
+                f"{mon.get('snapshots_taken')} snapshot(s) taken -> {fmt(mon.get('cost_per_snapshot_ms'))} ms each "
+                f"(all extra time charged to them), i.e. {fmt(mon.get('overhead_pct_projected_default'))}% of training "
+                f"at the default cadence (every {mon.get('default_every_n_steps')} steps). The snapshot step itself "
+                f"costs {fmt(mon.get('snapshot_step_extra_ms'))} ms over a plain step; the slowest monitored step is "
+                f"{fmt(mon.get('max_step_ms_ratio'))}x the plain median.", ""]
+    errors = [(k, v["error"]) for k, v in r.items() if isinstance(v, dict) and "error" in v]
+    errors += [(k, v["skipped"]) for k, v in r.items() if isinstance(v, dict) and "skipped" in v]
+    if errors:
+        out += ["### Failed or skipped", ""] + [f"- {k}: `{e}`" for k, e in errors] + [""]
+    return out
+
+
+def train_section(data: dict[str, Any]) -> list[str]:
+    from benchmarks.bench_train import TABLE_HEADER, table_rows
+
+    s = data.get("settings", {})
+    runs = data.get("runs", [])
+    out = ["## Training (`benchmarks/bench_train.py`)", ""] + _meta_lines(data) + [""]
+    comp = data.get("comparison", {})
+    out += [f"GPT `{s.get('size')}` on the default corpus, {s.get('max_steps')} steps of {s.get('batch_size')} "
+            "sequences per run, validation every "
+            f"{s.get('val_every')} steps on {s.get('val_batches')} batches. Tokens/s: end to end through Lightning "
+            f"from step {s.get('throughput_skip')} on, validation excluded. AdamW's final validation loss: "
+            f"{fmt(comp.get('adamw_final_val_loss'))}.", "",
+            markdown_table(TABLE_HEADER, table_rows(runs)), ""]
+    if data.get("checks"):
+        out += [_checks_table(data["checks"]), ""]
+    pts = [r for r in runs if r.get("points")]
+    if pts:
+        out += ["### Validation loss against tokens (and training wall time, s)", ""]
+        steps = sorted({p["step"] for r in pts for p in r["points"]})
+        rows = []
+        for step in steps:
+            row: list[Any] = [step]
+            tokens = None
+            for r in pts:
+                p = next((p for p in r["points"] if p["step"] == step), None)
+                tokens = tokens or (p and p["tokens"])
+                row.append(f"{p['val_loss']:.4f} ({p['train_wall_s']:.1f})" if p else "-")
+            rows.append([row[0], tokens] + row[1:])
+        out += [markdown_table(["step", "tokens"] + [r["label"] for r in pts], rows), ""]
+    out += ["### Policies", ""]
+    for r in runs:
+        lr = f"; lr override {r['lr_override']:g}" if r.get("lr_override") is not None else ""
+        out.append(f"- `{r.get('label')}`: {r.get('policy_source', '-')}{lr}")
+        if "error" in r:
+            out.append(f"  - failed: `{r['error']}`")
+    return out + [""]
+
+
+def summary(results: dict[str, dict[str, Any]]) -> str:
+    """Short Markdown for README's "Benchmark results" section."""
+    if not results:
+        return ("No GPU benchmark results yet: run `benchmarks/bench_ops.py` and `benchmarks/bench_train.py` "
+                "(see [docs/benchmarks.md](docs/benchmarks.md)).")
+    lines = []
+    for kind in ("ops", "train"):
+        data = results.get(kind)
+        if not data:
+            continue
+        lines.append(f"**{'Operations' if kind == 'ops' else 'Training'}** on {data.get('device_name')} "
+                     f"({data.get('date', '')[:10]}, commit `{str(data.get('commit'))[:10]}`, torch "
+                     f"{data.get('torch_version')}):")
+        lines.append("")
+        rows = [[c["what"], c["value"], f"{c['op']} {c['target']:g} {c['unit']}".strip(), _result(c["passed"])]
+                for c in data.get("checks", [])]
+        if kind == "ops":
+            fb = data.get("results", {}).get("fwd_bwd", {}).get("median_ms")
+            rows.insert(0, ["forward+backward (ms)", fb, "-", "-"])
+        if kind == "train":
+            for r in data.get("runs", []):
+                rows.append([f"{r.get('label')}: final val loss / tokens to AdamW's final", 
+                             f"{fmt(r.get('final_val_loss'))} / {fmt(r.get('tokens_to_adamw_final'))}", "-", "-"])
+        lines += [markdown_table(["figure", "measured", "target", "result"], rows), ""]
+    lines.append("Full tables, settings and peers: [docs/benchmarks.md](docs/benchmarks.md) "
+                 "(generated by `benchmarks/report.py`).")
+    return "\n".join(lines)
+
+
+def render(results: dict[str, dict[str, Any]], results_dir: Path) -> str:
+    try:
+        shown = results_dir.resolve().relative_to(ROOT)
+    except ValueError:
+        shown = results_dir
+    out = [f"<!-- GENERATED by benchmarks/report.py from {shown}/ -- do not edit by hand; rerun the report. -->",
+           "", "# Benchmarks", "",
+           "Generated by `benchmarks/report.py` from the JSON results of `benchmarks/bench_ops.py` and "
+           f"`benchmarks/bench_train.py` in `{shown}/`; regenerate it, never edit it by hand. Targets are "
+           "those of issue 8 for the H100 setup (42M byte-level GPT, batch 16 x 1024, bf16 autocast); "
+           "results from other devices are shown with the same targets for reference.", ""]
+    if not results:
+        out += ["No results yet. On a GPU machine:", "", "```bash",
+                "PYTHONPATH=. python benchmarks/bench_ops.py --out benchmarks/results/ops",
+                "PYTHONPATH=. python benchmarks/bench_train.py --out benchmarks/results/train --budget-seconds 300",
+                "PYTHONPATH=. python benchmarks/report.py", "```", ""]
+    if "ops" in results:
+        out += ops_section(results["ops"])
+    if "train" in results:
+        out += train_section(results["train"])
+    return "\n".join(out).rstrip() + "\n"
+
+
+def update_readme(readme: Path, text: str) -> bool:
+    """Replace the text between the benchmark markers; False when the markers are not there."""
+    if not readme.is_file():
+        return False
+    content = readme.read_text()
+    i, j = content.find(START), content.find(END)
+    if i < 0 or j < 0 or j < i:
+        return False
+    new = content[: i + len(START)] + "\n" + text.strip() + "\n" + content[j:]
+    if new != content:
+        readme.write_text(new)
+    return True
+
+
+def main(argv: list[str] | None = None) -> str:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"), help="directory of result JSON files")
+    p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"), help="Markdown report to write")
+    p.add_argument("--readme", default=str(ROOT / "README.md"),
+                   help="README whose benchmark markers get the summary ('none' to leave it alone)")
+    p.add_argument("--include-tiny", action="store_true", help="also use tiny CPU smoke results")
+    args = p.parse_args(argv)
+    results_dir = Path(args.results)
+    results = load_results(results_dir, args.include_tiny)
+    report = render(results, results_dir)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(report)
+    text = summary(results)
+    print(text)
+    print(f"\nwrote {out}")
+    if args.readme != "none":
+        if update_readme(Path(args.readme), text):
+            print(f"updated the benchmark section of {args.readme}")
+        else:
+            print(f"{args.readme}: no {START} ... {END} markers; paste the summary above by hand")
+    return report
+
+
+if __name__ == "__main__":
+    main()
