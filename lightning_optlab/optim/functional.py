@@ -31,9 +31,8 @@ Conventions shared by every function here:
 from __future__ import annotations
 
 import math
-import warnings
 from collections import defaultdict
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -67,7 +66,7 @@ def store_(target: Tensor, value: Tensor) -> Tensor:
 
 
 def finite_flags(grads: Sequence[Tensor]) -> Tensor:
-    """One bool per tensor: all entries finite. A single foreach max-abs reduction, no host sync.
+    """One bool per tensor: all entries finite (used to name the offending parameters).
 
     The inf-norm is NaN/Inf exactly when an entry is, and, unlike a sum of squares, never
     overflows on large finite gradients.
@@ -77,6 +76,20 @@ def finite_flags(grads: Sequence[Tensor]) -> Tensor:
     # fp64 stays fp64 (a finite 1e300 must not overflow); .to is a no-op for fp32 on one device
     dtype = torch.float64 if any(n.dtype == torch.float64 for n in norms) else torch.float32
     return torch.stack([n.to(device=device, dtype=dtype) for n in norms]).isfinite()
+
+
+def all_finite(grads: Sequence[Tensor]) -> bool:
+    """Whether every gradient entry is finite: GradScaler's fused non-finite check (one kernel per
+    device and dtype, multiplying by exactly 1.0) and one host sync for the whole step."""
+    by_key: dict[tuple, list[Tensor]] = defaultdict(list)
+    for g in grads:
+        by_key[(g.device, g.dtype)].append(g)
+    flags = []
+    for (device, _), tensors in by_key.items():
+        found = torch.zeros(1, device=device)
+        torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, torch.ones(1, device=device))
+        flags.append(found if found.device == grads[0].device else found.to(grads[0].device))
+    return not bool(torch.stack(flags).any())
 
 
 def require_finite_grads(
@@ -370,55 +383,6 @@ def resolve_ns_dtype(name: str | torch.dtype | None, device: torch.device) -> to
 # Rule updates (directions; the group steps in muon.py, sinkgd.py, spam.py, sparkles.py apply them)
 
 
-def _stacked_directions(
-    grads: list[Tensor], buffers: list[Tensor], momentum: float, nesterov: bool, dtype: torch.dtype
-) -> Tensor:
-    """Momentum update of same-shaped ``buffers`` (in place) and their directions as one
-    ``(B, m, n)`` stack in ``dtype``: one fused pass under ``torch.compile``."""
-    out = []
-    for g, buf in zip(grads, buffers):
-        buf.lerp_(g, 1 - momentum)
-        out.append((g.lerp(buf, momentum) if nesterov else buf).to(dtype))
-    return torch.stack(out)
-
-
-_COMPILED: dict[str, Callable] = {}
-_COMPILE_FAILED: list[str] = []
-
-
-def _compiled(name: str, fn: Callable) -> Callable | None:
-    """``torch.compile(fn)`` once per process, or None when compilation is unavailable/failed."""
-    if _COMPILE_FAILED:
-        return None
-    if name not in _COMPILED:
-        _COMPILED[name] = torch.compile(fn, dynamic=False)
-    return _COMPILED[name]
-
-
-def _run_compiled(name: str, fn: Callable, *args, **kwargs):
-    compiled = _compiled(name, fn)
-    if compiled is not None:
-        try:
-            return compiled(*args, **kwargs)
-        except Exception as err:  # e.g. no triton / compiler on this machine: stay correct, eager
-            _COMPILE_FAILED.append(f"{type(err).__name__}: {err}")
-            warnings.warn(
-                f"lightning_optlab: torch.compile of the Muon step failed ({_COMPILE_FAILED[-1][:200]}); "
-                "running it eagerly. Set compile: false in the rule to silence this.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-    return fn(*args, **kwargs)
-
-
-def use_compiled_muon(setting: bool | str, device: torch.device) -> bool:
-    """``compile: "auto"`` fuses the Muon step's element-wise work on CUDA only: there it removes
-    several full passes over the weights; on CPU the compile time would dominate short runs."""
-    if setting == "auto":
-        return device.type == "cuda"
-    return bool(setting)
-
-
 def muon_update(
     grads: Sequence[Tensor],
     momentum_buffers: Sequence[Tensor],
@@ -431,50 +395,23 @@ def muon_update(
     ns_dtype: torch.dtype | None = None,
     out_dtype: torch.dtype | None = None,
     split: bool | str | None = None,
-    compiled: bool = False,
 ) -> list[Tensor]:
     """Muon's orthogonalized directions, shaped as the matrices ``as_matrix(grad)``.
 
     ``momentum_buffers`` (compute dtype, as returned by :func:`upcast`) are updated in place by
     ``buf <- momentum * buf + (1 - momentum) * g``; the direction is the nesterov look-ahead
     ``(1 - momentum) * g + momentum * buf`` (or ``buf``), flattened to 2-D and orthogonalized by
-    the quintic Newton-Schulz iteration, same-shaped matrices batched. Eagerly, momentum runs as
-    two foreach kernels over the whole group; with ``compiled`` (CUDA), momentum, the stacking
-    and the cast to the NS dtype are one fused pass per shape and the iteration's element-wise
-    work is fused around cuBLAS matmuls. The shape scaling (:func:`muon_lr_scale`) is applied by
-    the caller, on the learning rate.
+    the quintic Newton-Schulz iteration, same-shaped matrices batched. Momentum runs as two
+    foreach kernels over the whole group. The shape scaling (:func:`muon_lr_scale`) is applied
+    by the caller, on the learning rate.
     """
     grads32 = [upcast(g) for g in grads]
-    if not compiled:
-        torch._foreach_lerp_(list(momentum_buffers), grads32, 1 - momentum)
-        directions = torch._foreach_lerp(grads32, list(momentum_buffers), momentum) if nesterov else momentum_buffers
-        return orthogonalize(
-            [as_matrix(d) for d in directions], steps=ns_steps, coefficients=ns_coefficients, eps=eps,
-            dtype=ns_dtype, out_dtype=out_dtype, split=split,
-        )
-    buckets: dict[tuple, list[int]] = defaultdict(list)
-    for i, g in enumerate(grads32):
-        buckets[(g.device, tuple(as_matrix(g).shape))].append(i)
-    world = ns_split_world(split)
-    coefficients = tuple(float(c) for c in ns_coefficients)
-    out: list[Tensor | None] = [None] * len(grads32)
-    for (device, _), idx in buckets.items():
-        dtype = ns_dtype or resolve_ns_dtype(None, device)
-        stack = _run_compiled(
-            "directions", _stacked_directions,
-            [as_matrix(grads32[i]) for i in idx], [as_matrix(momentum_buffers[i]) for i in idx],
-            float(momentum), bool(nesterov), dtype,
-        )
-        kwargs = dict(steps=ns_steps, coefficients=coefficients, eps=eps, dtype=dtype)
-        if world:
-            ortho = _newton_schulz_split(stack, world, **kwargs)
-        else:
-            ortho = _run_compiled("newton_schulz", newton_schulz, stack, **kwargs)
-        if out_dtype is not None:
-            ortho = ortho.to(out_dtype)
-        for j, i in enumerate(idx):
-            out[i] = ortho[j]
-    return out  # type: ignore[return-value]
+    torch._foreach_lerp_(list(momentum_buffers), grads32, 1 - momentum)
+    directions = torch._foreach_lerp(grads32, list(momentum_buffers), momentum) if nesterov else momentum_buffers
+    return orthogonalize(
+        [as_matrix(d) for d in directions], steps=ns_steps, coefficients=ns_coefficients, eps=eps,
+        dtype=ns_dtype, out_dtype=out_dtype, split=split,
+    )
 
 
 def sinkgd_update(grad: Tensor, iterations: int, eps: float = 1e-8) -> Tensor:

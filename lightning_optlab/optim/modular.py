@@ -22,7 +22,7 @@ from typing import Any, Iterable
 
 import torch
 
-from .functional import finite_flags, require_finite_grads
+from .functional import all_finite, require_finite_grads
 from .registry import GROUP_META_KEYS, get_rule, resolve_hyperparameters
 
 
@@ -114,7 +114,7 @@ class ModularOptimizer(torch.optim.Optimizer):
             return loss
         # NaN/Inf policy: refuse the whole step before any weight or state changes, with one
         # reduction and one host sync for all groups (see functional.require_finite_grads).
-        if not bool(finite_flags([g for _, _, grads in work for g in grads]).all()):
+        if not all_finite([g for _, _, grads in work for g in grads]):
             for group, params, grads in work:
                 require_finite_grads(group, params, grads, group["algorithm"])
         for group, params, grads in work:
@@ -123,6 +123,12 @@ class ModularOptimizer(torch.optim.Optimizer):
             states = [{} for _ in params] if rule.stateless else [self.state[p] for p in params]
             rule.step(group, params, grads, states)
         return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        # runtime objects (CUDA graphs, static buffers) are rebuilt on demand, never saved
+        state["param_groups"] = [{k: v for k, v in g.items() if k != "_runtime"} for g in state["param_groups"]]
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # A checkpoint from a different policy would otherwise load "successfully" whenever

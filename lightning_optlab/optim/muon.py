@@ -28,12 +28,13 @@ from .functional import (
     ADJUST_LR_FNS,
     muon_lr_scale,
     muon_update,
+    ns_split_world,
     
     resolve_ns_dtype,
     store_,
     upcast,
-    use_compiled_muon,
 )
+from .muon_graph import graph_eligible, graph_for
 from .newton_schulz import NS_COEFFICIENTS
 from .registry import UpdateRule, check_common, register_rule
 from .rule_optimizer import RuleOptimizer
@@ -49,7 +50,7 @@ MUON_DEFAULTS: dict[str, Any] = dict(
     adjust_lr_fn="original",
     ns_dtype="auto",
     ns_split="auto",
-    compile="auto",
+    cuda_graph="auto",
 )
 
 
@@ -73,8 +74,8 @@ def check_muon(hp: Mapping[str, Any]) -> None:
     if not isinstance(hp["nesterov"], bool):
         raise ValueError(f"nesterov must be true or false, got {hp['nesterov']!r}")
     resolve_ns_dtype(hp["ns_dtype"], torch.device("cpu"))
-    if hp["compile"] not in ("auto", True, False):
-        raise ValueError(f"compile must be 'auto', true or false, got {hp['compile']!r}")
+    if hp["cuda_graph"] not in ("auto", True, False):
+        raise ValueError(f"cuda_graph must be 'auto', true or false, got {hp['cuda_graph']!r}")
     if hp["ns_split"] not in ("auto", True, False):
         raise ValueError(f"ns_split must be 'auto', true or false, got {hp['ns_split']!r}")
 
@@ -107,6 +108,9 @@ def muon_step(group: dict, params: list, grads: list, states: list) -> None:
             )
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    if graph_eligible(group, params, ns_split_world(group["ns_split"])):
+        graph_for(group, params).step(grads, states, group)
+        return
     buffers = [state["momentum_buffer"] for state in states]
     work = [upcast(b) for b in buffers]  # the buffers themselves for fp32 (updated in place)
     # None lets orthogonalize pick per device (bf16 on CUDA, fp32 on CPU).
@@ -123,7 +127,6 @@ def muon_step(group: dict, params: list, grads: list, states: list) -> None:
         ns_dtype=dtype,
         out_dtype=weights[0].dtype,
         split=group["ns_split"],
-        compiled=use_compiled_muon(group["compile"], params[0].device),
     )
     lr, wd = group["lr"], group["weight_decay"]
     if wd != 0:
@@ -172,8 +175,9 @@ class Muon(RuleOptimizer):
         ns_split: ``"auto"`` (default) splits the Newton-Schulz work across ranks when a
             process group is initialized (DDP: same gradients everywhere, each rank
             orthogonalizes its share, an all-gather assembles them); ``False`` never splits.
-        compile: ``"auto"`` (default) fuses the step's element-wise work with ``torch.compile``
-            on CUDA (eager elsewhere, and eager with a warning if compilation fails).
+        cuda_graph: ``"auto"`` (default) replays the whole step as one CUDA graph where that is
+            exact: fp32 weights on CUDA, no rank split, every parameter with a gradient (see
+            :mod:`.muon_graph`); eager otherwise. ``False`` always runs eagerly.
     """
 
     rule_name = "muon"
@@ -191,7 +195,7 @@ class Muon(RuleOptimizer):
         adjust_lr_fn: str | None = MUON_DEFAULTS["adjust_lr_fn"],
         ns_dtype: str = MUON_DEFAULTS["ns_dtype"],
         ns_split: bool | str = MUON_DEFAULTS["ns_split"],
-        compile: bool | str = MUON_DEFAULTS["compile"],
+        cuda_graph: bool | str = MUON_DEFAULTS["cuda_graph"],
     ) -> None:
         super().__init__(
             params,
@@ -205,5 +209,5 @@ class Muon(RuleOptimizer):
             adjust_lr_fn=adjust_lr_fn,
             ns_dtype=ns_dtype,
             ns_split=ns_split,
-            compile=compile,
+            cuda_graph=cuda_graph,
         )

@@ -36,6 +36,8 @@ GROUP_META_KEYS = frozenset(
         "constraint_options",
         "lr_scale",
         "rule_index",
+        # runtime objects of a rule (e.g. Muon's CUDA graph); never saved in state_dict
+        "_runtime",
         # added by LR schedulers / callbacks after construction
         "initial_lr",
         "base_lr",

@@ -1,0 +1,138 @@
+"""Muon's step as one CUDA graph.
+
+Eagerly, a Muon step over a transformer's hidden matrices is ~150 small kernel launches
+(momentum, stacking, five Newton-Schulz iterations per shape, casts, updates); on an H100 the
+GPU then waits on Python. Here each shape bucket keeps its gradients and momentum buffers
+*stacked* in static ``(B, m, n)`` tensors (the per-parameter ``momentum_buffer`` state entries
+are views into them, so ``state_dict`` is unchanged), and the whole step -- momentum, Newton-Schulz
+in bf16, decoupled weight decay, shape-scaled updates -- is captured once and replayed. Per step
+the host only copies the gradients in (one foreach copy), writes the lr into a device scalar
+(schedulers keep working) and replays the graph.
+
+It is exact with respect to the eager path up to float rounding (lr*wd is a device scalar), and
+used only where that holds: fp32 weights on one CUDA device, no split of the NS work across
+ranks, every parameter of the group with a gradient (otherwise the step runs eagerly on the
+same state views). A change of hyperparameters other than ``lr`` recaptures the graph. The first
+step with a new graph runs the same computation eagerly on a side stream (CUDA graphs need a
+warm-up); capture happens on the second.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .functional import as_matrix, muon_lr_scale, resolve_ns_dtype
+from .newton_schulz import newton_schulz
+
+_KEYS = ("momentum", "nesterov", "weight_decay", "ns_steps", "ns_coefficients", "eps", "adjust_lr_fn", "ns_dtype")
+
+
+def graph_eligible(group: dict, params: list[torch.Tensor], split_world: Any) -> bool:
+    setting = group.get("cuda_graph", "auto")
+    if setting is False or split_world:
+        return False
+    eligible = (
+        torch.cuda.is_available()
+        and not torch.cuda.is_current_stream_capturing()
+        and len(params) == len(group["params"])
+        and all(p.is_cuda and p.dtype == torch.float32 and p.is_contiguous() for p in params)
+        and len({p.device for p in params}) == 1
+    )
+    if setting is True and not eligible:
+        raise RuntimeError(
+            f"muon ({group.get('name', 'param group')}): cuda_graph=True needs fp32 contiguous "
+            "weights on one CUDA device, every parameter with a gradient and no NS split across "
+            "ranks; use cuda_graph: auto to fall back to the eager step"
+        )
+    return eligible
+
+
+class MuonGraph:
+    """Static buffers and the captured graph of one param group."""
+
+    def __init__(self, params: list[torch.Tensor], group: dict) -> None:
+        self.params = params
+        self.key = tuple(str(group[k]) for k in _KEYS)
+        device = params[0].device
+        buckets: dict[tuple[int, int], list[int]] = {}
+        for i, p in enumerate(params):
+            buckets.setdefault(tuple(as_matrix(p).shape), []).append(i)
+        self.buckets = list(buckets.items())
+        self.grads = [torch.zeros((len(idx), *shape), device=device) for shape, idx in self.buckets]
+        self.buffers = [torch.zeros_like(g) for g in self.grads]
+        self.grad_views = [None] * len(params)
+        self.buffer_views = [None] * len(params)
+        for (shape, idx), g, b in zip(self.buckets, self.grads, self.buffers):
+            for j, i in enumerate(idx):
+                self.grad_views[i] = g[j].view(params[i].shape)
+                self.buffer_views[i] = b[j].view(params[i].shape)
+        self.lr = torch.zeros((), device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.warmed_up = False
+
+    def matches(self, params: list[torch.Tensor], group: dict) -> bool:
+        return (
+            len(params) == len(self.params)
+            and all(p is q for p, q in zip(params, self.params))
+            and self.key == tuple(str(group[k]) for k in _KEYS)
+        )
+
+    def adopt_state(self, states: list[dict]) -> None:
+        """Make every ``momentum_buffer`` a view of the stacked buffers (copying values that
+        came from elsewhere, e.g. ``load_state_dict``)."""
+        for state, view in zip(states, self.buffer_views):
+            buf = state.get("momentum_buffer")
+            if buf is view:
+                continue
+            if buf is None:
+                view.zero_()
+            else:
+                view.copy_(buf)
+            state["momentum_buffer"] = view
+
+    def _body(self, group: dict) -> None:
+        momentum, nesterov = group["momentum"], group["nesterov"]
+        dtype = resolve_ns_dtype(group["ns_dtype"], self.params[0].device)
+        if group["weight_decay"] != 0:
+            torch._foreach_mul_(self.params, 1 - self.lr * group["weight_decay"])
+        for (shape, idx), G, buf in zip(self.buckets, self.grads, self.buffers):
+            buf.lerp_(G, 1 - momentum)
+            direction = G.lerp(buf, momentum) if nesterov else buf
+            ortho = newton_schulz(
+                direction, steps=group["ns_steps"], coefficients=tuple(float(c) for c in group["ns_coefficients"]),
+                eps=group["eps"], dtype=dtype,
+            )
+            update = ortho.float().mul_(self.lr * -muon_lr_scale(*shape, group["adjust_lr_fn"]))
+            torch._foreach_add_([self.params[i] for i in idx], [update[j].view(self.params[i].shape) for j, i in enumerate(idx)])
+
+    def step(self, grads: list[torch.Tensor], states: list[dict], group: dict) -> None:
+        self.adopt_state(states)
+        torch._foreach_copy_(self.grad_views, grads)
+        self.lr.fill_(float(group["lr"]))
+        if self.graph is not None:
+            self.graph.replay()
+            return
+        if not self.warmed_up:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self._body(group)
+            torch.cuda.current_stream().wait_stream(side)
+            self.warmed_up = True
+            return
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._body(group)
+        self.graph = graph
+        graph.replay()
+
+
+def graph_for(group: dict, params: list[torch.Tensor]) -> MuonGraph:
+    """The group's graph (rebuilt when its parameters or hyperparameters change)."""
+    runtime = group.setdefault("_runtime", {})
+    graph = runtime.get("muon_graph")
+    if graph is None or not graph.matches(params, group):
+        graph = runtime["muon_graph"] = MuonGraph(params, group)
+    return graph

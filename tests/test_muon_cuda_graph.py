@@ -1,0 +1,72 @@
+"""Muon's CUDA-graph step equals its eager step (runs where CUDA is; the GPU benchmark run
+executes this file too)."""
+
+import copy
+
+import pytest
+import torch
+
+from lightning_optlab.optim import ModularOptimizer
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+SHAPES = [(64, 48), (64, 48), (48, 64), (32, 32), (16, 8, 3, 3)]
+
+
+def make(device, cuda_graph, **hp):
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(s, generator=gen).to(device).requires_grad_() for s in SHAPES]
+    opt = ModularOptimizer([{"params": params, "algorithm": "muon", "lr": 0.02, "weight_decay": 0.1,
+                             "cuda_graph": cuda_graph, **hp}])
+    return params, opt
+
+
+def grads_for(step, device):
+    gen = torch.Generator().manual_seed(100 + step)
+    return [torch.randn(s, generator=gen).to(device) for s in SHAPES]
+
+
+def run(opt, params, steps, device, lrs=None):
+    for step in steps:
+        for p, g in zip(params, grads_for(step, device)):
+            p.grad = g
+        if lrs:
+            opt.param_groups[0]["lr"] = lrs[step]
+        opt.step()
+
+
+@cuda
+def test_graph_step_equals_eager_step_through_lr_changes_resume_and_recapture():
+    lrs = [0.02, 0.02, 0.01, 0.01, 0.005, 0.005, 0.005, 0.005]
+    eager_p, eager = make("cuda", False)
+    graph_p, graph = make("cuda", True)
+    run(eager, eager_p, range(4), "cuda", lrs)
+    run(graph, graph_p, range(4), "cuda", lrs)
+    assert graph.param_groups[0]["_runtime"]["muon_graph"].graph is not None  # really captured
+    saved = copy.deepcopy(graph.state_dict())
+    assert all("_runtime" not in g for g in saved["param_groups"])
+    resumed_p = [p.detach().clone().requires_grad_() for p in graph_p]
+    resumed = ModularOptimizer([{"params": resumed_p, "algorithm": "muon", "lr": 0.02, "weight_decay": 0.1,
+                                 "cuda_graph": True}])
+    resumed.load_state_dict(saved)
+    run(eager, eager_p, range(4, 8), "cuda", lrs)
+    run(resumed, resumed_p, range(4, 8), "cuda", lrs)
+    for a, b in zip(eager_p, resumed_p):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-6)
+    # a hyperparameter change recaptures instead of replaying a stale graph
+    for opt in (eager, resumed):
+        opt.param_groups[0]["weight_decay"] = 0.0
+        opt.param_groups[0]["ns_steps"] = 3
+    run(eager, eager_p, range(8, 11), "cuda")
+    run(resumed, resumed_p, range(8, 11), "cuda")
+    for a, b in zip(eager_p, resumed_p):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-6)
+
+
+def test_forcing_the_graph_where_it_cannot_run_is_an_error():
+    params, opt = make("cpu", True)
+    for p, g in zip(params, grads_for(0, "cpu")):
+        p.grad = g
+    with pytest.raises(RuntimeError, match="cuda_graph=True needs fp32 contiguous weights on one CUDA device"):
+        opt.step()
+    with pytest.raises(ValueError, match="cuda_graph must be 'auto', true or false"):
+        make("cpu", "always")
