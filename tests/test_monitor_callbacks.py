@@ -344,3 +344,28 @@ def test_lr_scaling_unknown_group_names_the_groups(tmp_path):
     tr = trainer(tmp_path, [ModularLRScaling(depths={"blocks": 2})], max_steps=1)
     with pytest.raises(ValueError, match=r"its groups are \['hidden', 'input', 'rest'\]"):
         tr.fit(Tiny(), loader())
+
+
+def test_spectral_monitor_gram_method_matches_float64_svd(tmp_path):
+    """method='gram' (the default on CUDA) on CPU: same tags, spectra equal to a float64 SVD of
+    the weights at the snapshot step."""
+    torch.manual_seed(0)
+    model = Tiny()
+    initial = {n: p.detach().double().numpy().copy() for n, p in model.named_parameters() if p.ndim == 2}
+    spec = SpectralMonitor(every_n_steps=2, image_every_n_steps=None, wait_if_busy=True, method="gram")
+    trainer(tmp_path, [spec], max_steps=1).fit(model, loader())
+    assert spec.last_step == 0
+    for name, W in initial.items():
+        s_ref = np.linalg.svd(W, compute_uv=False)
+        s = spec.last_spectra[("weights", name)].double().numpy()
+        np.testing.assert_allclose(s, s_ref, rtol=1e-5, atol=1e-7 * s_ref[0], err_msg=name)
+    assert spec.last_metrics["spectral/weights/matrix/net.2.weight/effective_rank"] == pytest.approx(
+        np_effective_rank(initial["net.2.weight"]), rel=1e-5)
+    assert "spectral/gradients/component/hidden/condition_number" in spec.last_metrics
+
+
+def test_spectral_monitor_method_arguments():
+    with pytest.raises(ValueError, match="method='eig'.*'auto', 'svd', 'gram'"):
+        SpectralMonitor(method="eig")
+    with pytest.raises(ValueError, match="gram_dtype='float16'.*float64"):
+        SpectralMonitor(gram_dtype="float16")
