@@ -110,6 +110,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--monitor-steps", type=int, default=None, help="steps of each monitor fit (default 60; 8 with --tiny)")
     p.add_argument("--monitor-every", type=int, default=None, help="SpectralMonitor cadence in the fit (default 20; 3 with --tiny)")
     p.add_argument("--time-limit", type=float, default=None, help="seconds; later sections are skipped past it (default 200; 120 with --tiny)")
+    p.add_argument("--monitor-kwargs", default="{}", help='JSON of extra SpectralMonitor arguments, e.g. {"method": "svd"}')
     p.add_argument("--sections", default="fwd_bwd,rules,floors,stiefel,svdvals,spectral_monitor",
                    help="comma-separated sections to run")
     p.add_argument("--commit", default=None, help="git commit to record (default: git rev-parse HEAD)")
@@ -457,7 +458,7 @@ def _monitor_fit(ctx, with_monitor: bool, log_dir: str) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     model = GPT(size=args.size, policy={"rules": [{"match": {}, "optimizer": "adamw", "lr": 3e-4}]})
     clock = StepClock()
-    monitor = SpectralMonitor(every_n_steps=args.monitor_every) if with_monitor else None
+    monitor = SpectralMonitor(every_n_steps=args.monitor_every, **json.loads(args.monitor_kwargs)) if with_monitor else None
     callbacks = ([monitor] if monitor else []) + [clock]
     trainer = pl.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu", devices=[device.index or 0] if device.type == "cuda" else 1,
