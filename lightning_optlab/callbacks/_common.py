@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
+from lightning.pytorch.callbacks.callback import Callback
 
 from ..policy.roles import describe_parameters
 
@@ -348,3 +349,48 @@ def check_components(owner: str, components: Sequence[str]) -> tuple[str, ...]:
     if bad or not components:
         raise ValueError(f"{owner}(components={list(components)!r}): components are {list(COMPONENTS)}; pick from those")
     return components
+
+
+class BackgroundAnalysis(Callback):
+    """What every callback that computes off the training thread shares: snapshot at a hook,
+    compute in a :class:`BackgroundWorker`, log the results from the training thread at a later
+    hook under the step they belong to, flush before the loggers close, and never make a step
+    wait on the worker (a snapshot taken while the previous one is still computing is skipped
+    and counted in ``skipped``) unless ``wait_if_busy`` asks for the exact cadence."""
+
+    def __init__(self, wait_if_busy: bool = False) -> None:
+        self.wait_if_busy = wait_if_busy
+        self.skipped = 0
+        self._worker = BackgroundWorker(type(self).__name__)
+        self._tracked = None
+
+    def _log_ready(self, trainer: Any, wait: bool = False) -> None:
+        raise NotImplementedError
+
+    def _on_skip(self, trainer: Any, step: int) -> None:
+        self.skipped += 1
+
+    def _worker_free(self, trainer: Any, step: int) -> bool:
+        """Whether a snapshot may be taken now (waits for the worker only with ``wait_if_busy``)."""
+        if self._worker.busy:
+            if not self.wait_if_busy:
+                self._on_skip(trainer, step)
+                return False
+            self._log_ready(trainer, wait=True)
+        return True
+
+    def _submit(self, trainer: Any, step: int, fn: Callable, *args: Any) -> None:
+        self._worker.submit(step, fn, *args)
+        if self.wait_if_busy:
+            self._log_ready(trainer, wait=True)
+
+    def on_train_batch_end(self, trainer: Any, *args: Any, **kwargs: Any) -> None:
+        self._log_ready(trainer)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        # results of the last snapshots are logged before the loggers are finalized
+        self._log_ready(trainer, wait=True)
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self._worker.close()
+        self._tracked = None

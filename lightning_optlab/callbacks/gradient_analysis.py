@@ -6,13 +6,12 @@ import os
 from typing import Any, Sequence
 
 import torch
-from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from ..spectral.ns import ns_benefit
 from ._common import (
+    BackgroundAnalysis,
     COMPONENTS,
-    BackgroundWorker,
     Snapshot,
     by_shape,
     check_components,
@@ -29,7 +28,7 @@ from ._common import (
 FIGURES = ("effective_rank", "relative_effective_rank", "ns_effective_rank", "benefit_ratio", "information_loss")
 
 
-class ComponentGradientAnalysis(Callback):
+class ComponentGradientAnalysis(BackgroundAnalysis):
     r"""Gradient effective rank and Newton-Schulz benefit per component, and a recommendation table.
 
     Every ``every_n_steps`` optimizer steps, in ``on_before_optimizer_step`` (accumulated, unscaled
@@ -92,7 +91,7 @@ class ComponentGradientAnalysis(Callback):
         self.benefit_threshold = float(benefit_threshold)
         self.filename = filename
         self.dtype = dtype
-        self.wait_if_busy = wait_if_busy
+        super().__init__(wait_if_busy)
         #: run totals per component: ``{component: {figure: [sum, count]}}``
         self.totals: dict[str, dict[str, list[float]]] = {}
         self.rules: dict[str, set[str]] = {}
@@ -101,9 +100,6 @@ class ComponentGradientAnalysis(Callback):
         self.last_step: int | None = None
         #: the table written at fit end (Markdown)
         self.report: str | None = None
-        self.skipped = 0
-        self._worker = BackgroundWorker("ComponentGradientAnalysis")
-        self._tracked = None
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         self._log_ready(trainer)
@@ -119,21 +115,12 @@ class ComponentGradientAnalysis(Callback):
         mats, who, _ = gradient_matrices(self._tracked, optimizer, self.components, "gradient")
         if not mats:
             return
-        if self._worker.busy:
-            if not self.wait_if_busy:
-                self.skipped += 1
-                return
-            self._log_ready(trainer, wait=True)
-        component_of = {name: tp.component for name, tp in who.items()}
-        self._worker.submit(step, self._compute, Snapshot(mats, to_cpu=False), component_of)
-        if self.wait_if_busy:
-            self._log_ready(trainer, wait=True)
-
-    def on_train_batch_end(self, trainer: Any, *args: Any, **kwargs: Any) -> None:
-        self._log_ready(trainer)
+        if self._worker_free(trainer, step):
+            component_of = {name: tp.component for name, tp in who.items()}
+            self._submit(trainer, step, self._compute, Snapshot(mats, to_cpu=False), component_of)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        self._log_ready(trainer, wait=True)
+        super().on_train_end(trainer, pl_module)
         if not trainer.is_global_zero or not self.totals:
             return
         self.report = self.recommendation_table()
@@ -145,10 +132,6 @@ class ComponentGradientAnalysis(Callback):
             with open(path, "w") as f:
                 f.write(self.report + "\n")
             rank_zero_info(f"ComponentGradientAnalysis: recommendations written to {path}")
-
-    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        self._worker.close()
-        self._tracked = None
 
     def state_dict(self) -> dict[str, Any]:
         return {"totals": self.totals, "rules": {k: sorted(v) for k, v in self.rules.items()}, "matrices": self.matrices}

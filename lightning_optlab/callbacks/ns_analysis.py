@@ -5,13 +5,12 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
-from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from ..spectral.ns import DEFAULT_NS_STEPS, ns_transformation
 from ._common import (
+    BackgroundAnalysis,
     VALID_SOURCES,
-    BackgroundWorker,
     Snapshot,
     by_shape,
     check_components,
@@ -27,7 +26,7 @@ from ._common import (
 FIGURES = ("cosine", "angle_deg", "information_loss", "orthogonality_error")
 
 
-class NewtonSchulzAnalysis(Callback):
+class NewtonSchulzAnalysis(BackgroundAnalysis):
     r"""Angle, information loss and orthogonality of ``NS(G)`` for several Newton-Schulz step counts.
 
     Every ``every_n_steps`` optimizer steps, in ``on_before_optimizer_step`` (accumulated, unscaled
@@ -83,13 +82,10 @@ class NewtonSchulzAnalysis(Callback):
         self.source = source
         self.dtype = dtype
         self.log_per_matrix = log_per_matrix
-        self.wait_if_busy = wait_if_busy
+        super().__init__(wait_if_busy)
         #: figures of the latest logged analysis ``{tag: value}`` and its step
         self.last_metrics: dict[str, float] = {}
         self.last_step: int | None = None
-        self.skipped = 0
-        self._worker = BackgroundWorker("NewtonSchulzAnalysis")
-        self._tracked = None
         self._warned = False
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
@@ -108,24 +104,8 @@ class NewtonSchulzAnalysis(Callback):
                     "at this step; check components=... (roles come from the policy / describe_parameters)"
                 )
             return
-        if self._worker.busy:
-            if not self.wait_if_busy:
-                self.skipped += 1
-                return
-            self._log_ready(trainer, wait=True)
-        self._worker.submit(step, self._compute, Snapshot(mats, to_cpu=False))
-        if self.wait_if_busy:
-            self._log_ready(trainer, wait=True)
-
-    def on_train_batch_end(self, trainer: Any, *args: Any, **kwargs: Any) -> None:
-        self._log_ready(trainer)
-
-    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        self._log_ready(trainer, wait=True)
-
-    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        self._worker.close()
-        self._tracked = None
+        if self._worker_free(trainer, step):
+            self._submit(trainer, step, self._compute, Snapshot(mats, to_cpu=False))
 
     def _compute(self, snap: Snapshot) -> dict[str, float]:
         tensors = snap.wait()

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, Sequence
 
 import numpy as np
 import torch
-from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from ..spectral.metrics import as_matrix, singular_values_grouped, spectrum_metrics
 from ._common import (
-    BackgroundWorker,
+    BackgroundAnalysis,
     Snapshot,
     check_every_n_steps,
     first_optimizer,
@@ -63,7 +61,7 @@ def render_spectrum_image(title: str, s: np.ndarray, width_px: int = 320, height
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
-class SpectralMonitor(Callback):
+class SpectralMonitor(BackgroundAnalysis):
     r"""Log singular-spectrum figures of weight and gradient matrices to TensorBoard.
 
     Every ``every_n_steps`` optimizer steps, in ``on_before_optimizer_step`` (where Lightning has
@@ -214,17 +212,13 @@ class SpectralMonitor(Callback):
         self.histograms = histograms
         self.include = list(include) if include else None
         self.exclude = list(exclude) if exclude else None
-        self.wait_if_busy = wait_if_busy
-
-        self.skipped_snapshots = 0
+        super().__init__(wait_if_busy)
         #: figures of the latest logged snapshot: ``{tag: value}``, and its step
         self.last_metrics: dict[str, float] = {}
         self.last_step: int | None = None
         #: singular values of the latest logged snapshot: ``{(kind, parameter name): tensor}``
         self.last_spectra: dict[tuple[str, str], torch.Tensor] = {}
-        self._worker = BackgroundWorker("SpectralMonitor")
         self._buffers: dict = {}
-        self._tracked = None
         self._warned_skip = False
         self._warned_no_tb = False
 
@@ -254,20 +248,8 @@ class SpectralMonitor(Callback):
             )
             if not self._tracked:
                 rank_zero_warn("SpectralMonitor: no parameter with >= 2 dimensions to track (check include/exclude)")
-        if self._worker.busy:
-            if self.wait_if_busy:
-                self._log_ready(trainer, wait=True)
-            else:
-                self.skipped_snapshots += 1
-                if not self._warned_skip:
-                    self._warned_skip = True
-                    rank_zero_warn(
-                        f"SpectralMonitor: the SVDs of the previous snapshot were still running at step {step}; "
-                        "this snapshot is skipped (training does not wait). Raise every_n_steps, narrow "
-                        "include=..., or pass wait_if_busy=True."
-                    )
-                log_scalars(trainer, {"spectral/skipped_snapshots": float(self.skipped_snapshots)}, step)
-                return
+        if not self._worker_free(trainer, step):
+            return
         tensors, meta, missing = {}, [], 0
         for tp in self._tracked:
             for kind in self.kinds:
@@ -284,27 +266,32 @@ class SpectralMonitor(Callback):
         on_device = cuda and method == "gram"  # compute on the GPU, on a side stream
         snap = Snapshot(tensors, to_cpu=not on_device, buffers=None if on_device else self._buffers)
         images = self.image_every_n_steps is not None and step % self.image_every_n_steps == 0
-        self._worker.submit(step, self._compute, snap, meta, images, missing, method)
-        if self.wait_if_busy:
-            self._log_ready(trainer, wait=True)
+        self._submit(trainer, step, self._compute, snap, meta, images, missing, method)
 
-    def on_train_batch_end(self, trainer: Any, *args: Any, **kwargs: Any) -> None:
-        self._log_ready(trainer)
+    @property
+    def skipped_snapshots(self) -> int:
+        return self.skipped
 
-    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        # Results of the last snapshots are logged before the loggers are finalized.
-        self._log_ready(trainer, wait=True)
+    def _on_skip(self, trainer: Any, step: int) -> None:
+        self.skipped += 1
+        if not self._warned_skip:
+            self._warned_skip = True
+            rank_zero_warn(
+                f"SpectralMonitor: the SVDs of the previous snapshot were still running at step {step}; "
+                "this snapshot is skipped (training does not wait). Raise every_n_steps, narrow "
+                "include=..., or pass wait_if_busy=True."
+            )
+        log_scalars(trainer, {"spectral/skipped_snapshots": float(self.skipped)}, step)
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        self._worker.close()
+        super().teardown(trainer, pl_module, stage)
         self._buffers.clear()
-        self._tracked = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"skipped_snapshots": self.skipped_snapshots}
+        return {"skipped_snapshots": self.skipped}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.skipped_snapshots = int(state_dict.get("skipped_snapshots", 0))
+        self.skipped = int(state_dict.get("skipped_snapshots", 0))
 
     # --- worker side -------------------------------------------------------------------------
 

@@ -10,7 +10,6 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from lightning.pytorch.callbacks.callback import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from ._common import check_every_n_steps, log_scalars
 
