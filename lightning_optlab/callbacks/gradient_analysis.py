@@ -117,7 +117,7 @@ class ComponentGradientAnalysis(BackgroundAnalysis):
             return
         if self._worker_free(trainer, step):
             component_of = {name: tp.component for name, tp in who.items()}
-            self._submit(trainer, step, self._compute, Snapshot(mats, to_cpu=False), component_of)
+            self._submit(trainer, step, self._compute, Snapshot(mats, to_cpu=True), component_of)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         super().on_train_end(trainer, pl_module)

@@ -105,7 +105,7 @@ class NewtonSchulzAnalysis(BackgroundAnalysis):
                 )
             return
         if self._worker_free(trainer, step):
-            self._submit(trainer, step, self._compute, Snapshot(mats, to_cpu=False))
+            self._submit(trainer, step, self._compute, Snapshot(mats, to_cpu=True))
 
     def _compute(self, snap: Snapshot) -> dict[str, float]:
         tensors = snap.wait()
