@@ -414,8 +414,123 @@ def muon_update(
     )
 
 
+# Stacks: same-shaped tensors of a group in one (B, ...) tensor, so a rule runs a handful of
+# batched kernels per shape instead of a handful per parameter (on a GPU the per-parameter
+# form is bound by kernel launches, not by arithmetic).
+
+STACK_KINDS = ("matrix", "vector", "scalar")
+
+
+def work_shape(t: Tensor) -> tuple[str, tuple[int, ...]]:
+    """How a tensor is stacked: ``("matrix", (out, fan_in))`` for >=2-D (conv kernels flattened
+    like :func:`as_matrix`), ``("vector", (n,))`` for 1-D, ``("scalar", (1,))`` for 0-D."""
+    if t.ndim >= 2:
+        return "matrix", (t.shape[0], t[0].numel())
+    if t.ndim == 1:
+        return "vector", (t.shape[0],)
+    return "scalar", (1,)
+
+
+def stack_by_shape(tensors: Sequence[Tensor]) -> list[tuple[str, list[int], Tensor]]:
+    """Bucket tensors by (device, dtype, :func:`work_shape`) and stack each bucket into a NEW
+    ``(B, *work_shape)`` tensor in :func:`compute_dtype` (safe to transform in place).
+
+    Returns ``[(kind, indices, stack)]``; ``stack[j]`` holds ``tensors[indices[j]]``.
+    """
+    buckets: dict[tuple, list[int]] = defaultdict(list)
+    for i, t in enumerate(tensors):
+        kind, shape = work_shape(t)
+        buckets[(t.device, t.dtype, kind, shape)].append(i)
+    out = []
+    for (_, dtype, kind, shape), idx in buckets.items():
+        stack = torch.stack([tensors[i].reshape(shape) for i in idx])
+        if stack.dtype != compute_dtype(dtype):
+            stack = stack.to(compute_dtype(dtype))
+        out.append((kind, idx, stack))
+    return out
+
+
+def pow2_prescale_stack_(x: Tensor) -> Tensor:
+    """:func:`pow2_prescale` of each ``x[b]`` (max|x[b]| into [0.5, 1)), in place; returns the
+    per-item powers of two ``s`` shaped ``(B, 1, ...)`` (an all-zero item gets ``s = 1``)."""
+    dims = tuple(range(1, x.ndim))
+    amax = torch.linalg.vector_norm(x, float("inf"), dim=dims, keepdim=True)
+    _, exponent = torch.frexp(amax)
+    s = torch.ldexp(torch.ones_like(amax), exponent.neg_())
+    x.mul_(s)
+    return s
+
+
+def _rms_stack(x: Tensor, eps: float) -> Tensor:
+    """max(rms(x[b]), eps) per item, shaped (B, 1, ...)."""
+    dims = tuple(range(1, x.ndim))
+    count = math.prod(x.shape[1:])
+    return torch.linalg.vector_norm(x, dim=dims, keepdim=True).div_(math.sqrt(count)).clamp_min_(eps)
+
+
+def _normalize_dim_(G: Tensor, dim: int, target_norm: float, eps: float, extra: float = 1.0) -> Tensor:
+    """G <- G * target_norm / max(||G||_dim, eps) / extra, in place (one reduction, two small
+    ops, one pass over G). ``extra`` folds a following division (tanh's tau) into the pass."""
+    norm = torch.linalg.vector_norm(G, dim=dim, keepdim=True).clamp_min_(eps)
+    factor = extra / target_norm
+    if factor != 1.0:
+        norm.mul_(factor)
+    return G.div_(norm)
+
+
+def sinkgd_stack_(G: Tensor, kind: str, iterations: int, eps: float = 1e-8) -> Tensor:
+    """SinkGD's multi-normalization of every item of a stack from :func:`stack_by_shape`, in place.
+
+    Matrices (B, m, n): ``iterations`` alternations of rows to l2 norm sqrt(n), then columns
+    to sqrt(m), each a batched reduction and one in-place pass over the stack. Vectors and
+    scalars: unit RMS (a scalar becomes its sign). Each item is first scaled by an exact power
+    of two (scale-invariant, so no effect but on overflow). Returns ``G``.
+    """
+    pow2_prescale_stack_(G)
+    if kind != "matrix":
+        return G.div_(_rms_stack(G, eps))
+    m, n = G.shape[-2:]
+    row_norm, col_norm = math.sqrt(n), math.sqrt(m)
+    for _ in range(iterations):
+        _normalize_dim_(G, -1, row_norm, eps)
+        _normalize_dim_(G, -2, col_norm, eps)
+    return G
+
+
+def sinkhorn_tanh_stack_(G: Tensor, kind: str, tau: float, n_iter: int, eps: float = 1e-8) -> Tensor:
+    """The Sinkhorn-tanh transform of every item of a stack from :func:`stack_by_shape`, in place.
+
+    Matrices: ``n_iter`` rounds of (rows to unit l2, columns to unit l2, ``tanh(./tau)``; the
+    division by tau folded into the column pass), then each item rescaled to its original RMS.
+    Vectors: l1 normalization in place of rows/columns. Scalars: ``tanh(./tau)`` iterated only.
+    Returns ``G``.
+    """
+    if kind == "scalar":
+        for _ in range(n_iter):
+            G.div_(tau).tanh_()
+        return G
+    scale = pow2_prescale_stack_(G)
+    reference = _rms_stack(G, 0.0)
+    for _ in range(n_iter):
+        if kind == "matrix":
+            _normalize_dim_(G, -1, 1.0, eps)
+            _normalize_dim_(G, -2, 1.0, eps, extra=tau)
+        else:
+            norm = torch.linalg.vector_norm(G, 1, dim=-1, keepdim=True).clamp_min_(eps).mul_(tau)
+            G.div_(norm)
+        G.tanh_()
+    # restore the RMS and undo the power-of-two prescale in one pass
+    return G.mul_(reference.div_(_rms_stack(G, eps)).div_(scale))
+
+
+def _single(grad: Tensor, transform) -> Tensor:
+    kind, shape = work_shape(grad)
+    stack = upcast(grad).reshape(1, *shape).clone()
+    return transform(stack, kind)[0].reshape(grad.shape)
+
+
 def sinkgd_update(grad: Tensor, iterations: int, eps: float = 1e-8) -> Tensor:
-    """SinkGD's multi-normalized gradient (Scetbon et al., arXiv 2502.06742).
+    """SinkGD's multi-normalized gradient (Scetbon et al., arXiv 2502.06742) of one tensor.
 
     For an m x n matrix, ``iterations`` alternations of
     ``G <- sqrt(n) * G / ||G_i,:||`` (rows) then ``G <- sqrt(m) * G / ||G_:,j||`` (columns):
@@ -426,48 +541,53 @@ def sinkgd_update(grad: Tensor, iterations: int, eps: float = 1e-8) -> Tensor:
     Non-2-D tensors: kernels of >2 dims are flattened to (out, fan_in) matrices like Muon does;
     1-D and 0-D tensors have no row/column structure and are normalized to unit RMS
     (``g / rms(g)``; this is the 1 x n case of the row step, and the sign for a scalar).
-    Returns a new tensor (compute dtype) shaped like ``grad``.
+    Returns a new tensor (compute dtype) shaped like ``grad``. The group step runs the same
+    code (:func:`sinkgd_stack_`) on stacks of same-shaped gradients.
     """
-    g = upcast(grad)
-    if g.ndim < 2:
-        g, _ = pow2_prescale(g)
-        return normalize_rms(g, eps)
-    G, _ = pow2_prescale(as_matrix(g))
-    m, n = G.shape
-    row_norm, col_norm = math.sqrt(n), math.sqrt(m)
-    for _ in range(iterations):
-        G = normalize_rows(G, row_norm, eps)
-        G = normalize_cols(G, col_norm, eps)
-    return G.reshape(grad.shape)
+    return _single(grad, lambda G, kind: sinkgd_stack_(G, kind, iterations, eps))
 
 
 def sinkhorn_tanh_update(grad: Tensor, tau: float, n_iter: int, eps: float = 1e-8) -> Tensor:
-    """The "Sinkhorn-like" SinkGD transform of the SinkGD ablation notes.
+    """The "Sinkhorn-like" SinkGD transform of the SinkGD ablation notes, of one tensor.
 
     >=2-D (flattened to (out, fan_in)): for t in 1..n_iter: ``g <- g / ||g||_row``,
     ``g <- g / ||g||_col``, ``g <- tanh(g / tau)``; then the result is rescaled to the RMS of
     the original gradient. 1-D: the same with l1 normalization ``g <- g / ||g||_1`` in place of
     the row/column steps. 0-D: ``tanh(g / tau)`` iterated, no normalization and no RMS restore
     (which would give back ``g`` itself). Norms are clamped at ``eps``: a zero gradient gives a
-    zero update. Returns a new tensor (compute dtype) shaped like ``grad``.
+    zero update. Returns a new tensor (compute dtype) shaped like ``grad``. The group step runs
+    the same code (:func:`sinkhorn_tanh_stack_`) on stacks of same-shaped gradients.
     """
-    g = upcast(grad)
-    if g.ndim == 0:
-        for _ in range(n_iter):
-            g = torch.tanh(g / tau)
-        return g
-    work = as_matrix(g) if g.ndim >= 2 else g
-    work, scale = pow2_prescale(work)
-    reference = rms(work)
-    for _ in range(n_iter):
-        if work.ndim == 2:
-            work = normalize_rows(work, 1.0, eps)
-            work = normalize_cols(work, 1.0, eps)
-        else:
-            work = normalize_l1(work, eps)
-        work = torch.tanh(work / tau)
-    work = restore_rms(work, reference, eps) / scale
-    return work.reshape(grad.shape)
+    return _single(grad, lambda G, kind: sinkhorn_tanh_stack_(G, kind, tau, n_iter, eps))
+
+
+def apply_stacked_updates_(
+    params: Sequence[Tensor],
+    updates: Sequence[tuple[str, list[int], Tensor]],
+    lr: float,
+    weight_decay: float = 0.0,
+) -> None:
+    """``p <- p * (1 - lr * weight_decay) - lr * u`` for stacked updates (:func:`stack_by_shape`
+    layout): parameters already in the compute dtype in two foreach kernels for the whole
+    group; others (bf16/fp16) per bucket through one fp32 stack, cast back once."""
+    direct_p: list[Tensor] = []
+    direct_u: list[Tensor] = []
+    for _, idx, U in updates:
+        low = [j for j, i in enumerate(idx) if params[i].dtype != U.dtype]
+        for j, i in enumerate(idx):
+            if params[i].dtype == U.dtype:
+                direct_p.append(params[i])
+                direct_u.append(U[j].view(params[i].shape))
+        if low:
+            ps = [params[idx[j]] for j in low]
+            P = torch.stack([p.reshape(U.shape[1:]) for p in ps]).to(U.dtype)
+            decoupled_weight_decay_(P, lr, weight_decay)
+            P.add_(U[low] if len(low) < len(idx) else U, alpha=-lr)
+            torch._foreach_copy_(ps, [P[k].view(p.shape) for k, p in enumerate(ps)])
+    if direct_p:
+        if weight_decay != 0:
+            torch._foreach_mul_(direct_p, 1 - lr * weight_decay)
+        torch._foreach_add_(direct_p, direct_u, alpha=-lr)
 
 
 def spam_warmup_factor(steps_since_reset: int, warmup_steps: int, resets: int) -> float:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Mapping
 
-from .functional import apply_update_, sinkgd_update, sinkhorn_tanh_update
+from .functional import apply_stacked_updates_, sinkgd_stack_, sinkhorn_tanh_stack_, stack_by_shape
 from .registry import UpdateRule, check_common, register_rule
 from .rule_optimizer import RuleOptimizer
 
@@ -48,17 +48,25 @@ def check_sinkhorn_tanh(hp: Mapping[str, Any]) -> None:
 
 
 def sinkgd_step(group: dict, params: list, grads: list, states: list) -> None:
-    """One SinkGD step over a param group (stateless: ``states`` are left empty)."""
-    for p, g in zip(params, grads):
-        update = sinkgd_update(g, group["sinkhorn_iterations"], group["eps"])
-        apply_update_(p, update, group["lr"], group["weight_decay"])
+    """One SinkGD step over a param group (stateless: ``states`` are left empty).
+
+    Same-shaped gradients are stacked and normalized together (a few batched kernels per
+    shape), the updates applied with foreach kernels; nothing waits on the device.
+    """
+    iterations, eps = group["sinkhorn_iterations"], group["eps"]
+    updates = stack_by_shape(grads)
+    for kind, _, G in updates:
+        sinkgd_stack_(G, kind, iterations, eps)
+    apply_stacked_updates_(params, updates, group["lr"], group["weight_decay"])
 
 
 def sinkhorn_tanh_step(group: dict, params: list, grads: list, states: list) -> None:
-    """One Sinkhorn-tanh step over a param group (stateless)."""
-    for p, g in zip(params, grads):
-        update = sinkhorn_tanh_update(g, group["tau"], group["n_iter"], group["eps"])
-        apply_update_(p, update, group["lr"], group["weight_decay"])
+    """One Sinkhorn-tanh step over a param group (stateless; batched by shape like SinkGD)."""
+    tau, n_iter, eps = group["tau"], group["n_iter"], group["eps"]
+    updates = stack_by_shape(grads)
+    for kind, _, G in updates:
+        sinkhorn_tanh_stack_(G, kind, tau, n_iter, eps)
+    apply_stacked_updates_(params, updates, group["lr"], group["weight_decay"])
 
 
 SINKGD_RULE = register_rule(
