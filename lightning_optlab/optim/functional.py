@@ -272,6 +272,16 @@ def spike_clip(g: Tensor, exp_avg_sq: Tensor, threshold: float) -> Tensor:
     return clip_symmetric(g, (exp_avg_sq * threshold).sqrt())
 
 
+def spike_clip_foreach(grads: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor], threshold: float) -> list[Tensor]:
+    """:func:`spike_clip` of each pair as five foreach kernels for the whole list; new tensors
+    (the gradients are not modified)."""
+    bound = torch._foreach_mul(list(exp_avg_sqs), threshold)
+    torch._foreach_sqrt_(bound)
+    clipped = torch._foreach_maximum(list(grads), torch._foreach_neg(bound))
+    torch._foreach_minimum_(clipped, bound)
+    return clipped
+
+
 # ---------------------------------------------------------------------------------------------
 # Orthogonalization and shape scaling (Muon)
 

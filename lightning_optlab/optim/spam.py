@@ -31,7 +31,7 @@ import torch
 from torch.optim import adamw as _adamw
 from torch.optim.optimizer import _get_scalar_dtype
 
-from .functional import spam_warmup_factor, spike_clip, store_, upcast
+from .functional import spam_warmup_factor, spike_clip_foreach, upcast
 from .registry import UpdateRule, check_common, register_rule
 from .rule_optimizer import RuleOptimizer
 
@@ -58,54 +58,71 @@ def check_adamw_spam(hp: Mapping[str, Any]) -> None:
         raise ValueError(f"spike_threshold must be a number >= 0 (0 disables clipping), got {theta!r}")
 
 
+# torch's fused AdamW where it is the fast path; on the CPU torch's default (same math, and the
+# same rounding as torch.optim.AdamW() there, which the tests compare against)
+_FUSED_DEVICES = ("cuda",)
+
+
 def adamw_spam_step(group: dict, params: list, grads: list, states: list) -> None:
-    """One AdamW-SPAM step over a param group (shared by ModularOptimizer and :class:`AdamWSPAM`)."""
+    """One AdamW-SPAM step over a param group (shared by ModularOptimizer and :class:`AdamWSPAM`).
+
+    The schedule (resets, warm-up, clipping on/off) is decided on python-side counters, so the
+    step never waits on the device; the clipping runs as foreach kernels and Adam on CUDA as
+    torch's fused AdamW kernel (one multi-tensor kernel per device and dtype).
+    """
     beta1, beta2 = group["betas"]
-    interval, theta = group["reset_interval"], group["spike_threshold"]
-    # Parameters that stepped equally often share a warm-up factor: one torch adamw call each.
-    buckets: dict[float, list[int]] = defaultdict(list)
+    interval, theta, delay = group["reset_interval"], group["spike_threshold"], group["spike_clip_delay"]
+    # Parameters that stepped equally often share a warm-up factor and the clipping switch: one
+    # torch adamw call each (usually one for the whole group).
+    buckets: dict[tuple[float, bool], list[int]] = defaultdict(list)
+    to_zero: list[torch.Tensor] = []
     for i, (p, state) in enumerate(zip(params, states)):
         if not state:
-            state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())  # steps since the last reset (Adam's bias correction)
+            # steps since the last reset (Adam's bias correction); on the parameter's device,
+            # as torch's fused AdamW keeps it
+            state["step"] = torch.zeros((), dtype=_get_scalar_dtype(is_fused=True), device=p.device)
             state["total_steps"] = 0
             state["resets"] = 0
+            state["steps_since_reset"] = 0
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if state["step"].device != p.device:  # a checkpoint loaded with the step on the CPU
+            state["step"] = state["step"].to(p.device)
+        k = state.get("steps_since_reset")
+        if k is None:  # a checkpoint written before the python-side counter: read it once
+            k = int(state["step"].item())
         t = state["total_steps"] + 1
         if interval > 0 and t > 1 and (t - 1) % interval == 0:
-            state["exp_avg"].zero_()
-            state["exp_avg_sq"].zero_()
-            state["step"].zero_()
+            to_zero += [state["exp_avg"], state["exp_avg_sq"], state["step"]]
             state["resets"] += 1
+            k = 0
+        k += 1
         state["total_steps"] = t
-        k = int(state["step"].item()) + 1
-        buckets[spam_warmup_factor(k, group["warmup_steps"], state["resets"])].append(i)
+        state["steps_since_reset"] = k
+        clip = theta > 0 and k > delay
+        buckets[(spam_warmup_factor(k, group["warmup_steps"], state["resets"]), clip)].append(i)
+    if to_zero:
+        torch._foreach_zero_(to_zero)
 
-    for warmup, idx in buckets.items():
-        ps, gs, ms, vs, steps, writes = [], [], [], [], [], []
-        for i in idx:
-            p, state = params[i], states[i]
-            p32, m32, v32 = upcast(p), upcast(state["exp_avg"]), upcast(state["exp_avg_sq"])
-            g32 = upcast(grads[i])
-            if theta > 0 and int(state["step"].item()) + 1 > group["spike_clip_delay"]:
-                g32 = spike_clip(g32, v32, theta)
-            ps.append(p32)
-            gs.append(g32)
-            ms.append(m32)
-            vs.append(v32)
-            steps.append(state["step"])
-            writes.append((p, p32, state["exp_avg"], m32, state["exp_avg_sq"], v32))
+    for (warmup, clip), idx in buckets.items():
+        ps = [upcast(params[i]) for i in idx]
+        ms = [upcast(states[i]["exp_avg"]) for i in idx]
+        vs = [upcast(states[i]["exp_avg_sq"]) for i in idx]
+        gs = [upcast(grads[i]) for i in idx]
+        if clip:
+            gs = spike_clip_foreach(gs, vs, theta)
+        fused = all(p.device.type in _FUSED_DEVICES for p in ps)
         _adamw.adamw(
             ps,
             gs,
             ms,
             vs,
             [],
-            steps,
+            [states[i]["step"] for i in idx],
             foreach=None,
             capturable=False,
             differentiable=False,
-            fused=None,
+            fused=fused or None,
             has_complex=False,
             amsgrad=False,
             beta1=beta1,
@@ -115,10 +132,14 @@ def adamw_spam_step(group: dict, params: list, grads: list, states: list) -> Non
             eps=group["eps"],
             maximize=False,
         )
-        for p, p32, m, m32, v, v32 in writes:
-            store_(p, p32)
-            store_(m, m32)
-            store_(v, v32)
+        targets, values = [], []
+        for i, p32, m32, v32 in zip(idx, ps, ms, vs):
+            for target, value in ((params[i], p32), (states[i]["exp_avg"], m32), (states[i]["exp_avg_sq"], v32)):
+                if value is not target:
+                    targets.append(target)
+                    values.append(value)
+        if targets:
+            torch._foreach_copy_(targets, values)
 
 
 ADAMW_SPAM_RULE = register_rule(
