@@ -206,3 +206,12 @@ def test_stateless_rules_leave_no_state_entries():
     set_grads(0, params)
     opt.step()
     assert opt.state_dict()["state"] == {}
+
+
+def test_check_finite_off_skips_the_guard():
+    params = make_params()
+    opt = ModularOptimizer([{"params": params, "algorithm": "sgd", "lr": 0.1}], check_finite=False)
+    set_grads(0, params)
+    params[0].grad[0, 0] = float("nan")
+    opt.step()  # no error: the guard is off, as documented
+    assert torch.isnan(params[0][0, 0])

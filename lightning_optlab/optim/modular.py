@@ -33,6 +33,11 @@ class ModularOptimizer(torch.optim.Optimizer):
         params: param groups (dicts with ``params`` and ``algorithm``), or plain parameters
             when ``algorithm`` is given here.
         algorithm: rule for groups that do not name one.
+        check_finite: refuse a step whose gradients hold NaN/Inf (``FloatingPointError`` naming
+            the parameters, before any weight or state changes). It costs one host sync per step
+            (measured ~0.3-0.6 ms on an H100 for a 42M model: most of the gap between the
+            ``adamw`` rule and ``torch.optim.AdamW(fused=True)``). ``False`` trades that guard for
+            speed: a NaN gradient is then written into the weights, as with torch's optimizers.
         **hyperparameters: defaults for groups of ``algorithm`` (e.g. ``lr``).
     """
 
@@ -40,8 +45,11 @@ class ModularOptimizer(torch.optim.Optimizer):
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
         algorithm: str | None = None,
+        *,
+        check_finite: bool = True,
         **hyperparameters: Any,
     ) -> None:
+        self.check_finite = check_finite
         self._default_algorithm = algorithm
         self._default_hyperparameters = dict(hyperparameters)
         if algorithm is not None:
@@ -114,7 +122,7 @@ class ModularOptimizer(torch.optim.Optimizer):
             return loss
         # NaN/Inf policy: refuse the whole step before any weight or state changes, with one
         # reduction and one host sync for all groups (see functional.require_finite_grads).
-        if not all_finite([g for _, _, grads in work for g in grads]):
+        if self.check_finite and not all_finite([g for _, _, grads in work for g in grads]):
             for group, params, grads in work:
                 require_finite_grads(group, params, grads, group["algorithm"])
         for group, params, grads in work:
