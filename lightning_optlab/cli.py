@@ -62,5 +62,11 @@ def main(args: list[str] | None = None, run: bool = True) -> OptLabCLI:
     )
 
 
-if __name__ == "__main__":
+def entry_point() -> None:
+    """The ``optlab`` console script. pip's wrapper calls ``sys.exit(entry_point())``, so this
+    must return None (``main`` returns the CLI object, which would exit with status 1)."""
     main()
+
+
+if __name__ == "__main__":
+    entry_point()

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -184,8 +185,12 @@ def test_cli_parses_policy_yaml_and_prints_it(tmp_path, capsys):
 
 def test_cli_fit_runs_offline(tmp_path):
     config = ROOT / "configs" / "mnist" / "quickstart.yaml"
+    # exactly what the `optlab` console script does (pyproject's entry point under sys.exit)
+    script = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]["optlab"]
+    module, func = script.split(":")
+    launcher = f"import sys; from {module} import {func}; sys.argv[0] = 'optlab'; sys.exit({func}())"
     out = subprocess.run(
-        [sys.executable, "-m", "lightning_optlab.cli", "fit", "--config", str(config),
+        [sys.executable, "-c", launcher, "fit", "--config", str(config),
          "--trainer.fast_dev_run=2", f"--trainer.default_root_dir={tmp_path}", "--data.download=false",
          "--trainer.enable_progress_bar=false"],
         cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300,
