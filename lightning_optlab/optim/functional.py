@@ -18,14 +18,15 @@ Conventions shared by every function here:
   State tensors keep the parameter's dtype, like torch's own optimizers (so ``state_dict`` /
   ``load_state_dict``, which casts state to the parameter dtype, round-trips exactly).
   The one deliberate exception is Muon's Newton-Schulz iteration, which runs in bf16 on CUDA.
-* **Non-finite gradients** are refused in one place, :func:`require_finite_grads`, which every
-  rule's group step calls first (so ``ModularOptimizer`` and the standalone classes behave the
-  same): a NaN/Inf gradient raises ``FloatingPointError`` naming the parameters, before any
-  weight or state is touched. Nothing is ever silently written into the weights. (Under fp16
-  AMP, ``GradScaler`` skips steps with infinite gradients before the optimizer sees them.)
+* **Non-finite gradients** are refused in one place, ``ModularOptimizer.step`` (the standalone
+  classes are ModularOptimizers with one rule): one fused check of all gradients (:func:`all_finite`)
+  before any rule runs; a NaN/Inf gradient raises ``FloatingPointError`` naming the parameters
+  (:func:`require_finite_grads`), before any weight or state is touched. (Under fp16 AMP,
+  ``GradScaler`` skips steps with infinite gradients before the optimizer sees them.) The guard
+  can be turned off explicitly (``ModularOptimizer(check_finite=False)``) to save its host sync.
 * **Scale-invariant normalizations** first multiply the matrix by an exact power of two
-  (:func:`pow2_prescale`) so sums of squares cannot overflow: gradients up to fp32's largest
-  value give the same direction as moderate ones.
+  (:func:`pow2_prescale_stack_`) so sums of squares cannot overflow: gradients up to fp32's
+  largest value give the same direction as moderate ones.
 """
 
 from __future__ import annotations
@@ -145,37 +146,9 @@ def decoupled_weight_decay_(p: Tensor, lr: float, weight_decay: float) -> Tensor
     return p
 
 
-def apply_update_(
-    param: Tensor,
-    update: Tensor,
-    lr: float,
-    weight_decay: float = 0.0,
-    update_lr: float | None = None,
-) -> None:
-    """param <- param * (1 - lr * weight_decay) - update_lr * update, in fp32, cast back once.
-
-    ``update_lr`` defaults to ``lr`` (Muon passes its shape-scaled rate).
-    """
-    p = upcast(param)
-    decoupled_weight_decay_(p, lr, weight_decay)
-    p.add_(update.reshape(param.shape), alpha=-(lr if update_lr is None else update_lr))
-    store_(param, p)
-
-
 def ema_(buf: Tensor, x: Tensor, beta: float) -> Tensor:
     """buf <- beta * buf + (1 - beta) * x  (in place; torch.optim.Muon's momentum form)."""
     return buf.lerp_(x, 1 - beta)
-
-
-def nesterov_blend(x: Tensor, buf: Tensor, beta: float) -> Tensor:
-    """(1 - beta) * x + beta * buf: the look-ahead of nesterov momentum after ``ema_``."""
-    return x.lerp(buf, beta)
-
-
-def momentum_direction(x: Tensor, buf: Tensor, beta: float, nesterov: bool) -> Tensor:
-    """Update ``buf`` by ``ema_`` and return the direction (nesterov look-ahead or the buffer)."""
-    ema_(buf, x, beta)
-    return nesterov_blend(x, buf, beta) if nesterov else buf
 
 
 def as_matrix(t: Tensor) -> Tensor:
@@ -185,46 +158,9 @@ def as_matrix(t: Tensor) -> Tensor:
     return t.reshape(t.shape[0], -1)
 
 
-def pow2_prescale(x: Tensor, dim: int | tuple[int, ...] | None = None) -> tuple[Tensor, Tensor]:
-    """``(x * s, s)`` with ``s`` an exact power of two putting max|x| (over ``dim``) in [0.5, 1).
-
-    Multiplying by a power of two is exact, so scale-invariant normalizations give the same
-    result while their sums of squares cannot overflow. An all-zero slice gets ``s = 1``.
-    """
-    amax = x.abs().amax(dim=dim, keepdim=True) if dim is not None else x.abs().amax()
-    _, exponent = torch.frexp(amax.float())
-    s = torch.ldexp(torch.ones_like(amax, dtype=torch.float32), -exponent).to(x.dtype)
-    return x * s, s
-
-
 def rms(x: Tensor) -> Tensor:
     """Root mean square of all entries (0-D tensor)."""
     return x.square().mean().sqrt()
-
-
-def normalize_rows(G: Tensor, target_norm: float, eps: float) -> Tensor:
-    """Each row of ``G`` scaled to l2 norm ``target_norm`` (rows with norm <= eps shrink instead)."""
-    return G * (target_norm / G.norm(dim=-1, keepdim=True).clamp_min(eps))
-
-
-def normalize_cols(G: Tensor, target_norm: float, eps: float) -> Tensor:
-    """Each column of ``G`` scaled to l2 norm ``target_norm``."""
-    return G * (target_norm / G.norm(dim=-2, keepdim=True).clamp_min(eps))
-
-
-def normalize_l1(x: Tensor, eps: float) -> Tensor:
-    """x / max(||x||_1, eps)."""
-    return x / x.abs().sum().clamp_min(eps)
-
-
-def normalize_rms(x: Tensor, eps: float) -> Tensor:
-    """x / max(rms(x), eps): unit-RMS entries (a 0-D tensor becomes its sign)."""
-    return x / rms(x).clamp_min(eps)
-
-
-def restore_rms(x: Tensor, reference_rms: Tensor, eps: float) -> Tensor:
-    """x rescaled so its RMS equals ``reference_rms`` (zero stays zero)."""
-    return x * (reference_rms / rms(x).clamp_min(eps))
 
 
 def centralize(g: Tensor, alpha: float) -> Tensor:
@@ -267,13 +203,8 @@ def clip_symmetric(x: Tensor, bound: Tensor | float) -> Tensor:
     return x.clamp(-bound, bound)
 
 
-def spike_clip(g: Tensor, exp_avg_sq: Tensor, threshold: float) -> Tensor:
-    """SPAM's spike-aware clipping: entries with g^2 > threshold * v become sign(g) * sqrt(threshold * v)."""
-    return clip_symmetric(g, (exp_avg_sq * threshold).sqrt())
-
-
 def spike_clip_foreach(grads: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor], threshold: float) -> list[Tensor]:
-    """:func:`spike_clip` of each pair as five foreach kernels for the whole list; new tensors
+    """SPAM's spike clip (g clipped to sign(g)*sqrt(theta*v) where g^2 > theta*v) of each pair as five foreach kernels for the whole list; new tensors
     (the gradients are not modified)."""
     bound = torch._foreach_mul(list(exp_avg_sqs), threshold)
     torch._foreach_sqrt_(bound)
@@ -461,7 +392,7 @@ def stack_by_shape(tensors: Sequence[Tensor]) -> list[tuple[str, list[int], Tens
 
 
 def pow2_prescale_stack_(x: Tensor) -> Tensor:
-    """:func:`pow2_prescale` of each ``x[b]`` (max|x[b]| into [0.5, 1)), in place; returns the
+    """An exact power-of-two prescale of each ``x[b]`` (max|x[b]| into [0.5, 1)), in place; returns the
     per-item powers of two ``s`` shaped ``(B, 1, ...)`` (an all-zero item gets ``s = 1``)."""
     dims = tuple(range(1, x.ndim))
     amax = torch.linalg.vector_norm(x, float("inf"), dim=dims, keepdim=True)
