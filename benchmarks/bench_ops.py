@@ -50,7 +50,6 @@ import contextlib
 import gc
 import inspect
 import json
-import math
 import statistics
 import sys
 import time
@@ -63,6 +62,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and the pack
 import torch
 
 from benchmarks.common import (
+    quiet_lightning,
     error_record,
     pick_device,
     run_metadata,
@@ -131,20 +131,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # ---------------------------------------------------------------------------------------------
 # Model, batch, gradients
-
-
-def quiet_lightning() -> None:
-    """Keep Lightning's banners and the policy table out of the benchmark's output."""
-    import logging
-    import warnings
-
-    import lightning.pytorch  # noqa: F401  (creates its loggers)
-
-    names = [n for n in logging.root.manager.loggerDict if n.startswith(("lightning", "lightning_optlab"))]
-    for name in names + ["lightning", "lightning.pytorch", "lightning.fabric", "lightning_optlab"]:
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-    warnings.filterwarnings("ignore", message=".*SpectralMonitor: the SVDs of the previous snapshot.*")
 
 
 def build_model(args, device):

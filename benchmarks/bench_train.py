@@ -45,11 +45,9 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
-import logging
 import math
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +57,7 @@ if __package__ in (None, ""):
 import torch
 import yaml
 
-from benchmarks.common import ROOT, error_record, pick_device, run_metadata, synchronize, text_table, write_json
+from benchmarks.common import ROOT, error_record, quiet_lightning, pick_device, run_metadata, synchronize, text_table, write_json
 
 CONFIGS = ROOT / "configs" / "gpt"
 RULES = ("adamw", "muon", "sinkgd", "sinkhorn_tanh", "adamw_spam")
@@ -190,16 +188,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.lr_overrides = {**DEFAULT_LR, **_kv(args.lr, "--lr", many=False)}
     args.lr_sweeps = _kv(args.lr_sweep, "--lr-sweep", many=True)
     return args
-
-
-def quiet_lightning() -> None:
-    import lightning.pytorch  # noqa: F401  (creates its loggers)
-
-    names = [n for n in logging.root.manager.loggerDict if n.startswith(("lightning", "lightning_optlab"))]
-    for name in names + ["lightning", "lightning.pytorch", "lightning.fabric", "lightning_optlab"]:
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 
 
 def make_recorder(device: torch.device, throughput_skip: int):

@@ -184,3 +184,19 @@ def text_table(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def quiet_lightning() -> None:
+    """Keep Lightning's banners, the policy table and known-harmless warnings out of the
+    benchmarks' output."""
+    import logging
+    import warnings
+
+    import lightning.pytorch  # noqa: F401  (creates its loggers)
+
+    names = [n for n in logging.root.manager.loggerDict if n.startswith(("lightning", "lightning_optlab"))]
+    for name in names + ["lightning", "lightning.pytorch", "lightning.fabric", "lightning_optlab"]:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for message in (".*LeafSpec.*", ".*SpectralMonitor: the SVDs of the previous snapshot.*",
+                    ".*does not have many workers.*"):
+        warnings.filterwarnings("ignore", message=message)

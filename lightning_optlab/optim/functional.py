@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -91,6 +91,15 @@ def all_finite(grads: Sequence[Tensor]) -> bool:
         torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, torch.ones(1, device=device))
         flags.append(found if found.device == grads[0].device else found.to(grads[0].device))
     return not bool(torch.stack(flags).any())
+
+
+def fused_by_default(group: Mapping[str, Any], params: list[torch.Tensor]) -> bool:
+    """torch's fused kernels are the fastest on CUDA; use them unless the group says otherwise."""
+    if group.get("fused") is not None:
+        return bool(group["fused"])
+    if group.get("foreach") or group.get("differentiable"):
+        return False
+    return all(p.is_cuda and p.is_floating_point() for p in params)
 
 
 def require_finite_grads(

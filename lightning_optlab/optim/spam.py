@@ -31,7 +31,7 @@ import torch
 from torch.optim import adamw as _adamw
 from torch.optim.optimizer import _get_scalar_dtype
 
-from .functional import spam_warmup_factor, spike_clip_foreach, upcast
+from .functional import fused_by_default, spam_warmup_factor, spike_clip_foreach, upcast
 from .registry import UpdateRule, check_common, register_rule
 from .rule_optimizer import RuleOptimizer
 
@@ -56,11 +56,6 @@ def check_adamw_spam(hp: Mapping[str, Any]) -> None:
     theta = hp["spike_threshold"]
     if isinstance(theta, bool) or not isinstance(theta, (int, float)) or theta < 0:
         raise ValueError(f"spike_threshold must be a number >= 0 (0 disables clipping), got {theta!r}")
-
-
-# torch's fused AdamW where it is the fast path; on the CPU torch's default (same math, and the
-# same rounding as torch.optim.AdamW() there, which the tests compare against)
-_FUSED_DEVICES = ("cuda",)
 
 
 def adamw_spam_step(group: dict, params: list, grads: list, states: list) -> None:
@@ -111,7 +106,9 @@ def adamw_spam_step(group: dict, params: list, grads: list, states: list) -> Non
         gs = [upcast(grads[i]) for i in idx]
         if clip:
             gs = spike_clip_foreach(gs, vs, theta)
-        fused = all(p.device.type in _FUSED_DEVICES for p in ps)
+        # torch's fused AdamW on CUDA; on the CPU torch's default (same math, and the same
+        # rounding as torch.optim.AdamW() there, which the tests compare against)
+        fused = fused_by_default(group, ps)
         _adamw.adamw(
             ps,
             gs,

@@ -17,16 +17,8 @@ from torch.optim import rmsprop as _rmsprop
 from torch.optim import sgd as _sgd
 from torch.optim.optimizer import _get_scalar_dtype
 
+from .functional import fused_by_default
 from .registry import UpdateRule, check_common, register_rule
-
-
-def _fused_by_default(group: Mapping[str, Any], params: list[torch.Tensor]) -> bool:
-    """torch's fused kernels are the fastest on CUDA; use them unless the group says otherwise."""
-    if group.get("fused") is not None:
-        return bool(group["fused"])
-    if group.get("foreach") or group.get("differentiable"):
-        return False
-    return all(p.is_cuda and p.is_floating_point() for p in params)
 
 
 def _step_tensor(p: torch.Tensor, on_device: bool) -> torch.Tensor:
@@ -42,7 +34,7 @@ def _ensure_step_device(state: dict, p: torch.Tensor, on_device: bool) -> None:
 
 
 def _adam_family_step(group, params, grads, states, *, decoupled: bool) -> None:
-    fused = _fused_by_default(group, params)
+    fused = fused_by_default(group, params)
     on_device = fused or group["capturable"]
     exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], []
     for p, state in zip(params, states):
