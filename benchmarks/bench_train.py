@@ -28,6 +28,13 @@ of what is left, as Lightning's ``max_time``; a run cut short is marked). Valida
 (data loading, logging, optimizer included; validation excluded), measured from step
 ``--throughput-skip`` on, with CUDA synchronised at the measuring points.
 
+``--muon-overlap`` adds :class:`lightning_optlab.callbacks.MuonBackwardOverlap` to every run (Muon's
+Newton-Schulz work during backward; it does not attach while gradients are clipped, so combine it
+with ``--no-clip``, which sets ``gradient_clip_val=None`` for every run). Each run's record says
+whether it attached (``muon_overlap``: reason, overlapped / plain group steps). Defaults unchanged::
+
+    PYTHONPATH=. python benchmarks/bench_train.py --out $OUT/train_overlap --rules adamw,muon --no-clip --muon-overlap
+
 ``--lr RULE=VALUE`` sets the effective lr of the named policy's main rule(s) (the rules using that
 optimizer; ``lr_scale`` reset to 1); ``--lr-sweep RULE=V1,V2,...`` runs the policy once per lr.
 
@@ -169,6 +176,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-workers", type=int, default=None, help="DataLoader workers (default 2 on CUDA, 0 on CPU)")
     p.add_argument("--cache-dir", default=None, help="TextDataModule cache directory")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--muon-overlap", action="store_true",
+                   help="add the MuonBackwardOverlap callback to every run (needs --no-clip to attach)")
+    p.add_argument("--no-clip", action="store_true", help="gradient_clip_val=None for every run (default 1.0)")
     p.add_argument("--commit", default=None, help="git commit to record (default: git rev-parse HEAD)")
     args = p.parse_args(argv)
     args.device_obj = pick_device(args.device)
@@ -267,19 +277,30 @@ def run_one(args, label: str, rule: str, lr: float | None, max_time_s: float | N
         seed=args.seed, num_workers=args.num_workers, pin_memory=device.type == "cuda",
     )
     recorder = make_recorder(device, args.throughput_skip)
+    callbacks: list[Any] = [recorder]
+    overlap = None
+    if args.muon_overlap:
+        from lightning_optlab.callbacks import MuonBackwardOverlap
+
+        overlap = MuonBackwardOverlap()
+        callbacks.append(overlap)
     trainer = pl.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",
         devices=[device.index or 0] if device.type == "cuda" else 1,
         precision="bf16-mixed" if device.type == "cuda" else "32-true",
-        max_steps=args.max_steps, max_epochs=1, gradient_clip_val=1.0,
+        max_steps=args.max_steps, max_epochs=1, gradient_clip_val=None if args.no_clip else 1.0,
         val_check_interval=min(args.val_every, args.max_steps), limit_val_batches=args.val_batches,
         num_sanity_val_steps=0, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, logger=False, callbacks=[recorder],
+        enable_model_summary=False, logger=False, callbacks=callbacks,
         max_time=dt.timedelta(seconds=max_time_s) if max_time_s else None,
     )
     t0 = time.perf_counter()
     trainer.fit(model, datamodule=data)
     rec["wall_s"] = time.perf_counter() - t0
+    rec["gradient_clip_val"] = None if args.no_clip else 1.0
+    if overlap is not None:
+        rec["muon_overlap"] = {"attached": overlap.reason is None, "reason": overlap.reason,
+                               "overlapped_steps": overlap.overlapped_steps, "plain_steps": overlap.plain_steps}
     steps, tokens = int(trainer.global_step), int(model.tokens_seen)
     rec.update(steps=steps, tokens=tokens, tokens_per_step=args.batch_size * T,
                stopped_early=steps < args.max_steps, points=recorder.points)

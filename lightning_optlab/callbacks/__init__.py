@@ -6,3 +6,4 @@ from .lr_scaling import ModularLRScaling  # noqa: E402
 from .ns_analysis import NewtonSchulzAnalysis  # noqa: E402
 from .spectral import SpectralMonitor  # noqa: E402
 from .step_time import StepTimeMonitor  # noqa: E402
+from .muon_overlap import MuonBackwardOverlap  # noqa: E402
