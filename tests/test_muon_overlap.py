@@ -340,3 +340,41 @@ def test_fallback_reasons_for_ddp_amp_scaler_manual_optimization():
     assert "manual optimization" in overlap_fallback_reason(trainer(), types.SimpleNamespace(automatic_optimization=False))
     adamw_only = ModularOptimizer(make_mlp().parameters(), algorithm="adamw", lr=1e-3)
     assert "no 'muon' param group" in overlap_fallback_reason(trainer(optimizers=[adamw_only]), module)
+
+
+def test_why_a_grad_scaler_is_refused_and_the_nan_check_is_not():
+    """The version check cannot see AMP's fused unscale (no version bump): a GradScaler must be
+    refused up front (the callback does). The same kernel with scale 1 is ModularOptimizer's NaN/Inf
+    check, which is why that check does not defeat the overlap (the other tests step with it on)."""
+    g = torch.randn(4, 4)
+    before = g._version
+    torch._amp_foreach_non_finite_check_and_unscale_([g], torch.zeros(1), torch.full((1,), 0.5))
+    assert g._version == before
+    p = nn.Parameter(torch.zeros(4, 4))
+    p.grad = torch.randn(4, 4)
+    version = p.grad._version
+    torch.nn.utils.clip_grad_value_([p], 0.1)
+    assert p.grad._version > version  # clipping is seen
+
+
+def test_backward_inside_autocast_does_not_change_the_directions():
+    """Hooks run inside backward; a backward under autocast must not turn the fp32 Newton-Schulz
+    of the hook into bf16 matmuls (the step, which it must equal, runs outside autocast)."""
+
+    def run(overlap):
+        model = make_mlp()
+        opt = build_optimizer(model, policy())
+        ov = MuonOverlap(opt) if overlap else None
+        for t in range(3):
+            opt.zero_grad()
+            if ov:
+                ov.arm()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                backward(model, t)
+            opt.step()
+        return model, opt, ov
+
+    plain_model, plain_opt, _ = run(False)
+    model, opt, ov = run(True)
+    assert ov.overlapped_steps == 3
+    assert_same(model, opt, plain_model, plain_opt)

@@ -53,7 +53,8 @@ def overlap_fallback_reason(trainer: Trainer, pl_module: LightningModule) -> str
     if getattr(trainer.precision_plugin, "scaler", None) is not None:
         return (
             "a GradScaler (fp16 AMP): gradients are still scaled when the hook fires and are "
-            "unscaled in place before the step; use bf16-mixed to overlap"
+            "unscaled in place before the step (by a kernel the step's check cannot see); use "
+            "bf16-mixed to overlap"
         )
     if len(trainer.optimizers) != 1:
         return f"{len(trainer.optimizers)} optimizers; the overlap drives one ModularOptimizer"

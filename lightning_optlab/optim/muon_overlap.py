@@ -27,8 +27,9 @@ waits on backward's stream; on CPU it runs inline (no speed-up; the same code pa
 
 At ``step()``, :func:`~.muon.muon_step` asks :meth:`MuonOverlap.take` for the group's directions.
 Only when *every* stepped parameter has one, computed from the very gradient tensor being stepped
-(same object, same ``_version``: anything that changed it in place afterwards -- clipping, AMP
-unscaling, an all-reduce, another backward -- bumps the version) and with the group's current
+(same object, same ``_version``: an in-place change afterwards through an ordinary op --
+``clip_grad_norm_``/``clip_grad_value_``, another backward accumulating into it -- bumps the
+version; see below for changes it cannot see) and with the group's current
 hyperparameters, the step waits on the side stream and applies: the momentum blend into the state
 buffer (the same in-place foreach kernel as the plain step), decoupled weight decay, the shape-scaled
 update with the *current* lr (so lr schedulers work). Otherwise the plain step runs (the CUDA graph
@@ -50,11 +51,15 @@ Design choices:
   (gradient accumulation: arm the last micro-batch only). An armed backward that is *not* followed
   by a step is wasted work, never wrong: the version check catches the accumulation on top.
 
-Not supported (refused at construction with the reason, see :func:`overlap_unsupported_reason`):
-several processes (DDP all-reduces the gradients after the hook fired, and the NS work is split
-across ranks), sharded parameters. Gradient clipping and a ``GradScaler`` change the gradient
-after backward; the step then detects it and runs the plain path every step (the Lightning callback
-:class:`~lightning_optlab.callbacks.MuonBackwardOverlap` does not attach in those cases at all).
+Not supported (refused at construction and at every :meth:`arm`, with the reason, see
+:func:`overlap_unsupported_reason`): several processes (DDP all-reduces the gradients after the
+hook fired, and the NS work is split across ranks), sharded parameters. Do not arm under an fp16
+``GradScaler``: its in-place unscale (``torch._amp_foreach_non_finite_check_and_unscale_``) does
+not bump version counters, so the step could not tell the gradients changed (measured; the same
+kernel with a scale of exactly 1 is the NaN/Inf check of ``ModularOptimizer.step``, which is why
+that check leaves the overlap usable). Gradient clipping is detected, but then every step runs the
+plain path. The Lightning callback :class:`~lightning_optlab.callbacks.MuonBackwardOverlap` does not
+attach in any of these cases.
 """
 
 from __future__ import annotations
@@ -173,6 +178,9 @@ class MuonOverlap:
     def arm(self) -> None:
         """The next backward is followed by ``optimizer.step()``: pre-compute during it.
         Directions left from an earlier backward (a refused or skipped step) are dropped."""
+        reason = overlap_unsupported_reason(self.optimizer)  # e.g. a process group started since
+        if reason is not None:
+            raise RuntimeError(f"MuonOverlap: cannot overlap Muon with backward: {reason}")
         self._refresh()
         self._pending.clear()
         self._armed = True
@@ -214,7 +222,8 @@ class MuonOverlap:
             main = torch.cuda.current_stream(grad.device)
             side = self._side_stream(grad.device)
             side.wait_stream(main)
-            with torch.cuda.stream(side):
+            # (autocast off: the step, which this must equal, runs outside any autocast region)
+            with torch.cuda.stream(side), torch.autocast("cuda", enabled=False):
                 direction = muon_direction(group, param, grad, buffer)
             # If the step never comes (refused, skipped) the gradient may be freed on the main
             # stream while the side stream still reads it: tell the allocator.
@@ -222,7 +231,8 @@ class MuonOverlap:
             if buffer is not None:
                 buffer.record_stream(side)
         else:
-            direction = muon_direction(group, param, grad, buffer)
+            with torch.autocast(grad.device.type, enabled=False):
+                direction = muon_direction(group, param, grad, buffer)
         self._pending[param] = _Pending(grad, grad._version, _direction_key(group), direction)
 
     # ------------------------------------------------------------------------ the step
@@ -252,8 +262,8 @@ class MuonOverlap:
                 return self._fallback(f"no gradient for {who(p)} arrived during the armed backward")
             if e.grad is not g or g._version != e.version:
                 return self._fallback(
-                    f"the gradient of {who(p)} changed after backward (gradient clipping, AMP "
-                    "unscaling, an all-reduce or another backward)"
+                    f"the gradient of {who(p)} changed after backward (gradient clipping, "
+                    "another backward or another in-place change)"
                 )
             if e.key != key:
                 return self._fallback(f"hyperparameters of {group.get('name', 'a muon group')} changed between backward and step")
