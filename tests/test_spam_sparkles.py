@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from lightning_optlab.optim import AdamWSPAM, ModularOptimizer, SPARKLES
-from lightning_optlab.optim.functional import stochastic_round_to_bf16
+from lightning_optlab.optim.functional import mix_seed, stochastic_round_to_bf16
+from lightning_optlab.optim.sparkles import _stochastic_round_to_bf16_
 
 SHAPES = [(9, 4), (4, 9), (6, 6), (7,), (5, 3, 2, 2)]
 
@@ -178,7 +179,9 @@ def _run_constant_gradient(seed, steps=4, threshold=1e-6, state=None):
 
 def test_sparkles_kick_fires_on_stalls_and_is_seeded():
     with_kick, opt = _run_constant_gradient(seed=7)
-    assert opt.state[opt.param_groups[0]["params"][0]]["kicks"] == 3  # steps 2, 3, 4
+    kicks = opt.state[opt.param_groups[0]["params"][0]]["kicks"]
+    # a 0-d int64 device tensor: the stall decision stays on the device (no host sync per step)
+    assert kicks.dtype == torch.int64 and kicks.ndim == 0 and int(kicks) == 3  # steps 2, 3, 4
     again, _ = _run_constant_gradient(seed=7)
     other, _ = _run_constant_gradient(seed=8)
     without, _ = _run_constant_gradient(seed=7, threshold=0.0)
@@ -264,4 +267,153 @@ def test_sparkles_randomness_survives_a_state_dict_round_trip_in_bf16():
         q.grad = g.clone()
         opt2.step()
     torch.testing.assert_close(q, p, rtol=0, atol=0)
-    assert opt2.state[q]["kicks"] == opt.state[p]["kicks"] == 5
+    assert opt2.state[q]["kicks"].dtype == torch.int64  # load_state_dict cast it to bf16; the step undoes that
+    assert int(opt2.state[q]["kicks"]) == int(opt.state[p]["kicks"]) == 5
+
+
+# ------------------------------------------------------------ SPARKLES, batched (issue 8)
+
+
+def ref_sparkles_kicks(p0, schedule, lr, b1, b2, eps, alpha_c, alpha_n, gamma, threshold, seed):
+    """float64 SPARKLES with stalls and kicks, one parameter at a time; ``schedule[k][i]`` is the
+    gradient of parameter i at call k, or None (no gradient: the parameter does not step).
+
+    The kick noise follows the documented streams: one N(0, 1) fp32 draw per call, seeded by
+    ``mix_seed(seed, slot, t)`` of the first stepping parameter, laid out bucket after bucket
+    (same-shaped parameters with the same normalization case, in order of first appearance).
+    """
+    n = len(p0)
+    p = [x.clone() for x in p0]
+    m = [torch.zeros_like(x) for x in p0]
+    v = [torch.zeros_like(x) for x in p0]
+    prev = [torch.zeros_like(x) for x in p0]
+    steps, kicks = [0] * n, [0] * n
+
+    def bucket_key(x):
+        kind = "matrix" if x.ndim >= 2 else ("vector" if x.ndim == 1 else "scalar")
+        work = (x.shape[0], x[0].numel()) if x.ndim >= 2 else (max(x.numel(), 1),)
+        if x.ndim >= 2 and all(d > 1 for d in x.shape[1:]):
+            mode = "channel"
+        else:
+            mode = "global" if x.numel() > 2 else None
+        return kind, work, mode, x.numel() > 1
+
+    for grads in schedule:
+        stepping = [i for i in range(n) if grads[i] is not None]
+        first = stepping[0]
+        buckets = {}
+        for i in stepping:
+            buckets.setdefault(bucket_key(grads[i]), []).append(i)
+        xi, offset = {}, 0
+        if threshold > 0 and any(steps[i] >= 1 for i in stepping):
+            gen = torch.Generator().manual_seed(mix_seed(seed, first, steps[first] + 1))
+            total = sum(grads[i].numel() for i in stepping)
+            noise = torch.randn(total, generator=gen, dtype=torch.float32).double()
+            for idx in buckets.values():
+                for i in idx:
+                    xi[i] = noise[offset : offset + grads[i].numel()].reshape(grads[i].shape)
+                    offset += grads[i].numel()
+        for i in stepping:
+            t = steps[i] = steps[i] + 1
+            g = grads[i].clone()
+            stalled = t >= 2 and threshold > 0 and float((g - prev[i]).norm()) < threshold
+            prev[i] = grads[i].clone()
+            dims = tuple(range(1, g.ndim))
+            if g.numel() > 1:
+                g = g - alpha_c * (g.mean(dim=dims, keepdim=True) if g.ndim >= 2 else g.mean())
+            mode = bucket_key(g)[2]
+            if mode is not None:
+                s = g.std(dim=dims, keepdim=True) if mode == "channel" else g.std()
+                g = (1 - alpha_n) * g + alpha_n * g / (s + eps)
+            m[i] = b1 * m[i] + (1 - b1) * g
+            g = g + gamma * m[i]
+            v[i] = b2 * v[i] + (1 - b2) * g**2
+            d = g / (v[i].sqrt() / math.sqrt(1 - b2**t) + eps)
+            if stalled:
+                d = d + xi[i]
+                kicks[i] += 1
+            p[i] = p[i] - lr / (1 - b1**t) * d
+    return p, kicks
+
+
+# 1-D, 2-D tall and wide (two of the same shape: one stack), 4-D conv (channel-wise std), a conv
+# with a size-1 dim (global std: its own bucket), a 1-element vector and a scalar
+MIXED_SHAPES = [(9, 4), (4, 9), (7,), (9, 4), (5, 3, 2, 2), (5, 1, 2, 2), (1,), ()]
+
+
+def mixed_schedule(shapes, calls=6):
+    """Gradients with stalls on some parameters only, and one parameter skipping a call."""
+    schedule, last = [], [None] * len(shapes)
+    for k in range(calls):
+        fresh = grads_for(k, shapes)
+        grads = []
+        for i, g in enumerate(fresh):
+            repeat = (i == 1 and k in (2, 3, 4)) or (i == 4 and k == 3) or (i == 7 and k == 1) or (i == 2 and k == 5)
+            grads.append(last[i].clone() if repeat else g)
+        grads[0] = None if k == 3 else (last[0].clone() if k == 4 else grads[0])  # skips, then repeats
+        for i, g in enumerate(grads):
+            if g is not None:
+                last[i] = g
+        schedule.append(grads)
+    return schedule
+
+
+@pytest.mark.parametrize("modular", [False, True], ids=["standalone", "modular"])
+def test_sparkles_batched_step_matches_per_parameter_reference_with_kicks(modular):
+    params = make_params(MIXED_SHAPES)
+    start = [p.detach().clone() for p in params]
+    hp = dict(lr=1e-2, stochastic_threshold=1e-6, seed=11)
+    opt = ModularOptimizer([{"params": params, "algorithm": "sparkles", **hp}]) if modular else SPARKLES(params, **hp)
+    schedule = mixed_schedule(MIXED_SHAPES)
+    for grads in schedule:
+        for p, g in zip(params, grads):
+            p.grad = None if g is None else g.clone()
+        opt.step()
+    expected, kicks = ref_sparkles_kicks(start, schedule, 1e-2, 0.9, 0.999, 1e-8, 0.5, 0.5, 2.0, 1e-6, 11)
+    assert kicks == [1, 3, 1, 0, 1, 0, 0, 1]  # the run kicked some parameters and not others
+    assert [int(opt.state[p]["kicks"]) for p in params] == kicks
+    assert [opt.state[p]["step"] for p in params] == [5, 6, 6, 6, 6, 6, 6, 6]
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.detach(), e, rtol=0, atol=1e-12)
+
+
+def test_sparkles_mixed_shapes_resume_equals_uninterrupted_run_with_kicks():
+    def run(schedule, params, opt):
+        for grads in schedule:
+            for p, g in zip(params, grads):
+                p.grad = None if g is None else g.to(p.dtype)
+            opt.step()
+
+    schedule = mixed_schedule(MIXED_SHAPES)
+    params = make_params(MIXED_SHAPES, torch.bfloat16)
+    opt = SPARKLES(params, lr=1e-2, seed=5)
+    run(schedule[:3], params, opt)
+    buf = io.BytesIO()
+    torch.save({"p": [p.detach().clone() for p in params], "opt": opt.state_dict()}, buf)
+    run(schedule[3:], params, opt)
+    resumed = make_params(MIXED_SHAPES, torch.bfloat16)
+    opt2 = SPARKLES(resumed, lr=1e-2, seed=5)
+    buf.seek(0)
+    saved = torch.load(buf)
+    for p, s in zip(resumed, saved["p"]):
+        p.data.copy_(s)
+    opt2.load_state_dict(saved["opt"])
+    run(schedule[3:], resumed, opt2)
+    for p, q in zip(params, resumed):
+        torch.testing.assert_close(q, p, rtol=0, atol=0)
+    assert [int(opt2.state[q]["kicks"]) for q in resumed] == [int(opt.state[p]["kicks"]) for p in params]
+    assert sum(int(opt.state[p]["kicks"]) for p in params) >= 5
+
+
+def test_in_place_stochastic_rounding_is_the_reference_rounding():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(5000, generator=gen) * torch.logspace(-30, 30, 5000)
+    x[:6] = torch.tensor([float("inf"), -float("inf"), float("nan"), 3.4e38, -0.0, 1.0])
+    payload_nan = torch.tensor([0x7F800001], dtype=torch.int32).view(torch.float32)  # NaN, low payload only
+    x = torch.cat([x, payload_nan])
+    expected = stochastic_round_to_bf16(x, torch.Generator().manual_seed(9))
+    got = _stochastic_round_to_bf16_(x.clone(), torch.Generator().manual_seed(9))
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got.isnan(), expected.isnan()) and got[-1].isnan()
+    ok = ~expected.isnan()
+    assert torch.equal(got[ok], expected[ok])
