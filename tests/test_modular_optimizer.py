@@ -215,3 +215,23 @@ def test_check_finite_off_skips_the_guard():
     params[0].grad[0, 0] = float("nan")
     opt.step()  # no error: the guard is off, as documented
     assert torch.isnan(params[0][0, 0])
+
+
+def test_load_state_dict_keeps_integer_state_integer():
+    """torch casts loaded state to the parameter's dtype; a bf16 parameter would round an integer
+    counter above 256 (sparkles' kick counter, 1001 -> 1000). ModularOptimizer keeps it exact."""
+    p = torch.nn.Parameter(torch.ones(4, 4, dtype=torch.bfloat16))
+    opt = ModularOptimizer([{"params": [p], "algorithm": "sparkles", "lr": 1e-3}])
+    p.grad = torch.full_like(p, 0.5)
+    opt.step()
+    assert opt.state[p]["kicks"].dtype == torch.int64
+    opt.state[p]["kicks"].fill_(1001)
+    assert torch.tensor(1001).to(torch.bfloat16).item() != 1001  # what torch's cast alone would do
+    sd = copy.deepcopy(opt.state_dict())
+    q = torch.nn.Parameter(p.detach().clone())
+    opt2 = ModularOptimizer([{"params": [q], "algorithm": "sparkles", "lr": 1e-3}])
+    opt2.load_state_dict(sd)
+    assert opt2.state[q]["kicks"].dtype == torch.int64 and int(opt2.state[q]["kicks"]) == 1001
+    assert opt2.state[q]["exp_avg"].dtype == torch.bfloat16  # floating state still follows the parameter
+    sd["state"][0]["kicks"].fill_(7)
+    assert int(opt2.state[q]["kicks"]) == 1001  # a copy, not a view of the checkpoint

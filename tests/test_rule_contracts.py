@@ -209,7 +209,7 @@ def _peak_state_bytes(opt, params, steps=3):
         (lambda ps: torch.optim.AdamW(ps), 8, 4),
         (lambda ps: Muon(ps), 4, 0),  # momentum buffer
         (lambda ps: AdamWSPAM(ps), 8, 4),
-        (lambda ps: SPARKLES(ps), 12, 0),  # m, v, previous gradient
+        (lambda ps: SPARKLES(ps), 12, 8),  # m, v, previous gradient; the 0-d int64 kick counter
     ],
 )
 def test_peak_optimizer_state_bytes_per_parameter(make, per_value, per_tensor):

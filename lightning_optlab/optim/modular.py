@@ -157,6 +157,17 @@ class ModularOptimizer(torch.optim.Optimizer):
                     "trained with"
                 )
         super().load_state_dict(state_dict)
+        # torch casts every state tensor except "step" to its parameter's dtype. Integer state
+        # (sparkles' kick counter) must stay integer: bf16 holds integers exactly only up to 256.
+        saved_state = state_dict.get("state", {})
+        saved_ids = [i for g in saved for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for pid, p in zip(saved_ids, params):
+            for key, value in saved_state.get(pid, {}).items():
+                if key != "step" and isinstance(value, torch.Tensor) and not (
+                    value.is_floating_point() or value.is_complex()
+                ):
+                    self.state[p][key] = value.to(device=p.device, copy=True)
 
     def __repr__(self) -> str:
         lines = [f"{type(self).__name__}("]
