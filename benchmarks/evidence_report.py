@@ -89,6 +89,9 @@ class Stat:
     def fmt(self, digits: int = 4, scale: float = 1.0, unit: str = "") -> str:
         if not self.values:
             return "n/a"
+        if abs(self.mean * scale) >= 1e4:  # throughputs: thousands
+            m, sd = self.mean * scale / 1e3, self.std * scale / 1e3
+            return f"{m:.0f}k" + (f" ± {sd:.0f}k" if self.n > 1 else "") + unit
         if unit == "%":  # accuracies: fixed decimals (one MNIST test image is 0.2%)
             return f"{self.mean * scale:.1f}" + (f" ± {self.std * scale:.1f}" if self.n > 1 else "") + unit
         if self.n == 1:
@@ -386,11 +389,18 @@ def claim_constraints(runs: Runs, plot: Callable) -> list[Row]:
     d_t = pct(lt.mean, lb.mean)
     rows[1].ours = (f"tokens/s {tt.fmt()} vs {tb.fmt()}: {cost:.1f}% lower; val loss {lt.fmt()} "
                     f"({d_t:+.1f}% vs no constraint)")
-    gain = differs(lt, lb) and d_t < 0
-    cost_word = ("**Refuted on cost**" if cost < 17.5 else "**Confirmed on cost**")
-    rows[1].verdict = (f"{cost_word}: our retraction (polar iteration with the step count chosen from the "
-                       f"measured distance, batched by shape) costs {cost:.0f}%, not 35%; "
-                       + ("the loss gain is beyond seed noise" if gain else "no loss gain beyond seed noise"))
+    if cost >= 0.75 * 35:
+        cost_word = "**Confirmed**"
+    elif cost >= 10:
+        cost_word = "**Partly**: a real cost, but smaller"
+    else:
+        cost_word = "**Refuted on cost**"
+    if differs(lt, lb):
+        benefit = "it lowers the loss beyond seed noise" if d_t < 0 else "and it raises the loss beyond seed noise"
+    else:
+        benefit = "no loss change beyond seed noise"
+    rows[1].verdict = (f"{cost_word}: with our retraction (polar iteration, step count chosen from the measured "
+                       f"distance, batched by shape) Stiefel costs {cost:.0f}% throughput, not 35%; {benefit}")
     d_2 = pct(l2.mean, ls.mean)
     rows[2].ours = f"val loss sphere+Stiefel {l2.fmt()} vs sphere {ls.fmt()}: {d_2:+.1f}%"
     if differs(l2, ls) and d_2 > 0:

@@ -29,8 +29,26 @@ from benchmarks.common import ROOT, fmt, markdown_table
 START, END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
 
 
+def variant(data: dict[str, Any]) -> str:
+    """What distinguishes results of one kind: the measured sections (ops), or the policies,
+    clipping and Muon overlap of the runs (train). The report keeps the newest of each."""
+    s = data.get("settings", {}) or {}
+    if data.get("kind") == "ops":
+        sections = s.get("sections")
+        return "" if sections in (None, "", "fwd_bwd,rules,floors,stiefel,svdvals,spectral_monitor") else str(sections)
+    parts = []
+    if s.get("rules") and s.get("rules") != "adamw,muon,sinkgd,sinkhorn_tanh,adamw_spam":
+        parts.append(str(s["rules"]))
+    if s.get("no_clip"):
+        parts.append("no clipping")
+    if s.get("muon_overlap"):
+        parts.append("Muon overlapped with backward")
+    return ", ".join(parts)
+
+
 def load_results(results_dir: Path, include_tiny: bool) -> dict[str, dict[str, Any]]:
-    """The newest result of each kind (``ops``, ``train``) under ``results_dir``."""
+    """The newest result of each kind (``ops``, ``train``) and variant under ``results_dir``,
+    keyed ``kind`` (the full default run) or ``kind: variant``."""
     found: dict[str, list[tuple[str, Path, dict[str, Any]]]] = {}
     for path in sorted(results_dir.rglob("*.json")) if results_dir.is_dir() else []:
         try:
@@ -43,7 +61,8 @@ def load_results(results_dir: Path, include_tiny: bool) -> dict[str, dict[str, A
         if data.get("mode") == "tiny" and not include_tiny:
             continue
         data["_path"] = str(path)
-        found.setdefault(data["kind"], []).append((data.get("date", ""), path, data))
+        key = data["kind"] + (f": {variant(data)}" if variant(data) else "")
+        found.setdefault(key, []).append((data.get("date", ""), path, data))
     return {kind: max(items, key=lambda t: t[0])[2] for kind, items in found.items()}
 
 
@@ -73,7 +92,8 @@ def ops_section(data: dict[str, Any]) -> list[str]:
     from benchmarks.bench_ops import summary_rows
 
     r = data.get("results", {})
-    out = ["## Operations (`benchmarks/bench_ops.py`)", ""] + _meta_lines(data) + [""]
+    extra = f": {variant(data)}" if variant(data) else ""
+    out = [f"## Operations (`benchmarks/bench_ops.py`){extra}", ""] + _meta_lines(data) + [""]
     model = r.get("model", {})
     if "error" in model:
         return out + [f"The model could not be built: `{model['error']}`", ""]
@@ -154,7 +174,8 @@ def train_section(data: dict[str, Any]) -> list[str]:
 
     s = data.get("settings", {})
     runs = data.get("runs", [])
-    out = ["## Training (`benchmarks/bench_train.py`)", ""] + _meta_lines(data) + [""]
+    extra = f": {variant(data)}" if variant(data) else ""
+    out = [f"## Training (`benchmarks/bench_train.py`){extra}", ""] + _meta_lines(data) + [""]
     comp = data.get("comparison", {})
     out += [f"GPT `{s.get('size')}` on the default corpus, {s.get('max_steps')} steps of {s.get('batch_size')} "
             "sequences per run, validation every "
@@ -193,11 +214,11 @@ def summary(results: dict[str, dict[str, Any]]) -> str:
         return ("No GPU benchmark results yet: run `benchmarks/bench_ops.py` and `benchmarks/bench_train.py` "
                 "(see [docs/benchmarks.md](docs/benchmarks.md)).")
     lines = []
-    for kind in ("ops", "train"):
-        data = results.get(kind)
-        if not data:
-            continue
-        lines.append(f"**{'Operations' if kind == 'ops' else 'Training'}** on {data.get('device_name')} "
+    for key in sorted(results, key=lambda k: (not k.startswith("ops"), k)):
+        data = results[key]
+        kind = data["kind"]
+        extra = f" ({variant(data)})" if variant(data) else ""
+        lines.append(f"**{'Operations' if kind == 'ops' else 'Training'}{extra}** on {data.get('device_name')} "
                      f"({data.get('date', '')[:10]}, commit `{str(data.get('commit'))[:10]}`, torch "
                      f"{data.get('torch_version')}):")
         lines.append("")
@@ -232,10 +253,9 @@ def render(results: dict[str, dict[str, Any]], results_dir: Path) -> str:
                 "PYTHONPATH=. python benchmarks/bench_ops.py --out benchmarks/results/ops",
                 "PYTHONPATH=. python benchmarks/bench_train.py --out benchmarks/results/train --budget-seconds 300",
                 "PYTHONPATH=. python benchmarks/report.py", "```", ""]
-    if "ops" in results:
-        out += ops_section(results["ops"])
-    if "train" in results:
-        out += train_section(results["train"])
+    for key in sorted(results, key=lambda k: (not k.startswith("ops"), k)):
+        data = results[key]
+        out += ops_section(data) if data["kind"] == "ops" else train_section(data)
     return "\n".join(out).rstrip() + "\n"
 
 

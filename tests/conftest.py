@@ -51,6 +51,32 @@ class TinyGPT(nn.Module):
         return self.lm_head(self.ln_f(x))
 
 
+def _lightning_logger_levels() -> dict:
+    import logging
+
+    return {n: logging.getLogger(n).level for n in list(logging.root.manager.loggerDict)
+            if n.startswith(("lightning", "lightning_optlab"))}
+
+
+@pytest.fixture(scope="session")
+def _initial_logger_levels():
+    import lightning.pytorch  # noqa: F401  (creates its loggers)
+
+    return _lightning_logger_levels()
+
+
+@pytest.fixture(autouse=True)
+def _restore_logger_levels(_initial_logger_levels):
+    """The benchmark scripts quiet Lightning's loggers (benchmarks.common.quiet_lightning) for the
+    whole process; a test (or a module fixture) that runs one must not silence the log assertions
+    of later tests. Session-scoped snapshot: module fixtures run before function fixtures."""
+    import logging
+
+    yield
+    for name in _lightning_logger_levels():
+        logging.getLogger(name).setLevel(_initial_logger_levels.get(name, logging.NOTSET))
+
+
 @pytest.fixture
 def tiny_gpt():
     torch.manual_seed(0)
