@@ -121,6 +121,10 @@ SUITES: dict[str, dict[str, Any]] = {
         "trainer": {"max_steps": 600, "val_check_interval": 50, "limit_val_batches": 8, "log_every_n_steps": 10},
         "data": {"batch_size": 16, "num_workers": 2},
         "spectral_every": 100,
+        # Scalars only: the per-matrix spectrum images (matplotlib, at step 0 with the default
+        # cadence) and histograms of a 42M model kept the first snapshot busy for a whole run,
+        # so every later snapshot was skipped (measured on the H100, 2026-11-24)
+        "spectral_args": {"image_every_n_steps": None, "histograms": False, "log_per_matrix": False},
     },
 }
 
@@ -188,8 +192,11 @@ def effective_config(arm: Arm, multiplier: float, seed: int, out: Path, *, devic
     }
     every = suite["spectral_every"]
     for cb in trainer.get("callbacks") or []:
-        if every and str(cb.get("class_path", "")).endswith("SpectralMonitor"):
-            cb.setdefault("init_args", {})["every_n_steps"] = every
+        if str(cb.get("class_path", "")).endswith("SpectralMonitor"):
+            args = cb.setdefault("init_args", {})
+            if every:
+                args["every_n_steps"] = every
+            args.update(suite.get("spectral_args", {}))
     data = spec["data"].setdefault("init_args", {})
     data.update(copy.deepcopy(suite["data"]))
     if str(spec["data"].get("class_path", "")).endswith("MNISTDataModule"):

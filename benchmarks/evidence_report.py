@@ -192,10 +192,13 @@ def suite_setting(results: list[ArmResult], suite: str) -> str:
                 f"batch {r0['data'].get('batch_size', 128)}, {steps} steps (5 epochs)")
     else:
         steps = max(r.get("steps", 0) for r in runs)
+        last_val = max((series(r, "val/loss")[-1][0] + 1 for r in runs if series(r, "val/loss")), default=0)
         tps = r0.get("tokens_per_step", 0)
         size = r0["model"].get("size", "42m")
         what = (f"byte-level GPT {size}, Python stdlib corpus, {steps} steps × {tps:,} tokens = "
-                f"{steps * tps / 1e6:.1f}M tokens, {r0['trainer'].get('precision')}, clip 1.0, cosine (100 warm-up)")
+                f"{steps * tps / 1e6:.1f}M tokens, {r0['trainer'].get('precision')}, clip 1.0, cosine (100 warm-up), "
+                f"validation every {r0['trainer'].get('val_check_interval')} steps on "
+                f"{r0['trainer'].get('limit_val_batches')} batches (\"final\" = the last one, step {last_val})")
     return (f"{what}; {sweep}; seeds {','.join(map(str, seeds))} at the best; {r0['device_name']}; "
             f"{', '.join(dates)}; commit {', '.join(commits)}")
 
@@ -413,8 +416,7 @@ def claim_constraints(runs: Runs, plot: Callable) -> list[Row]:
     cols = [("final val loss", lambda r: r.stat(val_loss).fmt()),
             ("tokens/s", lambda r: r.stat(tokens_per_s).fmt(4)),
             ("retraction ms/step", lambda r: r.stat(lambda x: mean_of(x, "step_time/retraction_ms", 1)).fmt(3)),
-            ("optimizer ms/step", lambda r: r.stat(lambda x: mean_of(x, "step_time/optimizer_ms", 1)).fmt(3)),
-            ("hidden grad eff. rank", lambda r: r.stat(grad_rank("hidden")).fmt(4))]
+            ("optimizer ms/step", lambda r: r.stat(lambda x: mean_of(x, "step_time/optimizer_ms", 1)).fmt(3))]
     fig = plot("evidence_gpt_constraints.png", results, [("val/loss", "validation loss")], x="tokens")
     for r in rows:
         r.figures = [fig]

@@ -141,7 +141,10 @@ class SpectralMonitor(BackgroundAnalysis):
         histograms: log each full spectrum as a histogram.
         image_every_n_steps: log spectrum plots every this many steps (a multiple of
             ``every_n_steps``); ``"auto"`` = 10 x ``every_n_steps`` when matplotlib is
-            installed, none otherwise; ``None`` = never.
+            installed, none otherwise; ``None`` (default) = never. Opt-in because the plots are
+            rendered one figure per matrix in the worker thread (Python, under the GIL): on the
+            42M GPT (54 matrices) one snapshot with plots kept the worker busy for ~20 s, so
+            every later snapshot was skipped (H100, 2026-11-24).
         include: parameter name globs to track (default: every parameter with >= 2 dims).
         exclude: parameter name globs to leave out.
         wait_if_busy: wait for the previous snapshot instead of skipping one (exact cadence,
@@ -168,7 +171,7 @@ class SpectralMonitor(BackgroundAnalysis):
         topk_power: float = 1.0,
         log_per_matrix: bool = True,
         histograms: bool = True,
-        image_every_n_steps: int | str | None = "auto",
+        image_every_n_steps: int | str | None = None,
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
         wait_if_busy: bool = False,
