@@ -15,7 +15,6 @@ import pytest
 import torch
 import yaml
 
-from lightning_optlab.callbacks import spectral as spectral_callbacks
 from lightning_optlab.cli import main
 from lightning_optlab.optim import ModularOptimizer
 
@@ -54,9 +53,6 @@ def test_config_is_documented_and_runs_one_step_on_cpu(config, tmp_path, monkeyp
     spec = yaml.safe_load(text)
     monkeypatch.chdir(tmp_path)  # anything a config writes relative to the cwd lands here
     monkeypatch.setattr(sys, "argv", ["optlab"])  # the CLI reads args=..., not pytest's argv
-    # Spectrum plots (matplotlib, one per matrix) are SpectralMonitor's own tests' business; with
-    # image_every_n_steps "auto" the single fast_dev_run step would render one figure per matrix.
-    monkeypatch.setattr(spectral_callbacks, "_matplotlib_available", lambda: False)
     cli = main(
         [
             "--config", str(config),
