@@ -355,7 +355,10 @@ def pct(a: float, b: float) -> float:
 
 
 def tokens_per_s(r):
-    return mean_of(r, "throughput/tokens_per_sec", 2)
+    """Median of the logged throughput windows (10 steps each) after the first two: robust to the
+    few windows holding a validation or a spectral snapshot."""
+    values = [v for _, v in series(r, "throughput/tokens_per_sec")[2:] if math.isfinite(v)]
+    return statistics.median(values) if values else None
 
 
 GPT_CONSTRAINTS = ("gpt_muon", "gpt_sphere", "gpt_stiefel", "gpt_sphere_stiefel")
