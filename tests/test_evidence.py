@@ -1,0 +1,125 @@
+"""The evidence page (issue 9): regenerated from the stored run summaries on CPU, one row per claim.
+
+The stored summaries (benchmarks/results/evidence/*.json) are the GPU and CPU runs' results; the
+page and the README block must be exactly what the script makes of them (never edited by hand).
+The statistics helpers are checked against numpy, the run selection on synthetic summaries, and
+one tiny real run goes through ``evidence.py run`` to its summary and the report.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks import evidence
+from benchmarks import evidence_report as report
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def stored_runs():
+    runs = evidence.load_summaries(evidence.STORE)
+    if not runs:
+        pytest.fail(f"no stored evidence summaries under {evidence.STORE}")
+    return runs
+
+
+def test_page_regenerates_from_the_stored_summaries(tmp_path):
+    readme = tmp_path / "README.md"
+    shutil.copy(ROOT / "README.md", readme)
+    path = report.write_report(stored_runs(), docs=tmp_path / "docs", readme=readme)
+    text = path.read_text()
+    rows = {m.group(1): line for line in text.splitlines() if (m := re.match(r"^\| (\w+) \| ", line))}
+    for key in report.CLAIM_KEYS:
+        assert key in rows, f"claim row {key} missing from the page"
+        assert "Not run yet" not in rows[key], f"claim {key} lacks stored runs: {rows[key][-200:]}"
+        cells = rows[key].split(" | ")
+        assert len(cells) == 6 and all(c.strip() for c in cells), rows[key]
+    figures = re.findall(r"\]\(figures/([\w.]+\.png)\)", text)
+    assert figures, "the page links no figure"
+    for name in figures:
+        assert (tmp_path / "docs" / "figures" / name).stat().st_size > 1000
+        assert (ROOT / "docs" / "figures" / name).exists(), f"docs/figures/{name} is linked but not committed"
+    # the committed page and README block are the script's output, not hand edits
+    assert (ROOT / "docs" / "results.md").read_text() == text, "docs/results.md differs: rerun evidence.py report"
+    assert readme.read_text() == (ROOT / "README.md").read_text(), "README results block differs: rerun the report"
+
+
+def test_stored_summaries_follow_the_tuning_rule():
+    """Every stored arm has its full seed-0 sweep, and its extra seeds sit at the best multiplier."""
+    runs = stored_runs()
+    for key, arm in evidence.ARMS.items():
+        best = evidence.best_multiplier(arm, runs)
+        assert best is not None, f"{key}: incomplete sweep"
+        extra = [r for r in runs.values() if r["arm"] == key and r["seed"] != 0]
+        assert extra, f"{key}: no seed beyond 0"
+        assert all(r["multiplier"] == best for r in extra), key
+
+
+def test_roughness_matches_numpy():
+    rng = np.random.default_rng(0)
+    steps = np.arange(0, 600, 10)
+    values = 3.0 * np.exp(-steps / 200) + 0.05 * rng.standard_normal(len(steps))
+    points = [[int(s), float(v)] for s, v in zip(steps, values)]
+    kept = values[steps >= 0.25 * steps[-1]]
+    moving = np.convolve(kept, np.ones(5) / 5, mode="valid")
+    expected = np.std(kept[2:-2] - moving)
+    assert report.roughness(points, window=5) == pytest.approx(expected, rel=1e-9)
+
+
+def test_steps_to_interpolates_between_logged_points():
+    pts = [[0, 4.0], [50, 3.0], [100, 2.0], [150, 1.5]]
+    assert report.steps_to(pts, 2.5) == pytest.approx(75.0)
+    assert report.steps_to(pts, 4.5) == 0.0
+    assert report.steps_to(pts, 1.0) is None
+    assert report.steps_to([[0, 0.5], [10, 0.9]], 0.8, below=False) == pytest.approx(7.5)
+
+
+def _summary(arm, m, seed, loss, error=None):
+    run = {"schema": evidence.SUMMARY_SCHEMA, "run": evidence.run_id(arm, m, seed), "arm": arm.key,
+           "suite": arm.suite, "multiplier": m, "seed": seed, "scalars": {"val/loss": [[10, loss]]}}
+    if error:
+        run["error"] = error
+    return run
+
+
+def test_best_multiplier_skips_failed_runs_and_the_plan_orders_sweep_then_seeds():
+    arm = evidence.ARMS["S1"]  # sweep centred at x100, plus the notes' lr once
+    sweep = evidence.sweep_multipliers(arm)
+    assert sweep[:3] == pytest.approx([100 / 3, 100, 300]) and sweep[3] == 1.0
+    runs = {}
+    plan = evidence.plan_runs([arm], runs, seeds=(0, 1))
+    assert [(m, s) for _, m, s in plan] == [(m, 0) for m in sweep]  # no seed 1 before the sweep is done
+    for m, loss, err in zip(sweep[:3], (2.0, 1.5, math.nan), (None, None, "FloatingPointError: non-finite")):
+        r = _summary(arm, m, 0, 0.1 if err else loss, err)  # a failed run scores +inf whatever it logged
+        runs[r["run"]] = r
+    assert evidence.best_multiplier(arm, runs) == 100.0
+    plan = evidence.plan_runs([arm], runs, seeds=(0, 1))
+    assert [(m, s) for _, m, s in plan] == [(1.0, 0), (100.0, 1)]
+
+
+def test_a_tiny_run_becomes_a_summary_and_a_partial_report(tmp_path):
+    out = tmp_path / "ev"
+    assert evidence.main(["run", "--suite", "mnist", "--arms", "ns_muon3", "--sweep", "1", "--seeds", "0",
+                          "--max-steps", "3", "--tiny", "--out", str(out), "--store", "", "--device", "cpu"]) == 0
+    summary = evidence.load_summaries(out / "summaries")["ns_muon3-x1-s0"]
+    assert summary["steps"] == 3 and not summary.get("error")
+    assert summary["lrs"] == {"matrices": 0.02, "rest": 1e-3}  # the config's lrs times 1
+    assert 0.0 <= summary["test"]["test/acc"] <= 1.0
+    assert math.isfinite(summary["scalars"]["val/loss"][-1][1])
+    assert summary["optimizer_state"]["by_rule"]["matrices"]["algorithm"] == "muon"
+    path = report.write_report({summary["run"]: summary}, docs=tmp_path / "docs")
+    text = path.read_text()
+    for key in report.CLAIM_KEYS:
+        assert f"| {key} |" in text
+    assert "Not run yet" in text
+
+
+def test_unknown_arm_is_refused_with_the_choices(tmp_path):
+    with pytest.raises(SystemExit, match="not an arm of suite 'gpt'.*gpt_muon"):
+        evidence.main(["run", "--suite", "gpt", "--arms", "ns_muon3", "--out", str(tmp_path)])
