@@ -67,6 +67,17 @@ class MuonBackwardOverlap(Callback):
     Opt-in; exact with respect to the plain step (the same ops; on CPU the same bits) or not
     attached at all, with the reason logged (see the module docstring for the cases).
 
+    Measured (H100, 42M GPT, batch 16 x 1024, bf16-mixed, no clipping, 2026-11-24): it does NOT
+    pay yet. Muon-policy tokens/s fell from 529k (plain step, one CUDA graph) to 279k with the
+    overlap: each matrix's Newton-Schulz runs alone, ~30 kernel launches from the autograd thread
+    per matrix, competing with backward's kernels, where the plain step batches them by shape in
+    one graph. Use it to study the overlap, not for speed; batching the hook work per shape (or a
+    graph per layer) is the next step.
+
+    Example::
+
+        trainer = Trainer(callbacks=[MuonBackwardOverlap()], gradient_clip_val=None)
+
     Attributes: ``overlap`` (the attached :class:`MuonOverlap`, or None; closed at fit end),
     ``reason`` (why not attached, or None), ``armed_backwards`` (backward passes that pre-computed
     directions), ``overlapped_steps`` / ``plain_steps`` (muon group steps of the last fit that used

@@ -87,9 +87,12 @@ class SpectralMonitor(BackgroundAnalysis):
         (float64) / ~1e3 (float32) and beyond that only a rough lower bound (or ``inf``). See
         :func:`~lightning_optlab.spectral.singular_values_gram`.
       - ``"auto"`` (default): ``"svd"`` on a CPU thread, also for CUDA tensors (copied to pinned
-        host memory). Measured on an H100 with the 42M GPT (2026-11-24): no measurable step-time
-        overhead, while the on-GPU ``"gram"`` path, though on a lowest-priority stream, slowed
-        every training step it overlapped about 3x (fp32 Gram) to 10x (fp64 Gram + eigvalsh).
+        host memory). Measured on an H100 with the 42M GPT (2026-11-24): the on-GPU ``"gram"``
+        path, though on a lowest-priority stream, slowed every training step it overlapped about
+        3x (fp32 Gram) to 10x (fp64 Gram + eigvalsh). The CPU thread leaves the steps alone but,
+        under GPU training, falls far behind: a 600-step run finished none of its snapshots after
+        the first, although one takes ~4 s when the step waits for it (``wait_if_busy=True``).
+        Why is not yet known (the thread shares the GIL with a launch-bound training thread).
     * sampled in time: only every ``every_n_steps``-th step is measured. If the worker has not
       finished the previous snapshot when the next one is due, that snapshot is skipped (counted
       in ``spectral/skipped_snapshots``, with a warning) unless ``wait_if_busy=True``.
