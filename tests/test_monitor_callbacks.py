@@ -369,3 +369,19 @@ def test_spectral_monitor_method_arguments():
         SpectralMonitor(method="eig")
     with pytest.raises(ValueError, match="gram_dtype='float16'.*float64"):
         SpectralMonitor(gram_dtype="float16")
+
+
+def test_background_worker_uses_its_own_share_of_cpu_threads():
+    """The worker's torch ops run with half the intra-op threads (or the given count); the
+    training thread keeps its own count (torch.set_num_threads is per thread)."""
+    from lightning_optlab.callbacks._common import BackgroundWorker
+
+    main_threads = torch.get_num_threads()
+    for threads, expected in ((None, max(1, main_threads // 2)), (1, 1)):
+        worker = BackgroundWorker("probe", threads=threads)
+        assert worker.submit("t", torch.get_num_threads)
+        assert worker.flush() == [("t", expected)]
+        worker.close()
+        assert torch.get_num_threads() == main_threads
+    with pytest.raises(ValueError, match="probe: threads must be >= 1"):
+        BackgroundWorker("probe", threads=0)

@@ -89,10 +89,12 @@ class SpectralMonitor(BackgroundAnalysis):
       - ``"auto"`` (default): ``"svd"`` on a CPU thread, also for CUDA tensors (copied to pinned
         host memory). Measured on an H100 with the 42M GPT (2026-11-24): the on-GPU ``"gram"``
         path, though on a lowest-priority stream, slowed every training step it overlapped about
-        3x (fp32 Gram) to 10x (fp64 Gram + eigvalsh). The CPU thread leaves the steps alone but,
-        under GPU training, falls far behind: a 600-step run finished none of its snapshots after
-        the first, although one takes ~4 s when the step waits for it (``wait_if_busy=True``).
-        Why is not yet known (the thread shares the GIL with a launch-bound training thread).
+        3x (fp32 Gram) to 10x (fp64 Gram + eigvalsh). The CPU thread leaves the steps alone; it
+        runs its SVDs with half the process's CPU threads: with all 16 of the H100 host it needed
+        12.5 s per snapshot of the 42M GPT under training (so a 600-step run skipped every later
+        snapshot), with 8 it needs ~5 s (see ``BackgroundWorker``). At ~45 ms a step that is about
+        110 steps, so at ``every_n_steps=100`` some snapshots are still skipped on that model:
+        raise ``every_n_steps`` or narrow ``include``.
     * sampled in time: only every ``every_n_steps``-th step is measured. If the worker has not
       finished the previous snapshot when the next one is due, that snapshot is skipped (counted
       in ``spectral/skipped_snapshots``, with a warning) unless ``wait_if_busy=True``.
