@@ -238,21 +238,14 @@ def read_scalars(log_dir: Path) -> dict[str, list[list[float]]]:
 
 def optimizer_state_by_rule(optimizer) -> dict[str, dict[str, int]]:
     """Parameters and state bytes per policy rule (group name), each storage counted once."""
-    import torch
+    from lightning_optlab.optim import optimizer_state_bytes_by_group
 
-    out: dict[str, dict[str, int]] = {}
-    seen: set[tuple] = set()
-    for group in optimizer.param_groups:
+    out: dict[str, dict[str, Any]] = {}
+    for group, nbytes in zip(optimizer.param_groups, optimizer_state_bytes_by_group(optimizer)):
         entry = out.setdefault(str(group.get("name", group.get("algorithm"))), {"params": 0, "state_bytes": 0})
         entry["algorithm"] = group.get("algorithm")
-        for p in group["params"]:
-            entry["params"] += p.numel()
-            for value in optimizer.state.get(p, {}).values():
-                if isinstance(value, torch.Tensor):
-                    key = (value.device, value.untyped_storage().data_ptr())
-                    if key not in seen:
-                        seen.add(key)
-                        entry["state_bytes"] += value.untyped_storage().nbytes()
+        entry["params"] += sum(p.numel() for p in group["params"])
+        entry["state_bytes"] += nbytes
     return out
 
 

@@ -235,3 +235,17 @@ def test_load_state_dict_keeps_integer_state_integer():
     assert opt2.state[q]["exp_avg"].dtype == torch.bfloat16  # floating state still follows the parameter
     sd["state"][0]["kicks"].fill_(7)
     assert int(opt2.state[q]["kicks"]) == 1001  # a copy, not a view of the checkpoint
+
+
+def test_optimizer_state_bytes_by_group_splits_the_total():
+    """adamw holds m and v (fp32) plus a step scalar per parameter tensor; sinkgd holds nothing."""
+    from lightning_optlab.optim import optimizer_state_bytes, optimizer_state_bytes_by_group
+
+    a, b, c = (torch.nn.Parameter(torch.randn(4, 4)) for _ in range(3))
+    opt = ModularOptimizer([{"params": [a, b], "algorithm": "adamw"}, {"params": [c], "algorithm": "sinkgd"}])
+    assert optimizer_state_bytes_by_group(opt) == [0, 0]
+    for p in (a, b, c):
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert optimizer_state_bytes_by_group(opt) == [2 * (16 * 8 + 4), 0]
+    assert optimizer_state_bytes(opt) == 2 * (16 * 8 + 4)

@@ -1,7 +1,7 @@
 """Update rules and optimizers: plain torch, no lightning import."""
 
 from . import torch_rules  # noqa: F401  (registers sgd, adam, adamw, rmsprop)
-from .functional import optimizer_state_bytes
+from .functional import optimizer_state_bytes, optimizer_state_bytes_by_group
 from .modular import ModularOptimizer
 from .muon import Muon  # registers muon
 from .registry import UpdateRule, available_rules, get_rule, register_rule, resolve_hyperparameters
@@ -22,6 +22,7 @@ __all__ = [
     "available_rules",
     "get_rule",
     "optimizer_state_bytes",
+    "optimizer_state_bytes_by_group",
     "register_rule",
     "resolve_hyperparameters",
 ]

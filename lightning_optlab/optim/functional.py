@@ -612,29 +612,31 @@ def store_rounded_(target: Tensor, value: Tensor, generator: torch.Generator | N
 # Memory
 
 
-def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes held by the optimizer's per-parameter state tensors (each storage counted once)."""
+def optimizer_state_bytes_by_group(optimizer: torch.optim.Optimizer) -> list[int]:
+    """Bytes held by each param group's per-parameter state tensors, aligned with
+    ``optimizer.param_groups`` (each storage counted once, in the first group holding it)."""
     seen: set[tuple] = set()
-    total = 0
 
-    def visit(value) -> None:
-        nonlocal total
+    def visit(value) -> int:
         if isinstance(value, Tensor):
             storage = value.untyped_storage()
             key = (value.device, storage.data_ptr())
-            if key not in seen:
-                seen.add(key)
-                total += storage.nbytes()
-        elif isinstance(value, Mapping):
-            for v in value.values():
-                visit(v)
-        elif isinstance(value, (list, tuple)):
-            for v in value:
-                visit(v)
+            if key in seen:
+                return 0
+            seen.add(key)
+            return storage.nbytes()
+        if isinstance(value, Mapping):
+            return sum(visit(v) for v in value.values())
+        if isinstance(value, (list, tuple)):
+            return sum(visit(v) for v in value)
+        return 0
 
-    for state in optimizer.state.values():
-        visit(state)
-    return total
+    return [sum(visit(optimizer.state.get(p, {})) for p in group["params"]) for group in optimizer.param_groups]
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes held by the optimizer's per-parameter state tensors (each storage counted once)."""
+    return sum(optimizer_state_bytes_by_group(optimizer))
 
 
 
