@@ -64,7 +64,7 @@ if __package__ in (None, ""):
 import torch
 import yaml
 
-from benchmarks.common import ROOT, error_record, quiet_lightning, pick_device, run_metadata, synchronize, text_table, write_json
+from benchmarks.common import ROOT, error_record, first_reach, quiet_lightning, pick_device, run_metadata, synchronize, text_table, write_json
 
 CONFIGS = ROOT / "configs" / "gpt"
 RULES = ("adamw", "muon", "sinkgd", "sinkhorn_tanh", "adamw_spam")
@@ -323,15 +323,7 @@ def run_one(args, label: str, rule: str, lr: float | None, max_time_s: float | N
 
 def tokens_to_reach(points: list[dict[str, float]], target: float) -> float | None:
     """Tokens at which the validation loss first reaches ``target`` (linear between points)."""
-    prev = None
-    for p in points:
-        if p["val_loss"] <= target:
-            if prev is None or prev["val_loss"] == p["val_loss"]:
-                return float(p["tokens"])
-            frac = (prev["val_loss"] - target) / (prev["val_loss"] - p["val_loss"])
-            return prev["tokens"] + frac * (p["tokens"] - prev["tokens"])
-        prev = p
-    return None
+    return first_reach([(p["tokens"], p["val_loss"]) for p in points], target)
 
 
 def add_comparisons(runs: list[dict[str, Any]]) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import subprocess
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -81,6 +81,19 @@ def run_metadata(device: torch.device, commit: str | None, settings: dict[str, A
     except ImportError:  # pragma: no cover
         meta["lightning_version"] = None
     return meta
+
+
+def first_reach(points: Sequence[Sequence[float]], target: float, below: bool = True) -> float | None:
+    """First x at which a logged series ``[(x, y), ...]`` reaches ``target`` (``y <= target``, or
+    ``>=`` with ``below=False``), linear between logged points; None if it never does."""
+    prev = None
+    for x, y in points:
+        if (y <= target) if below else (y >= target):
+            if prev is None or prev[1] == y:
+                return float(x)
+            return prev[0] + (prev[1] - target) / (prev[1] - y) * (x - prev[0])
+        prev = (x, y)
+    return None
 
 
 def synchronize(device: torch.device) -> None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from benchmarks.common import first_reach
 from benchmarks.evidence import ARMS, SUITES, Arm, final_val_loss, multiplier_label, run_id, suite_sweep
 
 Runs = dict[str, dict[str, Any]]
@@ -42,20 +43,6 @@ def final(run: dict[str, Any], tag: str) -> float | None:
 def mean_of(run: dict[str, Any], tag: str, skip: int = 0) -> float | None:
     values = [v for _, v in series(run, tag)[skip:] if math.isfinite(v)]
     return statistics.fmean(values) if values else None
-
-
-def steps_to(points: Sequence[Sequence[float]], target: float, below: bool = True) -> float | None:
-    """First step at which a logged series reaches ``target`` (linear between logged points)."""
-    prev = None
-    for step, value in points:
-        hit = value <= target if below else value >= target
-        if hit:
-            if prev is None or prev[1] == value:
-                return float(step)
-            frac = (prev[1] - target) / (prev[1] - value)
-            return prev[0] + frac * (step - prev[0])
-        prev = (step, value)
-    return None
 
 
 def roughness(points: Sequence[Sequence[float]], window: int = SMOOTH_WINDOW, skip_frac: float = 0.25) -> float | None:
@@ -258,7 +245,7 @@ def grad_rank(component: str):
 
 
 def steps_to_acc(threshold: float):
-    return lambda r: steps_to(series(r, "val/acc"), threshold, below=False)
+    return lambda r: first_reach(series(r, "val/acc"), threshold, below=False)
 
 
 def claim_ns(runs: Runs, plot: Callable) -> Row:
@@ -484,8 +471,8 @@ def claim_sinkgd(runs: Runs, plot: Callable) -> list[Row]:
     rows[3].verdict = ("**Confirmed**" if ratio > 1.05 and differs(opt_ms["S2"], opt_ms["S3"]) else "**Not confirmed**") + (
         f" (S2 {ratio:.2f}× S3 per optimizer step)")
     target = adamw.stat(val_loss).mean
-    steps_adamw = adamw.stat(lambda r: steps_to(series(r, "val/loss"), target))
-    steps_sink = paper.stat(lambda r: steps_to(series(r, "val/loss"), target))
+    steps_adamw = adamw.stat(lambda r: first_reach(series(r, "val/loss"), target))
+    steps_sink = paper.stat(lambda r: first_reach(series(r, "val/loss"), target))
     reached = len(steps_sink.values)
     total_steps = max((r.get("steps", 0) for r in paper.runs), default=0)
     if reached:

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from benchmarks import evidence
+from benchmarks.common import first_reach
 from benchmarks import evidence_report as report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,10 +75,10 @@ def test_roughness_matches_numpy():
 
 def test_steps_to_interpolates_between_logged_points():
     pts = [[0, 4.0], [50, 3.0], [100, 2.0], [150, 1.5]]
-    assert report.steps_to(pts, 2.5) == pytest.approx(75.0)
-    assert report.steps_to(pts, 4.5) == 0.0
-    assert report.steps_to(pts, 1.0) is None
-    assert report.steps_to([[0, 0.5], [10, 0.9]], 0.8, below=False) == pytest.approx(7.5)
+    assert first_reach(pts, 2.5) == pytest.approx(75.0)
+    assert first_reach(pts, 4.5) == 0.0
+    assert first_reach(pts, 1.0) is None
+    assert first_reach([[0, 0.5], [10, 0.9]], 0.8, below=False) == pytest.approx(7.5)
 
 
 def _summary(arm, m, seed, loss, error=None):
