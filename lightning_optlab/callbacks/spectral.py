@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from ..spectral.metrics import singular_values_gram, spectrum_metrics
+from ..spectral.metrics import singular_values_stacked, spectrum_metrics
 from ._common import (
     BackgroundAnalysis,
     Snapshot,
@@ -342,9 +342,7 @@ class SpectralMonitor(BackgroundAnalysis):
                     if not metas:
                         continue
                     stack = stack[torch.tensor(ok, device=stack.device)]
-                if not stack.is_floating_point() or stack.dtype not in (torch.float32, torch.float64):
-                    stack = stack.float()  # SVD needs float32/float64
-                sv = torch.linalg.svdvals(stack) if method == "svd" else singular_values_gram(stack, dtype)
+                sv = singular_values_stacked(stack, method, dtype)
                 out.append((metas, sv.cpu()))  # blocks this worker thread only
         return out
 

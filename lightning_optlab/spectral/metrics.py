@@ -76,6 +76,17 @@ def singular_values_gram(W: torch.Tensor, dtype: torch.dtype = torch.float64) ->
     return lam.sqrt().to(out_dtype)
 
 
+def singular_values_stacked(
+    W: torch.Tensor, method: str = "svd", gram_dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
+    """Singular values of a stack of same-shaped matrices ``(..., m, n)``, descending, by
+    ``method`` (see :func:`singular_values_grouped`)."""
+    if method not in SV_METHODS:
+        raise ValueError(f"singular values: method must be one of {', '.join(SV_METHODS)}, got {method!r}")
+    W = _float(W)
+    return torch.linalg.svdvals(W) if method == "svd" else singular_values_gram(W, gram_dtype)
+
+
 def singular_values_grouped(
     matrices: Sequence[torch.Tensor], method: str = "svd", gram_dtype: torch.dtype = torch.float64
 ) -> list[torch.Tensor]:
@@ -87,14 +98,13 @@ def singular_values_grouped(
     """
     if method not in SV_METHODS:
         raise ValueError(f"singular values: method must be one of {', '.join(SV_METHODS)}, got {method!r}")
-    mats = [_float(as_matrix(m)) for m in matrices]
+    mats = [as_matrix(m) for m in matrices]
     by_shape: dict[tuple, list[int]] = {}
     for i, m in enumerate(mats):
         by_shape.setdefault((tuple(m.shape), m.dtype, m.device), []).append(i)
     out: list[torch.Tensor | None] = [None] * len(mats)
     for idx in by_shape.values():
-        stack = torch.stack([mats[i] for i in idx])
-        s = torch.linalg.svdvals(stack) if method == "svd" else singular_values_gram(stack, gram_dtype)
+        s = singular_values_stacked(torch.stack([mats[i] for i in idx]), method, gram_dtype)
         for j, i in enumerate(idx):
             out[i] = s[j]
     return out  # type: ignore[return-value]
