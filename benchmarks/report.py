@@ -32,12 +32,15 @@ START, END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
 def variant(data: dict[str, Any]) -> str:
     """What distinguishes results of one kind: the measured sections (ops), or the policies,
     clipping and Muon overlap of the runs (train). The report keeps the newest of each."""
+    from benchmarks.bench_ops import SECTIONS
+    from benchmarks.bench_train import RULES
+
     s = data.get("settings", {}) or {}
     if data.get("kind") == "ops":
         sections = s.get("sections")
-        return "" if sections in (None, "", "fwd_bwd,rules,floors,stiefel,svdvals,spectral_monitor") else str(sections)
+        return "" if sections in (None, "", ",".join(SECTIONS)) else str(sections)
     parts = []
-    if s.get("rules") and s.get("rules") != "adamw,muon,sinkgd,sinkhorn_tanh,adamw_spam":
+    if s.get("rules") and s.get("rules") != ",".join(RULES):
         parts.append(str(s["rules"]))
     if s.get("no_clip"):
         parts.append("no clipping")
