@@ -333,6 +333,22 @@ def resolve_ns_dtype(name: str | torch.dtype | None, device: torch.device) -> to
 # Rule updates (directions; the group steps in muon.py, sinkgd.py, spam.py, sparkles.py apply them)
 
 
+def muon_momentum(
+    grads32: Sequence[Tensor], momentum_buffers: Sequence[Tensor], momentum: float, nesterov: bool,
+    update_buffers: bool = True,
+) -> list[Tensor]:
+    """Muon's momentum directions: ``buf <- lerp(buf, g, 1 - momentum)`` (two foreach kernels
+    over the group), then the nesterov look-ahead ``lerp(g, buf, momentum)`` or ``buf``.
+    ``update_buffers=False`` blends into new tensors and leaves the buffers (the optimizer
+    state) as they are -- the same kernel, so the same bits."""
+    if update_buffers:
+        torch._foreach_lerp_(list(momentum_buffers), list(grads32), 1 - momentum)
+        blended = list(momentum_buffers)
+    else:
+        blended = torch._foreach_lerp(list(momentum_buffers), list(grads32), 1 - momentum)
+    return torch._foreach_lerp(list(grads32), blended, momentum) if nesterov else blended
+
+
 def muon_update(
     grads: Sequence[Tensor],
     momentum_buffers: Sequence[Tensor],
@@ -355,9 +371,7 @@ def muon_update(
     foreach kernels over the whole group. The shape scaling (:func:`muon_lr_scale`) is applied
     by the caller, on the learning rate.
     """
-    grads32 = [upcast(g) for g in grads]
-    torch._foreach_lerp_(list(momentum_buffers), grads32, 1 - momentum)
-    directions = torch._foreach_lerp(grads32, list(momentum_buffers), momentum) if nesterov else momentum_buffers
+    directions = muon_momentum([upcast(g) for g in grads], momentum_buffers, momentum, nesterov)
     return orthogonalize(
         [as_matrix(d) for d in directions], steps=ns_steps, coefficients=ns_coefficients, eps=eps,
         dtype=ns_dtype, out_dtype=out_dtype, split=split,
