@@ -155,11 +155,6 @@ def decoupled_weight_decay_(p: Tensor, lr: float, weight_decay: float) -> Tensor
     return p
 
 
-def ema_(buf: Tensor, x: Tensor, beta: float) -> Tensor:
-    """buf <- beta * buf + (1 - beta) * x  (in place; torch.optim.Muon's momentum form)."""
-    return buf.lerp_(x, 1 - beta)
-
-
 def as_matrix(t: Tensor) -> Tensor:
     """A >=2-D tensor as the matrix (out, fan_in): conv kernels (out, in, *k) -> (out, in*prod(k))."""
     if t.ndim < 2:
@@ -170,46 +165,6 @@ def as_matrix(t: Tensor) -> Tensor:
 def rms(x: Tensor) -> Tensor:
     """Root mean square of all entries (0-D tensor)."""
     return x.square().mean().sqrt()
-
-
-def centralize(g: Tensor, alpha: float) -> Tensor:
-    """g - alpha * mean(g): per output channel (mean over dims 1..) for >=2-D, global for 1-D.
-
-    Single-element tensors are returned unchanged (their "mean" is themselves).
-    """
-    if alpha == 0 or g.numel() <= 1:
-        return g
-    if g.ndim >= 2:
-        mean = g.mean(dim=tuple(range(1, g.ndim)), keepdim=True)
-    else:
-        mean = g.mean()
-    return g - alpha * mean
-
-
-def std_normalize(g: Tensor, alpha: float, channelwise: bool, eps: float) -> Tensor:
-    """(1 - alpha) * g + alpha * g / (std(g) + eps), std unbiased.
-
-    Channel-wise (std over dims 1.. per output channel) for >=2-D tensors when ``channelwise``
-    and every reduced dim has more than one entry; otherwise global over tensors of more than
-    two entries; tensors of one or two entries are returned unchanged.
-    """
-    if alpha == 0:
-        return g
-    reduce_dims = tuple(range(1, g.ndim))
-    if g.ndim >= 2 and channelwise and all(g.shape[d] > 1 for d in reduce_dims):
-        s = g.std(dim=reduce_dims, keepdim=True)
-    elif g.numel() > 2:
-        s = g.std()
-    else:
-        return g
-    return g.lerp(g / (s + eps), alpha)
-
-
-def clip_symmetric(x: Tensor, bound: Tensor | float) -> Tensor:
-    """Entries clamped to [-bound, bound] (``bound`` a number or a same-shaped tensor)."""
-    if isinstance(bound, Tensor):
-        return torch.minimum(torch.maximum(x, -bound), bound)
-    return x.clamp(-bound, bound)
 
 
 def spike_clip_foreach(grads: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor], threshold: float) -> list[Tensor]:
@@ -612,16 +567,6 @@ def stochastic_round_to_bf16(x: Tensor, generator: torch.Generator | None = None
     return torch.where(torch.isfinite(x), rounded, x).to(torch.bfloat16)
 
 
-def store_rounded_(target: Tensor, value: Tensor, generator: torch.Generator | None) -> Tensor:
-    """Write fp32 ``value`` into ``target``: stochastically rounded when ``target`` is bf16 and
-    a generator is given, plainly otherwise."""
-    if value is target:
-        return target
-    if target.dtype == torch.bfloat16 and generator is not None:
-        return target.copy_(stochastic_round_to_bf16(value, generator))
-    return target.copy_(value)
-
-
 # ---------------------------------------------------------------------------------------------
 # Memory
 
@@ -651,56 +596,3 @@ def optimizer_state_bytes_by_group(optimizer: torch.optim.Optimizer) -> list[int
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes held by the optimizer's per-parameter state tensors (each storage counted once)."""
     return sum(optimizer_state_bytes_by_group(optimizer))
-
-
-
-def sparkles_update(
-    grad: Tensor,
-    param: Tensor,
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
-    step: int,
-    *,
-    lr: float,
-    betas: Sequence[float],
-    eps: float,
-    weight_decay: float,
-    centralization: float,
-    normalization: float,
-    normalize_channels: bool,
-    amp_fac: float,
-    clip_gradients: bool,
-    clip_exponent: float,
-    decouple_weight_decay: bool,
-) -> tuple[Tensor, float]:
-    """SPARKLES' deterministic update for step ``step`` (1-based): returns ``(update, step_size)``.
-
-    ``exp_avg``/``exp_avg_sq`` (compute dtype) are updated in place; ``grad`` and ``param`` are
-    read. The caller applies ``param <- param * (1 - step_size * weight_decay)`` when
-    ``decouple_weight_decay``, then ``param <- param - update``::
-
-        g  <- g - centralization * mean(g)                      (per output channel)
-        g  <- (1 - normalization) * g + normalization * g / std(g)
-        m  <- b1 * m + (1 - b1) * g ;  g <- g + amp_fac * m     (momentum amplification)
-        v  <- b2 * v + (1 - b2) * g^2
-        eta = lr / (1 - b1^t)                                   (bias-corrected step size)
-        g  <- g + weight_decay * p                              (unless decoupled)
-        d  = g / (sqrt(v) / sqrt(1 - b2^t) + eps)
-        d  <- clamp(d, -t^clip_exponent, t^clip_exponent)      (if clip_gradients; ADOPT)
-        update = eta * d
-    """
-    beta1, beta2 = betas
-    g = upcast(grad)
-    g = centralize(g, centralization)
-    g = std_normalize(g, normalization, normalize_channels, eps)
-    ema_(exp_avg, g, beta1)
-    g = g + amp_fac * exp_avg
-    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    step_size = lr / (1 - beta1**step)
-    if weight_decay != 0 and not decouple_weight_decay:
-        g = g + weight_decay * upcast(param)
-    denom = exp_avg_sq.sqrt().div_(math.sqrt(1 - beta2**step)).add_(eps)
-    direction = g / denom
-    if clip_gradients:
-        direction = clip_symmetric(direction, float(step) ** clip_exponent)
-    return direction.mul_(step_size), step_size

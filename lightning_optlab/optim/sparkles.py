@@ -3,9 +3,8 @@
 Registry name ``sparkles``; class :class:`SPARKLES`. Defaults are the SPARKLES README's table
 (lr 1e-3, betas (0.9, 0.999), eps 1e-8, weight_decay 0, centralization 0.5, normalization 0.5,
 normalize_channels true, amp_fac 2.0, clip_gradients false with threshold step**0.25,
-decouple_weight_decay false, stochastic_threshold 1e-6). Per step t of a parameter (the
-one-tensor form of the deterministic part is :func:`.functional.sparkles_update`; the group
-step below computes the same formulas batched):
+decouple_weight_decay false, stochastic_threshold 1e-6). Per step t of a parameter (the group
+step below computes these formulas batched over same-shaped parameters):
 
 1. ``g <- g - centralization * mean(g)`` (per output channel for >=2-D, global for 1-D);
 2. ``g <- (1 - normalization) * g + normalization * g / std(g)`` (channel-wise when
@@ -131,8 +130,8 @@ def check_sparkles(hp: Mapping[str, Any]) -> None:
 
 def _normalization_mode(shape: tuple, normalization: float, channelwise: bool) -> str | None:
     """How step 2 reduces a gradient of this (original) shape: ``"channel"`` (std per output
-    channel), ``"global"`` (one std) or None (unchanged) -- :func:`.functional.std_normalize`'s
-    cases, decided on the original shape (a conv kernel with a size-1 dim is normalized globally)."""
+    channel), ``"global"`` (one std) or None (unchanged), decided on the original shape (a conv
+    kernel with a size-1 dim is normalized globally; tensors of one or two entries are left)."""
     if normalization == 0:
         return None
     if len(shape) >= 2 and channelwise and all(d > 1 for d in shape[1:]):
