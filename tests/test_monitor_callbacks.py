@@ -365,7 +365,7 @@ def test_spectral_monitor_gram_method_matches_float64_svd(tmp_path):
 
 
 def test_spectral_monitor_method_arguments():
-    with pytest.raises(ValueError, match="method='eig'.*'auto', 'svd', 'gram'"):
+    with pytest.raises(ValueError, match="method='eig'.*'auto', 'gram_host', 'svd', 'gram'"):
         SpectralMonitor(method="eig")
     with pytest.raises(ValueError, match="gram_dtype='float16'.*float64"):
         SpectralMonitor(gram_dtype="float16")
@@ -385,3 +385,194 @@ def test_background_worker_uses_its_own_share_of_cpu_threads():
         assert torch.get_num_threads() == main_threads
     with pytest.raises(ValueError, match="probe: threads must be >= 1"):
         BackgroundWorker("probe", threads=0)
+
+
+# --- method="gram_host" (the CUDA default), forced on CPU tensors -------------------------------
+
+
+class _SnapshotProbe(L.Callback):
+    """After the monitor (wait_if_busy=True: its snapshot is logged within the hook): float64
+    copies of what it measured, and the spectra it produced, per snapshot step."""
+
+    def __init__(self, monitor, every, nan_at=None):
+        self.monitor, self.every, self.nan_at = monitor, every, nan_at
+        self.tensors, self.spectra, self.metrics = {}, {}, {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        step = trainer.global_step
+        if step % self.every:
+            return
+        self.tensors[step] = {(kind, n): (p if kind == "weights" else p.grad).detach().double().clone()
+                              for n, p in pl_module.named_parameters() if p.ndim >= 2
+                              for kind in ("weights", "gradients")}
+        assert self.monitor.last_step == step
+        self.spectra[step] = {k: v.clone() for k, v in self.monitor.last_spectra.items()}
+        self.metrics[step] = dict(self.monitor.last_metrics)
+
+
+class _PoisonGradient(L.Callback):
+    """Before the monitor: a NaN in one gradient at one step (what an AMP overflow leaves)."""
+
+    def __init__(self, name, step):
+        self.name, self.step = name, step
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_step == self.step:
+            dict(pl_module.named_parameters())[self.name].grad[0, 0] = float("nan")
+
+
+class TinyConv(L.LightningModule):
+    """A conv kernel (flattened to (out, in*kh*kw)) next to linear layers of both orientations."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)  # (4, 3, 3, 3) -> (4, 27)
+        self.fc1 = nn.Linear(4 * 4 * 4, 10)  # (10, 64)
+        self.fc2 = nn.Linear(10, 3)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        h = torch.relu(self.conv(x)).flatten(1)
+        return nn.functional.cross_entropy(self.fc2(torch.relu(self.fc1(h))), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def np_figures(A, k):
+    s = np.linalg.svd(A, compute_uv=False)
+    p = s / s.sum()
+    return {"effective_rank": float(np.exp(-(p[p > 0] * np.log(p[p > 0])).sum())),
+            "stable_rank": float((s ** 2).sum() / s[0] ** 2), "condition_number": float(s[0] / s[-1]),
+            f"top{k}_concentration": float(s[:k].sum() / s.sum()), "spectral_norm": float(s[0])}
+
+
+@pytest.mark.parametrize("gram_dtype", ["float64", "float32"])
+def test_gram_host_on_cpu_matches_float64_svd_and_the_svd_path(tmp_path, monkeypatch, gram_dtype):
+    """method='gram_host' forced on CPU tensors (Gram in the training thread, eigvalsh in the
+    worker): spectra and logged figures equal numpy float64 SVDs of the measured tensors within
+    the documented floor, and the logged tags and values equal those of method='svd' on the
+    same run; one matrix per stack (GRAM_STACK_ELEMENTS=1) gives the same."""
+    import lightning_optlab.callbacks.spectral as spectral_mod
+
+    runs = {}
+    for method, stack_elements in (("svd", None), ("gram_host", None), ("gram_host", 1)):
+        if stack_elements is not None:
+            monkeypatch.setattr(spectral_mod, "GRAM_STACK_ELEMENTS", stack_elements)
+        torch.manual_seed(0)
+        mon = SpectralMonitor(every_n_steps=2, top_k=3, wait_if_busy=True, method=method, gram_dtype=gram_dtype)
+        probe = _SnapshotProbe(mon, 2)
+        tr = trainer(tmp_path / f"{method}_{stack_elements}", [mon, probe], max_steps=4)
+        tr.fit(Tiny(), loader())
+        runs[(method, stack_elements)] = (probe, read_events(tr.logger.log_dir))
+        monkeypatch.undo()
+    floor = 1e-7 if gram_dtype == "float64" else 2e-3  # of sigma_max (singular_values_gram's doc)
+    ref_probe, ref_ea = runs[("svd", None)]
+    for key in (("gram_host", None), ("gram_host", 1)):
+        probe, ea = runs[key]
+        assert sorted(probe.spectra) == [0, 2]
+        for step, tensors in probe.tensors.items():
+            torch.testing.assert_close(tensors, ref_probe.tensors[step])  # the same run
+            for (kind, name), T in tensors.items():
+                s_ref = np.linalg.svd(T.numpy(), compute_uv=False)
+                s = probe.spectra[step][(kind, name)]
+                assert s.dtype == torch.float32 and s.shape == s_ref.shape
+                err = np.abs(s.double().numpy() - s_ref)
+                assert np.all(err <= floor * s_ref[0] + 1e-6 * s_ref), (key, step, kind, name, err.max() / s_ref[0])
+                figs = np_figures(T.numpy(), 3)
+                for metric, value in figs.items():
+                    got = probe.metrics[step][f"spectral/{kind}/matrix/{name}/{metric}"]
+                    if metric == "condition_number" and value > 1e-2 / floor:
+                        # beyond the floor (rank-deficient gradients of batch 8): only a lower bound
+                        assert got >= 1e-2 / floor, (key, step, kind, name, got, value)
+                        continue
+                    # float32: noise singular values (~1e-3 sigma_max) of the rank-deficient gradients
+                    # add a little entropy (documented: effective rank within 0.5%)
+                    rel = 1e-4 if gram_dtype == "float64" else 5e-2 if metric == "condition_number" else 5e-3
+                    assert got == pytest.approx(value, rel=rel), (key, step, kind, name, metric)
+        # TensorBoard read back: same tags and steps as the svd path, values within the precision
+        tags = set(ea.Tags()["scalars"])
+        assert tags == set(ref_ea.Tags()["scalars"])
+        assert set(ea.Tags()["histograms"]) == set(ref_ea.Tags()["histograms"])
+        for tag in (t for t in tags if t.startswith("spectral/")):
+            got, ref = ea.Scalars(tag), ref_ea.Scalars(tag)
+            assert [e.step for e in got] == [e.step for e in ref] == [0, 2], tag
+            if "gradients" in tag and "condition_number" in tag:
+                continue  # rank-deficient gradients: both methods' sigma_min is rounding noise (checked above)
+            rel = 5e-2 if gram_dtype == "float32" and "condition_number" in tag else 5e-3 if gram_dtype == "float32" else 1e-4
+            for a, b in zip(got, ref):
+                assert a.value == pytest.approx(b.value, rel=rel, abs=1e-6), tag
+        assert ea.Scalars("spectral/gradients/nonfinite_matrices")[-1].value == 0
+
+
+def test_gram_host_conv_kernel_and_nonfinite_gradient_left_out(tmp_path):
+    """A NaN gradient is left out of that snapshot and counted; the other matrices (a conv kernel
+    flattened, a wide and a tall linear weight) match numpy; the next snapshot measures it again."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    dl = DataLoader(TensorDataset(torch.randn(12, 3, 6, 6, generator=g), torch.randint(0, 3, (12,), generator=g)),
+                    batch_size=4)
+    mon = SpectralMonitor(every_n_steps=1, wait_if_busy=True, method="gram_host", top_k=2)
+    probe = _SnapshotProbe(mon, 1)
+    tr = trainer(tmp_path, [_PoisonGradient("fc1.weight", 1), mon, probe], max_steps=2)
+    tr.fit(TinyConv(), dl)
+    assert sorted(probe.spectra) == [0, 1]
+    assert ("gradients", "fc1.weight") in probe.spectra[0]
+    assert ("gradients", "fc1.weight") not in probe.spectra[1]
+    assert ("weights", "fc1.weight") in probe.spectra[1]
+    assert probe.metrics[0]["spectral/gradients/nonfinite_matrices"] == 0
+    assert probe.metrics[1]["spectral/gradients/nonfinite_matrices"] == 1
+    for step in (0, 1):
+        for key, s in probe.spectra[step].items():
+            T = probe.tensors[step][key]
+            A = T.reshape(T.shape[0], -1).numpy()
+            s_ref = np.linalg.svd(A, compute_uv=False)
+            np.testing.assert_allclose(s.double().numpy(), s_ref, rtol=1e-5, atol=1e-7 * s_ref[0], err_msg=str(key))
+    assert probe.spectra[0][("weights", "conv.weight")].shape == (4,)
+    ea = read_events(tr.logger.log_dir)
+    assert [e.value for e in ea.Scalars("spectral/gradients/nonfinite_matrices")] == [0, 1]
+    assert [e.step for e in ea.Scalars("spectral/gradients/matrix/fc1.weight/effective_rank")] == [0]
+    assert [e.step for e in ea.Scalars("spectral/weights/matrix/fc1.weight/effective_rank")] == [0, 1]
+
+
+def test_busy_worker_skips_snapshots_and_the_fit_end_logs_the_one_in_flight(tmp_path):
+    """While the worker is busy with a snapshot the next ones are skipped (counted, warned, logged
+    under their steps); at the end of the fit the snapshot in flight is waited for and logged."""
+    import threading
+
+    gate = threading.Event()
+    mon = SpectralMonitor(every_n_steps=1, method="gram_host")
+    compute = mon._compute_from_grams
+
+    def held(*args):
+        gate.wait(30)  # the worker stays busy until the fit ends
+        return compute(*args)
+
+    mon._compute_from_grams = held
+
+    class Release(L.Callback):  # runs before the monitor's on_train_end flush
+        def on_train_end(self, trainer, pl_module):
+            assert mon._worker.busy
+            gate.set()
+
+    torch.manual_seed(0)
+    model = Tiny()
+    initial = model.net[2].weight.detach().double().numpy().copy()
+    tr = trainer(tmp_path, [Release(), mon], max_steps=4)
+    with pytest.warns(UserWarning, match="SpectralMonitor: the SVDs of the previous snapshot"):
+        tr.fit(model, loader())
+    assert mon.skipped_snapshots == 3 and mon.last_step == 0 and set(mon.worker_seconds) == {0}
+    ea = read_events(tr.logger.log_dir)
+    skipped = ea.Scalars("spectral/skipped_snapshots")
+    assert [(e.step, e.value) for e in skipped] == [(1, 1.0), (2, 2.0), (3, 3.0)]
+    ev = ea.Scalars("spectral/weights/matrix/net.2.weight/effective_rank")
+    assert [e.step for e in ev] == [0]
+    assert ev[0].value == pytest.approx(np_effective_rank(initial), rel=1e-5)
+    assert mon.state_dict() == {"skipped_snapshots": 3}
+
+
+def test_auto_method_picks_gram_host_for_cuda_and_svd_for_cpu():
+    assert SpectralMonitor().resolved_method(cuda=True) == "gram_host"
+    assert SpectralMonitor().resolved_method(cuda=False) == "svd"
+    for method in ("gram_host", "svd", "gram"):
+        assert {SpectralMonitor(method=method).resolved_method(c) for c in (True, False)} == {method}

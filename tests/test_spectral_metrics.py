@@ -198,3 +198,44 @@ def test_grouped_gram_matches_grouped_svd():
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="method must be one of svd, gram"):
         singular_values_grouped(mats, method="eig")
+
+
+@pytest.mark.parametrize("kind", ["random", "low_rank", "wide", "ill", "identity"])
+def test_gram_of_small_side_and_singular_values_from_gram(kind):
+    """The two halves of the Gram path (what SpectralMonitor's 'gram_host' splits between the
+    device and the CPU): the k x k Gram of the small side against numpy, and its spectrum against
+    a float64 SVD, decomposed in float64 and (float64 Gram rounded) in float32 with their floors."""
+    from lightning_optlab.spectral import gram_of_small_side, singular_values_from_gram
+
+    A = matrices()[kind]
+    G = gram_of_small_side(torch.tensor(A, dtype=torch.float32), torch.float64)
+    A32 = A.astype(np.float32).astype(np.float64)
+    ref_G = A32 @ A32.T if A.shape[0] <= A.shape[1] else A32.T @ A32
+    assert G.dtype == torch.float64 and G.shape == (min(A.shape),) * 2
+    np.testing.assert_allclose(G.numpy(), ref_G, rtol=1e-12, atol=1e-12 * np.abs(ref_G).max())
+    ref = np.linalg.svd(A, compute_uv=False)
+    for dtype, floor in ((None, 1e-7), (torch.float32, 2e-3)):
+        s = singular_values_from_gram(G, dtype)
+        assert s.dtype == (dtype or torch.float64)
+        s = s.double().numpy()
+        assert np.all(np.diff(s) <= 0) and np.all(s >= 0)
+        err = np.abs(s - ref)
+        assert np.all(err <= floor * ref[0] + 1e-6 * ref), (dtype, (err / ref[0]).max())
+
+
+def test_gram_of_a_nonfinite_matrix_is_nonfinite_and_batches_agree():
+    from lightning_optlab.spectral import gram_of_small_side, singular_values_from_gram, singular_values_gram
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(3, 6, 9, generator=g)
+    W[1, 4, 7] = float("inf")
+    W[2, 0, 0] = float("nan")
+    for M in (W, W.mT):  # wide and tall: the diagonal covers every entry either way
+        finite = torch.isfinite(gram_of_small_side(M)).flatten(1).all(1)
+        assert finite.tolist() == [True, False, False]
+    s = singular_values_from_gram(gram_of_small_side(W[:1]))
+    torch.testing.assert_close(s.float(), singular_values_gram(W[0])[None], rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match=r"square Gram matrices \(\.\.\., k, k\)"):
+        singular_values_from_gram(torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="gram_of_small_side needs a matrix"):
+        gram_of_small_side(torch.zeros(3))

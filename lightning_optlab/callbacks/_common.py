@@ -109,10 +109,14 @@ class Snapshot:
 
     On CUDA with ``to_cpu``: async copies into pinned host buffers (reused across snapshots via
     ``buffers``) and an event the worker waits on. Otherwise: clones on the tensors' device and,
-    on CUDA, an event marking when the clones are complete.
+    on CUDA, an event marking when the clones are complete. ``owned=True``: the tensors are fresh
+    results nothing else will write to (e.g. Gram matrices computed for this snapshot), so tensors
+    that stay where they are (CPU ones, or all with ``to_cpu=False``) are kept as they are instead
+    of cloned.
     """
 
-    def __init__(self, tensors: dict[Any, torch.Tensor], to_cpu: bool, buffers: dict | None = None):
+    def __init__(self, tensors: dict[Any, torch.Tensor], to_cpu: bool, buffers: dict | None = None,
+                 owned: bool = False):
         self.tensors: dict[Any, torch.Tensor] = {}
         self.event = None
         cuda = any(t.is_cuda for t in tensors.values())
@@ -127,7 +131,7 @@ class Snapshot:
                 buf.copy_(t, non_blocking=True)
                 self.tensors[key] = buf
             else:
-                self.tensors[key] = t.clone()
+                self.tensors[key] = t if owned else t.clone()
         if cuda:
             self.event = torch.cuda.Event()
             self.event.record()
@@ -163,6 +167,7 @@ class BackgroundWorker:
         self._results: queue.Queue = queue.Queue()
         self._pending = 0
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)  # notified when a job finishes
         self._thread: threading.Thread | None = None
 
     def _run(self) -> None:
@@ -177,8 +182,9 @@ class BackgroundWorker:
             except BaseException as err:  # noqa: BLE001 - handed to the training thread
                 result = (tag, None, err)
             self._results.put(result)
-            with self._lock:
+            with self._idle:
                 self._pending -= 1
+                self._idle.notify_all()
 
     @property
     def busy(self) -> bool:
@@ -208,13 +214,10 @@ class BackgroundWorker:
             out.append((tag, result))
 
     def flush(self, timeout: float | None = None) -> list[tuple[Any, Any]]:
-        import time
-
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self.busy:
-            if deadline is not None and time.monotonic() > deadline:
-                break
-            time.sleep(0.002)
+        """Wait until no job is queued or running (at most ``timeout`` seconds), then
+        :meth:`collect`. Woken the moment the last job finishes (no polling delay)."""
+        with self._idle:
+            self._idle.wait_for(lambda: self._pending == 0, timeout)
         return self.collect()
 
     def close(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from contextlib import nullcontext as _nullcontext
 from typing import Any, Sequence
 
@@ -9,7 +10,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from ..spectral.metrics import singular_values_stacked, spectrum_metrics
+from ..spectral.metrics import gram_of_small_side, singular_values_from_gram, singular_values_stacked, spectrum_metrics
 from ._common import (
     BackgroundAnalysis,
     Snapshot,
@@ -25,8 +26,11 @@ from ._common import (
 )
 
 KINDS = ("weights", "gradients")
-METHODS = ("auto", "svd", "gram")
+METHODS = ("auto", "gram_host", "svd", "gram")
 GRAM_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+# "gram_host": at most this many elements per float64 stack a Gram product reads (512 MB), so the
+# transient device memory of a snapshot stays bounded on large models (one matrix at a time beyond)
+GRAM_STACK_ELEMENTS = 1 << 26
 
 
 def _matplotlib_available() -> bool:
@@ -66,11 +70,14 @@ class SpectralMonitor(BackgroundAnalysis):
     r"""Log singular-spectrum figures of weight and gradient matrices to TensorBoard.
 
     Every ``every_n_steps`` optimizer steps, in ``on_before_optimizer_step`` (where Lightning has
-    finished gradient accumulation and unscaled AMP gradients), the monitor copies every tracked
-    matrix (weights: their current value, i.e. after the previous step and its retraction;
-    gradients: the accumulated, unscaled ``.grad`` about to be applied). A background thread
-    computes the SVDs on CPU and the figures; the results are logged from the training thread
-    at a later hook, under the step they were taken at. The training step never waits for an SVD.
+    finished gradient accumulation and unscaled AMP gradients), the monitor snapshots every
+    tracked matrix (weights: their current value, i.e. after the previous step and its
+    retraction; gradients: the accumulated, unscaled ``.grad`` about to be applied): on CUDA by
+    default as the float64 Gram matrix of its small side, formed on the GPU and copied to host
+    memory asynchronously; otherwise as a copy. A background thread computes the spectra on the
+    CPU (eigendecompositions of the Grams, or SVDs) and the figures; the results are logged from
+    the training thread at a later hook, under the step they were taken at. The training step
+    never waits for an SVD or an eigendecomposition.
 
     What is exact and what is sampled:
 
@@ -78,49 +85,83 @@ class SpectralMonitor(BackgroundAnalysis):
       from an exact copy of the tensor at that step (one batched call per distinct shape). Conv
       kernels are flattened to ``(out, in*kh*kw)``. How the spectrum is computed (``method``):
 
-      - ``"svd"``: ``torch.linalg.svdvals`` in float32 (the reference; slow for big matrices).
-      - ``"gram"``: square roots of the eigenvalues (``eigvalsh``) of the Gram matrix of the
-        small side, formed and decomposed in ``gram_dtype`` (float64 by default). Precise down
-        to about ``5e-8 * sigma_max`` in float64 (``1e-3 * sigma_max`` in float32); smaller
-        singular values are noise, clamped >= 0. Effective/stable rank, top-k concentration and
-        spectral norm are unaffected in practice; the condition number is exact up to ~2e7
-        (float64) / ~1e3 (float32) and beyond that only a rough lower bound (or ``inf``). See
+      - ``"gram_host"``: the Gram matrix of each matrix's small side (``W W^T`` or ``W^T W``,
+        ``k x k`` with ``k = min(m, n)``) formed in float64 where the tensor lives, then
+        ``eigvalsh`` on the CPU in ``gram_dtype`` (float64 by default); singular values =
+        square roots of the eigenvalues clamped >= 0 (see "On CUDA" below). Precision as
+        ``"gram"`` in float64: singular values exact to about ``5e-8 * sigma_max``, below that
+        noise; every figure is unaffected in practice except the condition number, which is
+        exact up to ~2e7 and beyond that a rough lower bound (or ``inf``). See
         :func:`~lightning_optlab.spectral.singular_values_gram`.
-      - ``"auto"`` (default): ``"svd"`` on a CPU thread, also for CUDA tensors (copied to pinned
-        host memory). Measured on an H100 with the 42M GPT (2026-11-24): the on-GPU ``"gram"``
-        path, though on a lowest-priority stream, slowed every training step it overlapped about
-        3x (fp32 Gram) to 10x (fp64 Gram + eigvalsh). The CPU thread leaves the steps alone; it
-        runs its SVDs with half the process's CPU threads: with all 16 of the H100 host it needed
-        12.5 s per snapshot of the 42M GPT under training (so a 600-step run skipped every later
-        snapshot), with 8 it needs ~5 s (see ``BackgroundWorker``). At ~45 ms a step that is about
-        110 steps, so at ``every_n_steps=100`` some snapshots are still skipped on that model:
-        raise ``every_n_steps`` or narrow ``include``.
+      - ``"svd"``: ``torch.linalg.svdvals`` in float32 on a CPU thread (the reference; slow for
+        big matrices: CUDA tensors are copied to pinned host memory whole).
+      - ``"gram"``: as ``"gram_host"`` but formed and decomposed in ``gram_dtype`` entirely where
+        the tensors live, in the worker thread (on CUDA: on a side stream, see below).
+      - ``"auto"`` (default): ``"gram_host"`` for CUDA tensors, ``"svd"`` for CPU tensors.
+
+      ``gram_dtype="float32"`` (opt-in) decomposes in float32: with ``"gram_host"`` the Gram is
+      still formed in float64 and rounded, which does not help: the floor is the float32 one,
+      ~1e-3 * sigma_max. Measured on this project's 2-core CPU box (2026-11-24), 768 x 768 Grams
+      of 768 x 3072 matrices: float32 ``eigvalsh`` 26-28 ms vs 45-51 ms in float64; spectral
+      norm, stable rank and top-5 concentration within 1e-6 / 1e-6 / 6e-4 (relative), effective
+      rank within 0.5% on decaying spectra (exact for a random matrix), and the condition number
+      ``inf`` for every spectrum spanning more than ~1e4 (gradients do). Not the default for that
+      reason; good enough when condition numbers are not read and the CPU is the bottleneck.
+
+      Why ``"gram_host"`` is the CUDA default (H100, 42M byte-level GPT: 48 tracked matrices,
+      24 weights + 24 gradients, each with small side 768; measured 2026-11-24):
+
+      * the training thread pays the float64 Gram products, batched per shape on the training
+        stream, 3.6 ms of GPU time, plus enqueueing non-blocking copies of the Grams to reused
+        pinned host buffers (226 MB, 4.3 ms, enqueued on the training stream): about 8 ms
+        once per snapshot, ~0.3% of 100 steps at ~25 ms a step. It never waits for the GPU.
+      * the worker thread waits on a CUDA event for the copies, then runs ``eigvalsh`` of the 48
+        float64 Grams on the CPU: 1.7 s with 8 CPU threads (no faster with a pool of 1-8
+        threads, 2.1 s), inside the ~2.5 s of 100 steps, so the default cadence keeps up. Shorter
+        cadences on that model skip snapshots (counted, see below).
+      * what it replaced: float32 SVDs of the whole matrices on a CPU thread (pinned copies of
+        every weight and gradient) needed ~5 s per snapshot under training with 8 threads
+        (12.5 s with all 16), so at every 100 steps snapshots were skipped and a fit waited
+        seconds at its end; and the on-GPU ``"gram"`` path, though on a lowest-priority stream,
+        slowed every training step it overlapped 3x (fp32 Gram) to 10x (fp64 Gram + eigvalsh).
+        A single CPU ``eigvalsh`` of a 768 x 768 Gram (57 ms float64 on a 2-core box) is far
+        cheaper than ``svdvals`` of the matrix (163 ms for 3072 x 768, 71 ms for 768 x 768).
+      * the end-to-end overhead of the default against training without the monitor is
+        measured by ``benchmarks/bench_ops.py`` (section ``spectral_monitor``), not here.
+
     * sampled in time: only every ``every_n_steps``-th step is measured. If the worker has not
       finished the previous snapshot when the next one is due, that snapshot is skipped (counted
       in ``spectral/skipped_snapshots``, with a warning) unless ``wait_if_busy=True``.
     * matrices whose gradient is missing or non-finite (an AMP overflow step) are left out of that
       snapshot (counted in ``spectral/gradients/nonfinite_matrices``).
 
-    On CUDA with ``"gram"`` (opt-in; it competes with training for the GPU, see above): at the snapshot step the matrices are cloned on
-    the GPU (one device copy, enqueued on the training stream; it must finish before the
-    optimizer overwrites the weights); the worker thread then runs the Gram products and
-    ``eigvalsh`` on a separate CUDA stream of the lowest priority, which waits on an event of the
-    copy (GPU-side), and copies the spectra (a few KB) back; any host synchronisation (the
-    copies, cuSOLVER's error checks) blocks the worker, never the training thread. GPU memory:
-    one copy of the tracked tensors while a snapshot is in flight. Compute: Gram products
-    (2 k^2 n flops per matrix, float64 by default: H100-class GPUs run float64 matrix products at
-    the float32 rate; on GPUs with slow float64 pass ``gram_dtype="float32"``) plus the ``eigvalsh``.
+    On CUDA with ``"gram_host"`` (default): at the snapshot step the training thread stacks the
+    tracked matrices per shape in float64 (at most ``GRAM_STACK_ELEMENTS`` elements per stack:
+    bounded transient GPU memory), forms their Gram matrices and enqueues their copies to pinned
+    host buffers (reused across snapshots), all on the training stream, which orders them before
+    the optimizer step that overwrites the weights; then records an event. The worker waits on
+    that event (the worker only) and decomposes on the CPU. Host memory: ``k^2`` float64 values
+    per tracked matrix (226 MB for the 42M GPT). With CPU tensors and ``"gram_host"`` the Grams
+    are formed on the CPU in the training thread and decomposed in the worker.
 
-    With ``"svd"`` on CUDA the copies go to pinned host memory asynchronously (one buffer per
-    matrix, reused) and the SVDs run on CPU; the worker waits on a CUDA event, never the
-    training thread. The copies are enqueued on the
-    training stream (they must finish before the optimizer overwrites the weights), so the GPU
-    cost per snapshot is one device-to-host copy of the tracked tensors; the SVDs cost CPU time
-    only. CPU SVDs are slower than GPU ones: on a large model, if a snapshot's SVDs take longer
-    than ``every_n_steps`` steps, snapshots are skipped (see above); narrow ``include`` or raise
-    ``every_n_steps``. Host memory used: one copy of
-    the tracked weights and gradients. Only global rank zero measures (under DDP the weights and
-    the all-reduced gradients are the same on every rank; sharded strategies are not supported).
+    On CUDA with ``"gram"`` (opt-in; it competes with training for the GPU, see above): at the
+    snapshot step the matrices are cloned on the GPU (one device copy, enqueued on the training
+    stream); the worker thread then runs the Gram products and ``eigvalsh`` on a separate CUDA
+    stream of the lowest priority, which waits on an event of the copy (GPU-side), and copies
+    the spectra (a few KB) back; any host synchronisation blocks the worker, never the training
+    thread. GPU memory: one copy of the tracked tensors while a snapshot is in flight.
+
+    With ``"svd"`` on CUDA the tracked tensors are copied whole to pinned host memory
+    asynchronously (one buffer per matrix, reused; host memory: one copy of the tracked weights
+    and gradients) and the SVDs run on CPU; the worker waits on a CUDA event, never the training
+    thread.
+
+    With every method, if a snapshot's CPU work takes longer than ``every_n_steps`` steps,
+    snapshots are skipped (see above): narrow ``include`` or raise ``every_n_steps``
+    (``worker_seconds`` has the worker time of each logged snapshot). At the end of the fit the
+    results of the snapshot in flight are waited for (woken as soon as they are ready) and
+    logged. Only global rank zero measures (under DDP the weights and the all-reduced gradients
+    are the same on every rank; sharded strategies are not supported).
 
     Tags (``{kind}`` is ``weights`` or ``gradients``; ``{metric}`` is ``effective_rank``,
     ``stable_rank``, ``condition_number``, ``top{k}_concentration``, ``spectral_norm``):
@@ -155,8 +196,11 @@ class SpectralMonitor(BackgroundAnalysis):
         exclude: parameter name globs to leave out.
         wait_if_busy: wait for the previous snapshot instead of skipping one (exact cadence,
             but the wait lands on the training step; for tests and short studies).
-        method: ``"auto"`` | ``"svd"`` | ``"gram"`` (how spectra are computed, see above).
-        gram_dtype: ``"float64"`` (default) or ``"float32"``: precision of the ``"gram"`` method.
+        method: ``"auto"`` | ``"gram_host"`` | ``"svd"`` | ``"gram"`` (how spectra are
+            computed, see above).
+        gram_dtype: ``"float64"`` (default) or ``"float32"``: the dtype ``eigvalsh`` runs in
+            with ``"gram_host"`` (the Gram is formed in float64), and of the whole ``"gram"``
+            method. float32: see above.
 
     Example::
 
@@ -227,6 +271,10 @@ class SpectralMonitor(BackgroundAnalysis):
         self.last_step: int | None = None
         #: singular values of the latest logged snapshot: ``{(kind, parameter name): tensor}``
         self.last_spectra: dict[tuple[str, str], torch.Tensor] = {}
+        #: worker wall seconds per logged snapshot, ``{step: seconds}``: from the moment its copies
+        #: were complete to its figures being ready (a snapshot every ``every_n_steps`` steps keeps
+        #: up while this stays below that many steps' time)
+        self.worker_seconds: dict[int, float] = {}
         self._buffers: dict = {}
         self._warned_skip = False
         self._warned_no_tb = False
@@ -271,11 +319,53 @@ class SpectralMonitor(BackgroundAnalysis):
         if not tensors:
             return
         cuda = any(t.is_cuda for t in tensors.values())
-        method = self.method if self.method != "auto" else "svd"
+        method = self.resolved_method(cuda)
+        images = self.image_every_n_steps is not None and step % self.image_every_n_steps == 0
+        if method == "gram_host":
+            snap, chunks = self._gram_snapshot(tensors, meta)
+            self._submit(trainer, step, self._compute_from_grams, snap, chunks, images, missing)
+            return
         on_device = cuda and method == "gram"  # compute on the GPU, on a side stream
         snap = Snapshot(tensors, to_cpu=not on_device, buffers=None if on_device else self._buffers)
-        images = self.image_every_n_steps is not None and step % self.image_every_n_steps == 0
         self._submit(trainer, step, self._compute, snap, meta, images, missing, method)
+
+    def resolved_method(self, cuda: bool) -> str:
+        """The method used for tensors on CUDA (``cuda=True``) or on the CPU: ``"auto"`` is
+        ``"gram_host"`` on CUDA and ``"svd"`` on the CPU."""
+        if self.method != "auto":
+            return self.method
+        return "gram_host" if cuda else "svd"
+
+    def _gram_snapshot(self, tensors: dict, meta: list) -> tuple[Snapshot, list]:
+        """Training thread, ``"gram_host"``: the float64 Gram matrix of each tracked matrix's
+        small side, batched per shape, enqueued on the current (training) stream, so it reads
+        the tensors before the optimizer step that follows overwrites them; then non-blocking
+        copies of the Grams into reused pinned host buffers and an event (``Snapshot``). Nothing
+        here waits for the GPU. Returns the snapshot and ``[(meta entries, key of their Grams,
+        output dtype)]``, one entry per stack of at most ``GRAM_STACK_ELEMENTS`` elements.
+        """
+        groups: dict[tuple, list] = {}
+        for m in meta:
+            t = tensors[(m[0], m[1])]
+            groups.setdefault((t.shape[0], t[0].numel(), t.device), []).append(m)
+        grams, chunks = {}, []
+        eig_dtype = GRAM_DTYPES[self.gram_dtype]
+        for (rows, cols, device), metas in groups.items():
+            per_stack = max(1, GRAM_STACK_ELEMENTS // (rows * cols))
+            for start in range(0, len(metas), per_stack):
+                part = metas[start:start + per_stack]
+                ts = [tensors[(m[0], m[1])].detach() for m in part]
+                X = torch.empty((len(ts), rows, cols), dtype=torch.float64, device=device)
+                for j, t in enumerate(ts):  # conv kernels as (out, in*kh*kw); the copy upcasts
+                    X[j].copy_(t.reshape(rows, cols))
+                G = gram_of_small_side(X, torch.float64)
+                del X
+                # float32 eigvalsh (opt-in): round on the device, which halves the host copy
+                key = (rows, cols, str(device), start)
+                grams[key] = G if eig_dtype == torch.float64 else G.to(eig_dtype)
+                out_dtype = torch.float64 if all(t.dtype == torch.float64 for t in ts) else torch.float32
+                chunks.append((part, key, out_dtype))
+        return Snapshot(grams, to_cpu=True, buffers=self._buffers, owned=True), chunks
 
     @property
     def skipped_snapshots(self) -> int:
@@ -286,7 +376,8 @@ class SpectralMonitor(BackgroundAnalysis):
         if not self._warned_skip:
             self._warned_skip = True
             rank_zero_warn(
-                f"SpectralMonitor: the SVDs of the previous snapshot were still running at step {step}; "
+                "SpectralMonitor: the SVDs of the previous snapshot (with method='gram_host': the "
+                f"eigendecompositions of its Gram matrices) were still running at step {step}; "
                 "this snapshot is skipped (training does not wait). Raise every_n_steps, narrow "
                 "include=..., or pass wait_if_busy=True."
             )
@@ -348,8 +439,38 @@ class SpectralMonitor(BackgroundAnalysis):
 
     def _compute(self, snap: Snapshot, meta: list, images: bool, missing: int, method: str = "svd") -> dict[str, Any]:
         tensors = snap.wait()
+        t0 = time.perf_counter()
         groups = self._spectra(tensors, meta, method)
-        nonfinite = missing + len(meta) - sum(len(metas) for metas, _ in groups)
+        shapes = {(m[0], m[1]): tuple(tensors[(m[0], m[1])].shape) for m in meta}
+        return self._figures(groups, shapes, len(meta), images, missing, t0)
+
+    def _compute_from_grams(self, snap: Snapshot, chunks: list, images: bool, missing: int) -> dict[str, Any]:
+        """Worker, ``"gram_host"``: wait (this thread only) for the Grams' host copies, then
+        ``eigvalsh`` on the CPU, one call per stack. A matrix whose Gram is not finite is left
+        out: in float64 the Gram is finite exactly when the matrix is (its diagonal holds the
+        squared row/column norms; see :func:`~lightning_optlab.spectral.gram_of_small_side`)."""
+        grams = snap.wait()
+        t0 = time.perf_counter()
+        groups, shapes, total = [], {}, 0
+        for metas, key, out_dtype in chunks:
+            G = grams[key]
+            total += len(metas)
+            for m in metas:
+                shapes[(m[0], m[1])] = (key[0], key[1])
+            ok = torch.isfinite(G).flatten(1).all(1).tolist()
+            if not all(ok):
+                metas = [m for m, good in zip(metas, ok) if good]
+                if not metas:
+                    continue
+                G = G[torch.tensor(ok)]
+            sv = singular_values_from_gram(G).to(out_dtype)  # in the buffers' dtype (gram_dtype)
+            groups.append((metas, sv))
+        return self._figures(groups, shapes, total, images, missing, t0)
+
+    def _figures(self, groups: list, shapes: dict, measured: int, images: bool, missing: int,
+                 t0: float) -> dict[str, Any]:
+        """Scalars, spectra, histograms and images of ``[(meta entries, singular values (B, k))]``."""
+        nonfinite = missing + measured - sum(len(metas) for metas, _ in groups)
         scalars: dict[str, float] = {}
         per_scope: dict[str, list[dict[str, float]]] = {}
         out_spectra, hist, imgs = {}, {}, {}
@@ -373,7 +494,7 @@ class SpectralMonitor(BackgroundAnalysis):
                     hist[f"spectral/{kind}/spectrum/{tag_name}"] = s.numpy()
                 if images:
                     imgs[f"spectral/{kind}/spectrum_plot/{tag_name}"] = render_spectrum_image(
-                        f"{kind}: {name} {tuple(tensors[(kind, name)].shape)}", s.numpy()
+                        f"{kind}: {name} {shapes[(kind, name)]}", s.numpy()
                     )
         for scope, rows in per_scope.items():
             for k in rows[0]:
@@ -381,7 +502,9 @@ class SpectralMonitor(BackgroundAnalysis):
                 scalars[f"{scope}/{k}"] = avg(r[k] for r in rows)
         if "gradients" in self.kinds:
             scalars["spectral/gradients/nonfinite_matrices"] = float(nonfinite)
-        return {"scalars": scalars, "spectra": out_spectra, "histograms": hist, "images": imgs}
+        # worker seconds after the snapshot's data arrived (what decides whether it keeps up)
+        return {"scalars": scalars, "spectra": out_spectra, "histograms": hist, "images": imgs,
+                "seconds": time.perf_counter() - t0}
 
     # --- training-thread side ----------------------------------------------------------------
 
@@ -403,3 +526,4 @@ class SpectralMonitor(BackgroundAnalysis):
             self.last_metrics = res["scalars"]
             self.last_spectra = res["spectra"]
             self.last_step = step
+            self.worker_seconds[step] = res["seconds"]

@@ -69,11 +69,38 @@ def singular_values_gram(W: torch.Tensor, dtype: torch.dtype = torch.float64) ->
     """
     if W.ndim < 2:
         raise ValueError(f"singular_values_gram needs a matrix, got shape {tuple(W.shape)}")
-    X = W.to(dtype)
-    G = X @ X.mT if X.size(-2) <= X.size(-1) else X.mT @ X
-    lam = torch.linalg.eigvalsh(G).flip(-1).clamp_min(0)
     out_dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
-    return lam.sqrt().to(out_dtype)
+    return singular_values_from_gram(gram_of_small_side(W, dtype)).to(out_dtype)
+
+
+def gram_of_small_side(W: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The Gram matrix of the small side of ``W`` (``(..., m, n)``): ``W W^T`` if ``m <= n``,
+    else ``W^T W``, i.e. ``(..., k, k)`` with ``k = min(m, n)``, formed in ``dtype``.
+
+    Its eigenvalues are the squared singular values of ``W``. Its diagonal holds the squared
+    norms of the rows (or columns) of ``W``, so in float64 (which cannot overflow on float32 /
+    bfloat16 / float16 data) the Gram is finite exactly when ``W`` is.
+    """
+    if W.ndim < 2:
+        raise ValueError(f"gram_of_small_side needs a matrix, got shape {tuple(W.shape)}")
+    X = W.to(dtype)
+    return X @ X.mT if X.size(-2) <= X.size(-1) else X.mT @ X
+
+
+def singular_values_from_gram(G: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Singular values (descending) from Gram matrices ``G`` (``(..., k, k)``, symmetric PSD, as
+    :func:`gram_of_small_side` forms them): ``sqrt(max(eigvalsh(G), 0))``, decomposed in ``dtype``
+    (default: ``G``'s) and returned in that dtype.
+
+    Precision as in :func:`singular_values_gram`: the floor is set by the dtype of the
+    decomposition. A float64 Gram rounded to float32 for ``eigvalsh`` has the float32 floor
+    (~1e-3 sigma_max): rounding ``G`` and the float32 decomposition both perturb the eigenvalues
+    by ~``eps(float32) * sigma_max^2``; forming the Gram in float64 first does not lower it.
+    """
+    if G.ndim < 2 or G.size(-1) != G.size(-2):
+        raise ValueError(f"singular_values_from_gram needs square Gram matrices (..., k, k), got shape {tuple(G.shape)}")
+    lam = torch.linalg.eigvalsh(G if dtype is None else G.to(dtype))
+    return lam.flip(-1).clamp_min(0).sqrt()
 
 
 def singular_values_stacked(
