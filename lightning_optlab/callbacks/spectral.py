@@ -82,7 +82,8 @@ class SpectralMonitor(BackgroundAnalysis):
     What is exact and what is sampled:
 
     * exact: each figure is computed from the full singular spectrum of every tracked matrix,
-      from an exact copy of the tensor at that step (one batched call per distinct shape). Conv
+      from the tensor as it was at that step (an exact copy, or with ``"gram_host"`` its Gram
+      matrix formed before the optimizer step; one batched call per distinct shape). Conv
       kernels are flattened to ``(out, in*kh*kw)``. How the spectrum is computed (``method``):
 
       - ``"gram_host"``: the Gram matrix of each matrix's small side (``W W^T`` or ``W^T W``,
@@ -103,18 +104,20 @@ class SpectralMonitor(BackgroundAnalysis):
       still formed in float64 and rounded, which does not help: the floor is the float32 one,
       ~1e-3 * sigma_max. Measured on this project's 2-core CPU box (2026-11-24), 768 x 768 Grams
       of 768 x 3072 matrices: float32 ``eigvalsh`` 26-28 ms vs 45-51 ms in float64; spectral
-      norm, stable rank and top-5 concentration within 1e-6 / 1e-6 / 6e-4 (relative), effective
+      norm, stable rank and top-5 concentration within 1e-6 / 2e-6 / 7e-4 (relative), effective
       rank within 0.5% on decaying spectra (exact for a random matrix), and the condition number
-      ``inf`` for every spectrum spanning more than ~1e4 (gradients do). Not the default for that
+      ``inf`` for every spectrum spanning ~1e4 or more (gradients do). Not the default for that
       reason; good enough when condition numbers are not read and the CPU is the bottleneck.
 
-      Why ``"gram_host"`` is the CUDA default (H100, 42M byte-level GPT: 48 tracked matrices,
-      24 weights + 24 gradients, each with small side 768; measured 2026-11-24):
+      Why ``"gram_host"`` is the CUDA default (H100 host with 16 CPU cores, 42M byte-level GPT,
+      measured 2026-11-24 on its 48 hidden matrices, 24 weights + 24 gradients, each with small
+      side 768; by default the monitor also tracks the embeddings and the head, 6 more matrices
+      with small side 768 or 256, about 5% more work):
 
-      * the training thread pays the float64 Gram products, batched per shape on the training
-        stream, 3.6 ms of GPU time, plus enqueueing non-blocking copies of the Grams to reused
-        pinned host buffers (226 MB, 4.3 ms, enqueued on the training stream): about 8 ms
-        once per snapshot, ~0.3% of 100 steps at ~25 ms a step. It never waits for the GPU.
+      * the training stream carries the float64 Gram products, batched per shape, 3.6 ms of GPU
+        time, and the non-blocking copies of the Grams to reused pinned host buffers (226 MB,
+        4.3 ms): about 8 ms once per snapshot, ~0.3% of 100 steps at ~25 ms a step. The training
+        thread only enqueues them; it never waits for the GPU.
       * the worker thread waits on a CUDA event for the copies, then runs ``eigvalsh`` of the 48
         float64 Grams on the CPU: 1.7 s with 8 CPU threads (no faster with a pool of 1-8
         threads, 2.1 s), inside the ~2.5 s of 100 steps, so the default cadence keeps up. Shorter
@@ -141,7 +144,7 @@ class SpectralMonitor(BackgroundAnalysis):
     host buffers (reused across snapshots), all on the training stream, which orders them before
     the optimizer step that overwrites the weights; then records an event. The worker waits on
     that event (the worker only) and decomposes on the CPU. Host memory: ``k^2`` float64 values
-    per tracked matrix (226 MB for the 42M GPT). With CPU tensors and ``"gram_host"`` the Grams
+    per tracked matrix (~240 MB for the 54 of the 42M GPT). With CPU tensors and ``"gram_host"`` the Grams
     are formed on the CPU in the training thread and decomposed in the worker.
 
     On CUDA with ``"gram"`` (opt-in; it competes with training for the GPU, see above): at the
