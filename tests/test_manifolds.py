@@ -333,3 +333,150 @@ def test_mixed_precision_fixed_schedule_keeps_float32_accuracy():
     W = near_manifold(128, 64, step=0.05)
     R = stiefel_retract(W, steps=3, precision="mixed")
     assert dist64(R) < 1e-4 and (R.double() - polar64(W)).abs().max().item() < 1e-3
+
+
+# ----------------------------------------------------------------------------- in place (StiefelRetractor)
+from lightning_optlab.manifolds import StiefelRetractor, choose_steps, stiefel_retract_  # noqa: E402
+from lightning_optlab.manifolds.stiefel import GRAM_FLOOR, UPDATE_REL_FLOOR, _Bucket  # noqa: E402
+
+
+@pytest.mark.parametrize("precision", ["fp32", "mixed"])  # mixed: bf16 products emulated on CPU
+def test_in_place_matches_exact_on_all_shapes_and_leaves_the_rest_alone(precision):
+    """Tall, wide, square and conv parameters, all views of ONE flat buffer: each is retracted in
+    place to within tol of the float64 polar factor, the buffer's other entries are untouched,
+    and the storage is the same (no copy back)."""
+    shapes = [(96, 40), (96, 40), (40, 96), (48, 48), (16, 3, 3, 3)]
+    g = torch.Generator().manual_seed(0)
+    sizes = [math.prod(s) for s in shapes]
+    flat = torch.randn(sum(sizes) + 50, generator=g)
+    params, at = [], 0
+    for s, n in zip(shapes, sizes):
+        m = s[0]
+        start = near_manifold(m, n // m, step=0.05, seed=at).reshape(s)
+        flat[at:at + n] = start.reshape(-1)
+        params.append(flat[at:at + n].view(s))
+        at += n
+    rest = flat[at:].clone()
+    before = [p.clone() for p in params]
+    ptrs = [p.data_ptr() for p in params]
+    results = stiefel_retract_(params, steps=5, tol=5e-4, precision=precision)
+    assert len(results) == 4  # buckets: 96x40 (two), 40x96, 48x48, 16x27
+    assert torch.equal(flat[at:], rest) and [p.data_ptr() for p in params] == ptrs
+    for p, b in zip(params, before):
+        assert dist64(p) <= 5e-4
+        assert (p.double() - polar64(b.reshape(b.shape[0], -1)).reshape(b.shape)).abs().max().item() < 1e-3
+    d = torch.cat([r.distance_before for r in results])
+    ref = [dist64(b) for b in before]
+    order = [0, 1, 2, 3, 4]  # group_by_shape keeps first-appearance order
+    assert d.tolist() == pytest.approx([ref[i] for i in order], rel=1e-3)
+    assert all(1 <= r.steps <= 2 and not r.fallback for r in results)  # as the out-of-place path
+
+
+def test_in_place_batched_equals_one_by_one_and_the_out_of_place_path():
+    params = [near_manifold(64, 24, step=0.05, seed=s) for s in range(4)]
+    together = [p.clone() for p in params]
+    StiefelRetractor([together], tol=5e-4)()
+    for p, t in zip(params, together):
+        alone = p.clone()
+        StiefelRetractor([[alone]], tol=5e-4)()
+        assert torch.allclose(alone, t, atol=1e-6)
+        # the out-of-place predict path runs the same iteration (one step here)
+        assert torch.allclose(stiefel_retract(p, tol=5e-4, schedule="predict"), t, atol=1e-6)
+
+
+def test_speculation_counts_cover_zero_one_many_and_fallback():
+    tol = 1e-3
+    Q = polar64(torch.randn(80, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(3)))
+    cases = {
+        # already within tol: one step is applied, proven harmless by the t = 1 bound
+        "zero": (Q + 1e-5 * torch.randn(80, 32, dtype=torch.float64)).float(),
+        "one": near_manifold(80, 32, step=0.05, seed=1),
+        "many": near_manifold(80, 32, step=0.3, seed=2),
+        "far": with_singular_values(80, 32, torch.linspace(0.05, 1.2, 32), seed=4)[0].float(),
+    }
+    for name, W in cases.items():
+        X = W.clone()
+        (res,) = StiefelRetractor([[X]], steps=30, tol=tol)()
+        (plain,) = polar_newton_schulz_buckets_ref(W, tol)
+        assert dist64(X) <= tol, name
+        assert (X.double() - polar64(W)).abs().max().item() < 2e-3, name
+        if name in ("zero", "one"):
+            assert res.steps == 1 and not res.fallback
+        if name == "zero":
+            assert plain.steps == 0  # without speculation nothing would have run
+        if name == "many":
+            assert res.steps == plain.steps > 1 and not res.fallback
+            assert torch.allclose(X, plain.polar, atol=1e-6)  # continued from the speculative iterate
+        if name == "far":
+            assert res.fallback and res.steps > 5
+
+
+def polar_newton_schulz_buckets_ref(W, tol):
+    from lightning_optlab.manifolds import polar_newton_schulz_buckets
+    return polar_newton_schulz_buckets([W[None]], steps=30, tol=tol)
+
+
+@pytest.mark.parametrize("low", [False, True])
+def test_undo_restores_the_input(low):
+    """The speculative iteration's undo (far-off fallback, or t = 0 not proven safe): exact copy
+    in fp32 mode, the same product subtracted in bf16 mode (two float32 roundings)."""
+    W = near_manifold(64, 40, step=0.3)
+    X = W.clone()
+    b = _Bucket([X], tol=1e-3, precision="mixed" if low else "fp32")
+    b.measure(torch.empty(1, 3), apply=True)
+    assert (X - W).abs().max() > 1e-3  # the iteration ran
+    b.undo_first()
+    if low:
+        assert (X - W).abs().max().item() <= 4 * 2.0**-24 * (W.abs().max().item() + 1)
+    else:
+        assert torch.equal(X, W)
+
+
+def test_bound_is_monotone_so_the_bucket_worst_case_decides_soundly():
+    """If the t = 1 criterion holds at the componentwise maximum of (d, m4, m8) over a bucket,
+    it holds for every matrix of the bucket (what the in-place retractor relies on)."""
+    g = torch.Generator().manual_seed(0)
+    k, tol = 64, 1e-3
+    for _ in range(200):
+        stats = []
+        for _ in range(4):
+            lam = 1 + 0.06 * torch.rand(1, generator=g).item() * torch.randn(k, generator=g, dtype=torch.float64)
+            e = 1 - lam
+            stats.append((e.pow(2).mean().sqrt().item(), e.pow(4).mean().item(), e.pow(8).mean().item()))
+        worst = [max(s[i] for s in stats) for i in range(3)]
+        bounds = predicted_distances(*worst, k, 1)
+        if bounds[1] + GRAM_FLOOR["split"] + UPDATE_REL_FLOOR[True] * bounds[0] <= tol:
+            for d, m4, m8 in stats:
+                c = choose_steps(d, m4, m8, k, tol, 5, GRAM_FLOOR["split"], UPDATE_REL_FLOOR[True])
+                assert c is not None and c <= 1
+                b = predicted_distances(d, m4, m8, k, 1)
+                assert b[1] <= bounds[1] and b[0] <= bounds[0]
+
+
+def test_in_place_bf16_and_noncontiguous_kernels():
+    W = near_manifold(64, 32, step=0.05)
+    X = W.bfloat16()
+    (res,) = stiefel_retract_([X], tol=1e-2)
+    assert X.dtype == torch.bfloat16 and dist64(X.float()) <= 2e-2 and res.steps == 1
+    K = (polar64(torch.randn(16, 27)).reshape(16, 3, 3, 3).float() + 0.01 * torch.randn(16, 3, 3, 3))
+    K = K.contiguous(memory_format=torch.channels_last)  # its (16, 27) matrix is not a view
+    ref = polar64(K.reshape(16, -1))
+    ptr = K.data_ptr()
+    StiefelRetractor([[K]], tol=5e-4)()
+    assert K.data_ptr() == ptr and K.is_contiguous(memory_format=torch.channels_last)
+    assert (K.reshape(16, -1).double() - ref).abs().max().item() < 1e-3 and dist64(K) <= 5e-4
+
+
+def test_in_place_storage_change_rebuilds_and_errors():
+    X = near_manifold(32, 16)
+    r = StiefelRetractor([[X]], tol=5e-4)
+    r()
+    X.data = near_manifold(32, 16, seed=5)  # new storage: the retractor notices and rebuilds
+    r()
+    assert dist64(X) <= 5e-4
+    with pytest.raises(ValueError, match="cuda_graph must be"):
+        StiefelRetractor([[X]], cuda_graph="yes")
+    with pytest.raises(ValueError, match="one flattened shape"):
+        StiefelRetractor([[X, torch.randn(16, 32)]])
+    with pytest.raises(ValueError, match="vector"):
+        stiefel_retract_([torch.randn(5)])

@@ -511,3 +511,48 @@ def test_ddp_ranks_retract_identically(tmp_path):
     for name in ("hidden.0.weight",):
         assert stiefel_dist64(r0["state"][name]) <= 1e-3
     assert sphere_dist64(r0["state"]["input.weight"]) <= 1e-5
+
+
+def test_predict_retracts_in_place_and_logs_the_steps_it_applied():
+    """The predict path writes into the parameters' own storage (no copy back) and logs, per
+    bucket, the count it applied: replaying a fresh StiefelRetractor on a snapshot of the weights
+    taken right before each retraction gives the same weights and the same counts."""
+    from lightning_optlab.manifolds import StiefelRetractor
+
+    torch.manual_seed(0)
+    model = TinyNet(dict(POLICY, rules=[dict(POLICY["rules"][1], lr=1.0), POLICY["rules"][2]]))
+    ptrs = {n: p.data_ptr() for n, p in model.named_parameters()}
+    replays = []
+
+    class Snapshot(Callback):
+        """Registered before ManifoldRetraction's hook, so it runs right before it."""
+
+        def on_fit_start(self, trainer, pl_module):
+            def before(*_):
+                self.snap = [pl_module.hid1.weight.detach().clone(), pl_module.hid2.weight.detach().clone()]
+
+            def after(*_):
+                counts = [r.steps for r in StiefelRetractor([[self.snap[0]], [self.snap[1]]], tol=5e-4)()]
+                replays.append((counts, dict(retraction.last_stiefel_steps),
+                                max((s - p.detach()).abs().max().item()
+                                    for s, p in zip(self.snap, (pl_module.hid1.weight, pl_module.hid2.weight)))))
+            self.handles = [trainer.optimizers[0].register_step_post_hook(before)]
+            self.after = after
+
+        def on_train_start(self, trainer, pl_module):  # after ManifoldRetraction's hook
+            self.handles.append(trainer.optimizers[0].register_step_post_hook(self.after))
+
+    retraction = ManifoldRetraction(cuda_graph=False)
+    with pytest.raises(ValueError, match="cuda_graph must be"):
+        ManifoldRetraction(cuda_graph="sometimes")
+    t = trainer([Snapshot(), retraction], max_steps=4, log_every_n_steps=1)
+    t.fit(model, loader())
+    assert {n: p.data_ptr() for n, p in model.named_parameters()} == ptrs
+    assert len(replays) == 4
+    for counts, logged, diff in replays:
+        assert logged == {"16x16": counts[0], "24x16": counts[1]}
+        assert diff < 1e-6  # the snapshot retracted by the replay equals the model's weights
+    assert max(max(c) for c, _, _ in replays) >= 2  # lr 1.0: some step needed more than one
+    m = t.callback_metrics
+    assert m["manifold/stiefel_steps"] == max(replays[-1][0])
+    assert m["manifold/stiefel_steps/16x16"] == replays[-1][0][0]

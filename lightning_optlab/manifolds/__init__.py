@@ -3,30 +3,41 @@
 * :func:`sphere_retract` / :func:`sphere_distance`: every row to norm ``radius``.
 * :func:`stiefel_retract` (Newton-Schulz, batched) / :func:`stiefel_retract_exact` (SVD) /
   :func:`stiefel_distance`: orthonormal columns (tall) or rows (wide).
+* :class:`StiefelRetractor` / :func:`stiefel_retract_`: the same retraction in place, for
+  parameters retracted every step (buffers and, on CUDA, a graph built once).
 
 ``lightning_optlab.callbacks.ManifoldRetraction`` applies them after every optimizer step.
 """
 
 from .sphere import compute_dtype, sphere_distance, sphere_retract
 from .stiefel import (
+    BucketResult,
     PolarNS,
+    StiefelRetractor,
     as_matrix,
     choose_steps,
+    clear_stiefel_cache,
     full_fp32_matmul,
+    group_by_shape,
     polar_newton_schulz,
     polar_newton_schulz_buckets,
     predicted_distances,
     stiefel_distance,
     stiefel_retract,
+    stiefel_retract_,
     stiefel_retract_exact,
 )
 
 __all__ = [
+    "BucketResult",
     "PolarNS",
+    "StiefelRetractor",
     "as_matrix",
     "choose_steps",
+    "clear_stiefel_cache",
     "compute_dtype",
     "full_fp32_matmul",
+    "group_by_shape",
     "polar_newton_schulz",
     "polar_newton_schulz_buckets",
     "predicted_distances",
@@ -34,5 +45,6 @@ __all__ = [
     "sphere_retract",
     "stiefel_distance",
     "stiefel_retract",
+    "stiefel_retract_",
     "stiefel_retract_exact",
 ]
