@@ -155,3 +155,81 @@ def test_sinkgd_on_bf16_weights_runs_in_fp32_and_casts_back():
     expected = (start - 0.01 * torch.from_numpy(np_sinkgd(g.bfloat16().float().numpy(), 5)).float()).bfloat16()
     assert p.dtype == torch.bfloat16
     torch.testing.assert_close(p.detach(), expected, rtol=0, atol=0)
+
+
+def np_sinkgd_eps(g, L, eps):
+    """Float64 SinkGD with the norm floor on the power-of-two prescaled matrix (the rule's definition)."""
+    G = np.array(g, dtype=np.float64)
+    G = G.reshape(G.shape[0], -1)
+    amax = np.abs(G).max()
+    G = G * (2.0 ** -np.frexp(amax)[1] if amax > 0 else 1.0)
+    m, n = G.shape
+    for _ in range(L):
+        G = math.sqrt(n) * G / np.maximum(np.linalg.norm(G, axis=1, keepdims=True), eps)
+        G = math.sqrt(m) * G / np.maximum(np.linalg.norm(G, axis=0, keepdims=True), eps)
+    return G.reshape(np.shape(g))
+
+
+def edge_matrices():
+    gen = torch.Generator().manual_seed(5)
+    base = torch.randn(12, 9, generator=gen)
+    zero_rows_cols = base.clone()
+    zero_rows_cols[3] = 0
+    zero_rows_cols[:, [0, 5]] = 0
+    imbalanced = torch.randn(20, 16, generator=gen) * torch.logspace(-12, 0, 20)[:, None]
+    return {
+        "plain": base,
+        "zero rows and columns": zero_rows_cols,
+        "huge": base * 1e30,
+        "tiny": base * 1e-30,
+        "tiny with zero rows and columns": zero_rows_cols * 1e-30,
+        "rows spanning 1e-12": imbalanced,
+        "conv kernel": torch.randn(6, 3, 2, 2, generator=gen),
+        "zero": torch.zeros(5, 7),
+    }
+
+
+@pytest.mark.parametrize("name", list(edge_matrices()))
+def test_sinkgd_group_step_matches_float64_reference_on_edge_matrices(name):
+    # the group step runs Sinkhorn on scale vectors (matvecs over the squared gradient); its
+    # fp32 result must match the float64 alternating normalization to fp32 accuracy
+    g = edge_matrices()[name]
+    p = torch.zeros(g.shape, requires_grad=True)
+    p.grad = g.clone()
+    SinkGD([p], lr=1.0, sinkhorn_iterations=5).step()
+    expected = -np_sinkgd_eps(g.double().numpy(), 5, 1e-8)
+    assert torch.isfinite(p).all()
+    np.testing.assert_allclose(p.detach().double().numpy(), expected, rtol=2e-5, atol=2e-5 * max(1.0, np.abs(expected).max()))
+    if name == "zero rows and columns" or name.startswith("tiny with"):
+        assert (p.detach()[3] == 0).all() and (p.detach()[:, [0, 5]] == 0).all()
+
+
+def test_sinkgd_group_step_mixed_shapes_dtypes_and_weight_decay():
+    gen = torch.Generator().manual_seed(9)
+    shapes = [(8, 5), (8, 5), (5, 8), (4, 3, 3), (7,), ()]
+    params = [torch.randn(s, generator=gen).requires_grad_() for s in shapes]
+    params.append(torch.randn(6, 4, generator=gen).bfloat16().requires_grad_())
+    start = [p.detach().double().clone() for p in params]
+    grads = [torch.randn(p.shape, generator=gen).to(p.dtype) for p in params]
+    for p, g in zip(params, grads):
+        p.grad = g
+    lr, wd = 0.02, 0.5
+    SinkGD(params, lr=lr, sinkhorn_iterations=3, weight_decay=wd).step()
+    for p, s, g in zip(params, start, grads):
+        expected = s * (1 - lr * wd) - lr * torch.from_numpy(np.asarray(np_sinkgd(g.double().numpy(), 3)))
+        tol = 1e-2 if p.dtype == torch.bfloat16 else 1e-6
+        torch.testing.assert_close(p.detach().double(), expected.to(p.dtype).double(), rtol=tol, atol=tol)
+
+
+def test_sinkgd_matvecs_ignore_a_reduced_float32_matmul_precision():
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        g = torch.randn(16, 12)
+        p = torch.zeros(16, 12, requires_grad=True)
+        p.grad = g
+        SinkGD([p], lr=1.0).step()
+        assert torch.get_float32_matmul_precision() == "medium"  # restored after the step
+        np.testing.assert_allclose(p.detach().numpy(), -np_sinkgd(g.double().numpy(), 5), rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_float32_matmul_precision(previous)

@@ -31,6 +31,7 @@ Conventions shared by every function here:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import defaultdict
 from typing import Any, Mapping, Sequence
@@ -397,23 +398,173 @@ def _normalize_dim_(G: Tensor, dim: int, target_norm: float, eps: float, extra: 
     return G.div_(norm)
 
 
+@contextlib.contextmanager
+def exact_fp32_matmul():
+    """Matmuls at full fp32 precision inside (no TF32 / bf16 shortcuts a user may have enabled with
+    ``torch.set_float32_matmul_precision``): the Sinkhorn matrix-vector products below compute
+    norms, which TF32's 10-bit mantissa would get wrong in the fourth digit."""
+    previous = torch.get_float32_matmul_precision()
+    if previous == "highest":
+        yield
+        return
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def _norm_floor_sq(eps: float, dtype: torch.dtype) -> float:
+    """eps**2, the floor of the squared row/column norms, kept above ``tiny**0.75`` of the dtype
+    (fp32: eps >= ~5e-15) so that the scale vectors (<= n / eps**2) stay finite."""
+    return max(eps * eps, torch.finfo(dtype).tiny ** 0.75)
+
+
+def sinkhorn_scales_(
+    squares: Sequence[Tensor], iterations: int, eps: float
+) -> tuple[list[Tensor], list[Tensor]]:
+    """SinkGD's alternating row/column normalization run on scale vectors only.
+
+    ``squares[k]`` is a stack ``S = X0 * X0`` (B, m, n) of squared (prescaled) matrices ``X0``.
+    ``iterations`` alternations of "rows to l2 norm sqrt(n)" then "columns to l2 norm sqrt(m)"
+    applied to ``X = diag(r) X0 diag(c)`` change only ``r`` and ``c``, and the norms they need are
+    matrix-vector products with ``S``: ``||X_i,:||^2 = r_i^2 (S c^2)_i`` and
+    ``||X_:,j||^2 = c_j^2 (S^T r^2)_j``. So each half-step is one batched matvec (one read of
+    ``S``, nothing written at full size) and a few vector kernels, foreach'd over all stacks.
+    The norm floor keeps its meaning: ``r_i <- r_i sqrt(n) / max(||X_i,:||, eps)``, i.e. on the
+    squares ``u_i <- n u_i / max(u_i (S w)_i, eps^2)`` with ``u = r^2``, ``w = c^2``; ``u`` and
+    ``w`` are capped (see ``ceiling``), which only binds on (near-)zero rows/columns (a zero row
+    of ``X`` stays zero whatever its scale; the original multiplies it by sqrt(n)/eps each time).
+
+    Returns ``(us, ws)``: ``u = r^2`` shaped (B, m, 1) and ``w = c^2`` shaped (B, 1, n) per stack,
+    the targets sqrt(n), sqrt(m) included (``X = sqrt(u) * X0 * sqrt(w)``). ``S`` is not changed.
+    All-zero rows/columns of ``S`` get scale 0 (their ``X`` is 0 either way). Where ``S``
+    differs from the original's squares is underflow: a whole row (column) below ~1e-22 of the
+    matrix's max has zero squares in fp32 and gets a zero update, where the original's
+    repeated rescaling would lift it into range after a first clamped step.
+    """
+    if not squares:
+        return [], []
+    us = [S.new_ones(S.shape[0], S.shape[1], 1) for S in squares]
+    ws = [S.new_ones(S.shape[0], 1, S.shape[2]) for S in squares]
+    zero = [S.new_zeros(()) for S in squares]
+    row_floor = [_norm_floor_sq(eps, S.dtype) / S.shape[2] for S in squares]
+    col_floor = [_norm_floor_sq(eps, S.dtype) / S.shape[1] for S in squares]
+    # A zero row's scale grows by n / eps^2 every half-step (harmless on X = 0, not on the
+    # vectors): stop it at finfo.max / (4 max(m, n)). A nonzero row of relative size rho needs
+    # u ~ n / rho^2, below that ceiling for rho >~ 1e-17 in fp32 -- where its squares in S are
+    # still normal numbers (the original's sums of squares lose such rows the same way).
+    ceiling = [torch.finfo(S.dtype).max / (4 * max(S.shape[1:])) for S in squares]
+    with exact_fp32_matmul():
+        for _ in range(iterations):
+            # rows: t = (S w) / n; u <- u / max(u t, eps^2 / n) = n u / max(u (S w), eps^2)
+            ts = [torch.baddbmm(z, S, w.mT, beta=0, alpha=1.0 / S.shape[2]) for z, S, w in zip(zero, squares, ws)]
+            row_ts = ts  # kept: the last row sums say which rows of S are all zero
+            q = torch._foreach_mul(us, ts)
+            torch._foreach_clamp_min_(q, row_floor)
+            us = torch._foreach_div(us, q)
+            torch._foreach_clamp_max_(us, ceiling)
+            # columns: the same with S^T and u
+            ts = [torch.baddbmm(z, u.mT, S, beta=0, alpha=1.0 / S.shape[1]) for z, S, u in zip(zero, squares, us)]
+            q = torch._foreach_mul(ws, ts)
+            torch._foreach_clamp_min_(q, col_floor)
+            ws = torch._foreach_div(ws, q)
+            torch._foreach_clamp_max_(ws, ceiling)
+        col_ts = ts
+    # rows/columns of S that are all zero (ts == 0; u, w > 0) get scale 0, so that their
+    # (irrelevant, capped) scales cannot turn into inf * 0 = NaN in the final product
+    torch._foreach_mul_(us, torch._foreach_sign(row_ts))
+    torch._foreach_mul_(ws, torch._foreach_sign(col_ts))
+    return us, ws
+
+
+def _pow2_scales(amax: Tensor) -> Tensor:
+    """Exact powers of two ``s`` with ``amax * s`` in [0.5, 1) (1 for amax 0)."""
+    _, exponent = torch.frexp(amax)
+    return torch.ldexp(torch.ones_like(amax), exponent.neg_())
+
+
+def sinkgd_matrices_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    lr: float,
+    weight_decay: float,
+    iterations: int,
+    eps: float = 1e-8,
+) -> None:
+    """``p <- p (1 - lr wd) - lr * SinkGD(g)`` for >=2-D parameters (conv kernels as (out, fan_in)).
+
+    Per shape bucket, full-size memory traffic is: the per-matrix max (one read of the
+    gradients, one foreach kernel), ``S = (s g)^2`` (``s`` the pow2 prescale; one read, one
+    write), ``2 * iterations`` reads of ``S`` by :func:`sinkhorn_scales_`, the rank-one factor
+    ``R = (s r) c^T`` written over ``S``, and one foreach ``p += -lr * g * R`` (reads p, g, R;
+    writes p). No stack of the gradients, no full-size intermediate besides ``S``.
+
+    ``R`` is capped per matrix so that ``R <= finfo.max / 4``: it only binds where a row and a
+    column are both (near) zero -- ``g`` is 0 there, and an infinite ``R`` would give NaN --
+    or for entries below ~1e-36 in fp32 (whose update is then smaller than exact).
+    """
+    buckets: dict[tuple, list[int]] = defaultdict(list)
+    for i, g in enumerate(grads):
+        buckets[(g.device, g.dtype, work_shape(g)[1])].append(i)
+    amax = torch._foreach_norm(list(grads), float("inf"))
+    # the pow2 prescales of all matrices of one device and compute dtype in one go
+    lanes: dict[tuple, list[int]] = defaultdict(list)
+    for i, g in enumerate(grads):
+        lanes[(g.device, compute_dtype(g.dtype))].append(i)
+    pow2: dict[int, Tensor] = {}
+    for (_, cdt), idx in lanes.items():
+        pow2.update(zip(idx, _pow2_scales(torch.stack([amax[i] for i in idx]).to(cdt)).unbind()))
+    stacks, scales, order = [], [], []
+    for (_, dtype, (m, n)), idx in buckets.items():
+        cdt = compute_dtype(dtype)
+        s = torch.stack([pow2[i] for i in idx]).view(-1, 1, 1)
+        S = torch.empty((len(idx), m, n), dtype=cdt, device=grads[idx[0]].device)
+        for j, i in enumerate(idx):
+            torch.mul(grads[i].reshape(m, n), pow2[i], out=S[j])
+        S.square_()
+        stacks.append(S)
+        scales.append(s)
+        order.append(idx)
+    us, ws = sinkhorn_scales_(stacks, iterations, eps)
+    torch._foreach_sqrt_(us)
+    torch._foreach_sqrt_(ws)
+    targets, factors, values = [], [], []
+    for S, s, r, c, idx in zip(stacks, scales, us, ws, order):
+        big = torch.finfo(S.dtype).max / 4
+        cap = torch.amax(c, dim=-1, keepdim=True).reciprocal_().mul_(big).clamp_max_(big)
+        torch.mul(torch.minimum(r.mul_(s), cap), c, out=S)  # S now holds R = (s r) c^T
+        for j, i in enumerate(idx):
+            targets.append(params[i])
+            values.append(grads[i])
+            factors.append(S[j].view(params[i].shape))
+    direct = [k for k, p in enumerate(targets) if p.dtype == factors[k].dtype]
+    low = [k for k, p in enumerate(targets) if p.dtype != factors[k].dtype]
+    if direct:
+        ps = [targets[k] for k in direct]
+        if weight_decay != 0:
+            torch._foreach_mul_(ps, 1 - lr * weight_decay)
+        torch._foreach_addcmul_(ps, [values[k] for k in direct], [factors[k] for k in direct], value=-lr)
+    for k in low:  # bf16/fp16 weights: one rounding, from fp32
+        p32 = targets[k].to(factors[k].dtype)
+        decoupled_weight_decay_(p32, lr, weight_decay)
+        targets[k].copy_(p32.addcmul_(values[k], factors[k], value=-lr))
+
+
 def sinkgd_stack_(G: Tensor, kind: str, iterations: int, eps: float = 1e-8) -> Tensor:
     """SinkGD's multi-normalization of every item of a stack from :func:`stack_by_shape`, in place.
 
     Matrices (B, m, n): ``iterations`` alternations of rows to l2 norm sqrt(n), then columns
-    to sqrt(m), each a batched reduction and one in-place pass over the stack. Vectors and
-    scalars: unit RMS (a scalar becomes its sign). Each item is first scaled by an exact power
-    of two (scale-invariant, so no effect but on overflow). Returns ``G``.
+    to sqrt(m), run on scale vectors by :func:`sinkhorn_scales_` and applied in one pass.
+    Vectors and scalars: unit RMS (a scalar becomes its sign). Each item is first scaled by an
+    exact power of two (scale-invariant, so no effect but on overflow). Returns ``G``.
+    (The group step uses :func:`sinkgd_matrices_`, the same math without a stack of ``G``.)
     """
     pow2_prescale_stack_(G)
     if kind != "matrix":
         return G.div_(_rms_stack(G, eps))
-    m, n = G.shape[-2:]
-    row_norm, col_norm = math.sqrt(n), math.sqrt(m)
-    for _ in range(iterations):
-        _normalize_dim_(G, -1, row_norm, eps)
-        _normalize_dim_(G, -2, col_norm, eps)
-    return G
+    (u,), (w,) = sinkhorn_scales_([G * G], iterations, eps)
+    return G.mul_(u.sqrt_()).mul_(w.sqrt_())
 
 
 def sinkhorn_tanh_stack_(G: Tensor, kind: str, tau: float, n_iter: int, eps: float = 1e-8) -> Tensor:

@@ -20,7 +20,13 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Mapping
 
-from .functional import apply_stacked_updates_, sinkgd_stack_, sinkhorn_tanh_stack_, stack_by_shape
+from .functional import (
+    apply_stacked_updates_,
+    sinkgd_matrices_,
+    sinkgd_stack_,
+    sinkhorn_tanh_stack_,
+    stack_by_shape,
+)
 from .registry import UpdateRule, check_common, register_rule
 from .rule_optimizer import RuleOptimizer
 
@@ -50,14 +56,20 @@ def check_sinkhorn_tanh(hp: Mapping[str, Any]) -> None:
 def sinkgd_step(group: dict, params: list, grads: list, states: list) -> None:
     """One SinkGD step over a param group (stateless: ``states`` are left empty).
 
-    Same-shaped gradients are stacked and normalized together (a few batched kernels per
-    shape), the updates applied with foreach kernels; nothing waits on the device.
+    Matrices run as Sinkhorn on scale vectors (:func:`.functional.sinkgd_matrices_`: batched
+    matrix-vector products over the squared gradients of each shape, then one foreach update
+    of all weights); vectors/scalars are stacked by shape. Nothing waits on the device.
     """
-    iterations, eps = group["sinkhorn_iterations"], group["eps"]
-    updates = stack_by_shape(grads)
-    for kind, _, G in updates:
-        sinkgd_stack_(G, kind, iterations, eps)
-    apply_stacked_updates_(params, updates, group["lr"], group["weight_decay"])
+    iterations, eps, lr, wd = group["sinkhorn_iterations"], group["eps"], group["lr"], group["weight_decay"]
+    matrices = [i for i, g in enumerate(grads) if g.ndim >= 2]
+    if matrices:
+        sinkgd_matrices_([params[i] for i in matrices], [grads[i] for i in matrices], lr, wd, iterations, eps)
+    rest = [i for i, g in enumerate(grads) if g.ndim < 2]
+    if rest:
+        updates = stack_by_shape([grads[i] for i in rest])
+        for kind, _, G in updates:
+            sinkgd_stack_(G, kind, iterations, eps)
+        apply_stacked_updates_([params[i] for i in rest], updates, lr, wd)
 
 
 def sinkhorn_tanh_step(group: dict, params: list, grads: list, states: list) -> None:
