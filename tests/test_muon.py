@@ -71,24 +71,32 @@ def test_muon_matches_float64_reference(ns_steps, adjust, nesterov):
         np.testing.assert_allclose(p.detach().numpy(), e, rtol=0, atol=1e-10)
 
 
-def test_muon_matches_torch_optim_muon_step_for_step_in_bf16():
-    shapes = [(12, 5), (5, 12), (8, 8), (12, 5)]
+def test_muon_in_bf16_tracks_the_float64_reference_like_torch_optim_muon():
+    """bf16 Newton-Schulz is an approximation; ours folds ``a X`` into the small product (one
+    matmul without an epilogue read, see quintic_iterations), torch.optim.Muon keeps it in the
+    epilogue. Both must stay within a few percent of the float64 iteration over 8 steps, and
+    the float32 momentum buffers must agree exactly."""
+    shapes = [(12, 5), (5, 12), (8, 8), (12, 5), (64, 256)]
     hp = dict(lr=0.03, momentum=0.95, nesterov=True, weight_decay=0.05, ns_steps=5, eps=1e-7)
     for adjust in ("original", "match_rms_adamw"):
         ours, ref = make_params(shapes), make_params(shapes)
         opt = Muon(ours, ns_dtype="bfloat16", adjust_lr_fn=adjust, ns_coefficients=(A, B, C), **hp)
         ref_opt = torch.optim.Muon(ref, adjust_lr_fn=adjust, ns_coefficients=(A, B, C), **hp)
         start = [p.detach().clone() for p in ours]
-        for t in range(8):
-            for p, q, g in zip(ours, ref, grads_for(t, shapes)):
+        steps = [grads_for(t, shapes) for t in range(8)]
+        for grads in steps:
+            for p, q, g in zip(ours, ref, grads):
                 p.grad, q.grad = g.clone(), g.clone()
             opt.step()
             ref_opt.step()
-            for p, q, s in zip(ours, ref, start):
-                # bf16 tolerance on the accumulated update (updates are O(lr), bf16 eps = 2^-8)
-                moved = (q - s).abs().max().item()
-                assert moved > 0.01
-                torch.testing.assert_close(p, q, rtol=0, atol=moved * 2**-7)
+        exact = ref_muon(start, steps, hp["lr"], hp["momentum"], True, hp["weight_decay"], 5, adjust)
+        for p, q, e, s in zip(ours, ref, exact, start):
+            e = torch.from_numpy(e)
+            moved = (e - s.double()).norm()
+            ours_err = float((p.detach().double() - e).norm() / moved)
+            torch_err = float((q.detach().double() - e).norm() / moved)
+            assert torch_err < 0.02, torch_err  # bf16 rounding of torch's own iteration
+            assert ours_err < 0.05, (tuple(p.shape), ours_err, torch_err)
         for p, q in zip(ours, ref):
             torch.testing.assert_close(
                 opt.state[p]["momentum_buffer"], ref_opt.state[q]["momentum_buffer"], rtol=0, atol=1e-6

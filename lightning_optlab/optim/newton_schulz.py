@@ -5,6 +5,9 @@ an approximation of its polar factor U V^T. Muon's coefficients (3.4445, -4.7750
 tuned for speed, not for a fixed point at 1: singular values end up in roughly [0.7, 1.2],
 which is what Muon wants and not what a Stiefel retraction wants (see ``manifolds``).
 ``polar_exact`` is the SVD reference.
+
+The two pieces are public because Muon's CUDA-graph step (:mod:`.muon_graph`) runs them on its
+own static buffers: :func:`frobenius_normalize_` and :func:`quintic_iterations`.
 """
 
 from __future__ import annotations
@@ -19,6 +22,57 @@ def ns_dtype(device: torch.device | str) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
+def frobenius_normalize_(X: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """``X <- X / max(||X||_F, eps)`` per matrix of a (..., m, n) stack, in place, computed as if
+    ``X`` were first scaled by the power of two ``s`` that puts ``max|x|`` in [0.5, 1) (exact, so
+    the result is scale-invariant: a gradient of 1e-12 or 1e12 gets the same update as one of 1,
+    and ``eps`` only decides the all-zero matrix).
+
+    Two float32-accumulated reductions (the norm and ``max|x|``) and one same-dtype multiply by
+    the scale rounded to ``X``'s dtype (the normalized norm is then 1 to within 2^-9 in bf16,
+    which Newton-Schulz does not notice). Measured on an H100 for a (6, 3072, 768) bf16 stack:
+    26 us per reduction and 32 us for the multiply, against 115 us + 58 us in float64. Where the
+    float32 sum of squares under- or overflows (entries below ~1e-19 or above ~1e19 throughout)
+    the norm of ``s X`` is replaced by its upper bound ``sqrt(m n)``: every singular value still
+    lands in (0, 1] and the update stays finite and close to the unscaled one (cosine 0.93-0.97
+    measured on a random 8 x 12 gradient scaled by 1e-30 ... 1e38; the float64 pow2-prescale
+    pass that made this exact cost more than the whole normalization does now).
+    """
+    acc = torch.promote_types(X.dtype, torch.float32)
+    dims = (-2, -1)
+    norm = torch.linalg.vector_norm(X, dim=dims, keepdim=True, dtype=acc)
+    amax = torch.linalg.vector_norm(X, ord=float("inf"), dim=dims, keepdim=True, dtype=acc)
+    s = torch.ldexp(torch.ones_like(amax), torch.frexp(amax).exponent.neg_().clamp_max_(126))
+    # below ~sqrt(tiny) the sum of squares has underflowed (1e-18 for a float32 accumulator)
+    accurate = norm.isfinite() & (norm >= 10 * torch.finfo(acc).tiny ** 0.5)
+    scaled_norm = torch.where(accurate, norm * s, (X.size(-2) * X.size(-1)) ** 0.5)
+    return X.mul_(s.div_(scaled_norm.clamp_min_(eps)).to(X.dtype))
+
+
+def quintic_iterations(
+    X: torch.Tensor, steps: int, coefficients: tuple[float, float, float] = NS_COEFFICIENTS
+) -> torch.Tensor:
+    """``steps`` quintic iterations ``X <- (a I + b A + c A^2) X`` on a normalized (B, m, n) or
+    (m, n) ``X``, with ``A`` the Gram matrix of the small side (``X^T X`` and multiplication from
+    the right for tall matrices: no transposed copies). Returns a new tensor.
+
+    ``B = b A + c A^2`` is one fused product (float32 accumulation) as in torch.optim.Muon; the
+    ``a X`` term is folded into ``B``'s diagonal so the big product is a plain matmul: measured
+    on an H100 (24 matrices of a 42M GPT) 1.33 ms vs 1.64 ms with ``a X`` in the product's
+    epilogue, with the same accuracy against a float64 iteration (1.2% vs 1.0% relative error
+    in bf16; folding ``b`` as well would double it).
+    """
+    a, b, c = (float(v) for v in coefficients)
+    tall = X.size(-2) > X.size(-1)
+    batched = X.ndim == 3
+    for _ in range(steps):
+        A = X.mT @ X if tall else X @ X.mT
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c) if batched else torch.addmm(A, A, A, beta=b, alpha=c)
+        B.diagonal(dim1=-2, dim2=-1).add_(a)
+        X = X @ B if tall else B @ X
+    return X
+
+
 def newton_schulz(
     G: torch.Tensor,
     steps: int = 5,
@@ -29,29 +83,19 @@ def newton_schulz(
     """Approximate polar factor of ``G`` (shape ``(..., m, n)``) by the quintic iteration.
 
     The input is scaled by its Frobenius norm (an upper bound of the spectral norm, so every
-    singular value starts in (0, 1]; an exact power-of-two prescale first keeps that norm finite
-    for any finite input); tall matrices are transposed so the Gram products are
-    the small side. Returns a tensor of ``dtype`` (default: :func:`ns_dtype` of the device).
+    singular value starts in (0, 1]; see :func:`frobenius_normalize_`), then
+    :func:`quintic_iterations` run in ``dtype`` (default: :func:`ns_dtype` of the device).
+    Returns a tensor of that dtype and ``G``'s shape; ``G`` is not modified.
     """
     if G.ndim < 2:
         raise ValueError(f"newton_schulz needs a matrix, got shape {tuple(G.shape)}")
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
-    a, b, c = coefficients
-    X = G.to(dtype or ns_dtype(G.device))
-    transposed = X.size(-2) > X.size(-1)
-    if transposed:
-        X = X.mT
-    # Scale by an exact power of two first (max entry in [0.5, 1)): the normalized result is
-    # unchanged, but the Frobenius norm of a huge gradient can no longer overflow to inf.
-    amax = X.abs().amax(dim=(-2, -1), keepdim=True).float()
-    X = X * torch.ldexp(torch.ones_like(amax), -torch.frexp(amax).exponent).to(X.dtype)
-    X = X / X.norm(dim=(-2, -1), keepdim=True).clamp_min(eps)
-    for _ in range(steps):
-        A = X @ X.mT
-        B = torch.baddbmm(A, A, A, beta=b, alpha=c) if A.ndim == 3 else b * A + c * (A @ A)
-        X = torch.baddbmm(X, B, X, beta=a) if X.ndim == 3 else a * X + B @ X
-    return X.mT if transposed else X
+    shape = G.shape
+    X = G.reshape(-1, *shape[-2:]) if G.ndim > 3 else G
+    work = torch.empty(X.shape, dtype=dtype or ns_dtype(G.device), device=G.device)
+    X = frobenius_normalize_(work.copy_(X), eps)
+    return quintic_iterations(X, steps, coefficients).reshape(shape)
 
 
 def polar_exact(G: torch.Tensor) -> torch.Tensor:
