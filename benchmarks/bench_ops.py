@@ -110,8 +110,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--retract-tol", type=float, default=1e-3, help="tol of the adaptive Stiefel retraction")
     p.add_argument("--retract-max-steps", type=int, default=5, help="max iterations of the adaptive retraction")
     p.add_argument("--retract-kwargs", default=None, help="JSON dict of kwargs for the adaptive retraction (overrides detection)")
-    p.add_argument("--monitor-steps", type=int, default=None, help="steps of each monitor fit (default 60; 8 with --tiny)")
-    p.add_argument("--monitor-every", type=int, default=None, help="SpectralMonitor cadence in the fit (default 20; 3 with --tiny)")
+    p.add_argument("--monitor-steps", type=int, default=None, help="steps of each monitor fit (default 400; 8 with --tiny)")
+    p.add_argument("--monitor-every", type=int, default=None, help=f"SpectralMonitor cadence in the fit (default {MONITOR_DEFAULT_EVERY}, the monitor's default; 3 with --tiny)")
     p.add_argument("--time-limit", type=float, default=None, help="seconds; later sections are skipped past it (default 200; 120 with --tiny)")
     p.add_argument("--monitor-kwargs", default="{}", help='JSON of extra SpectralMonitor arguments, e.g. {"method": "svd"}')
     p.add_argument("--sections", default=",".join(SECTIONS),
@@ -121,8 +121,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     tiny = args.tiny
     defaults = dict(size="tiny" if tiny else "42m", batch_size=2 if tiny else 16, repeats=3 if tiny else 30,
-                    warmup=1 if tiny else 5, svd_repeats=1 if tiny else 3, monitor_steps=8 if tiny else 60,
-                    monitor_every=3 if tiny else 20, time_limit=120.0 if tiny else 200.0)
+                    warmup=1 if tiny else 5, svd_repeats=1 if tiny else 3, monitor_steps=8 if tiny else 400,
+                    monitor_every=3 if tiny else MONITOR_DEFAULT_EVERY, time_limit=120.0 if tiny else 200.0)
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -394,7 +394,52 @@ def section_stiefel(ctx):
         except Exception as exc:  # noqa: BLE001
             m["iterations_per_shape"] = error_record(exc)
         rec[mode] = m
+    rec["in_place"] = _stiefel_in_place(ctx, perturbed, fwd_bwd_ms)
     return rec
+
+
+def _stiefel_in_place(ctx, perturbed, fwd_bwd_ms) -> dict[str, Any]:
+    """What ManifoldRetraction runs after each optimizer step: ``stiefel_retract_`` on the
+    parameters themselves (predict schedule, CUDA graph where available). Each timed call first
+    restores the perturbed weights (one foreach copy, timed alone and subtracted)."""
+    from lightning_optlab import manifolds
+
+    device, args = ctx["device"], ctx["args"]
+    if not hasattr(manifolds, "stiefel_retract_"):
+        return {"skipped": "this version has no in-place stiefel_retract_"}
+    kw = {"steps": args.retract_max_steps, "tol": args.retract_tol}
+    work = [w.clone() for w in perturbed]
+    out: dict[str, Any] = {"kwargs": kw}
+
+    def reset():
+        torch._foreach_copy_(work, perturbed)
+
+    def retract():
+        reset()
+        return manifolds.stiefel_retract_(work, **kw)
+
+    try:
+        both = time_fn(retract, device, args.repeats, args.warmup)
+        alone = time_fn(reset, device, args.repeats, args.warmup)
+        out["median_ms"] = both["median_ms"] - alone["median_ms"]
+        out["reset_ms"] = alone["median_ms"]
+        synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(args.repeats):
+            retract()
+        synchronize(device)
+        out["wall_ms_per_call_incl_reset"] = (time.perf_counter() - t0) * 1e3 / args.repeats
+        results = retract()
+        out["steps_per_bucket"] = [int(r.steps) for r in results]
+        out["fallback_buckets"] = sum(bool(r.fallback) for r in results)
+        after = torch.stack(manifolds.stiefel_distance(work)).float()
+        out["distance_after_max"] = float(after.max())
+        if fwd_bwd_ms:
+            out["pct_of_fwd_bwd"] = 100.0 * out["median_ms"] / fwd_bwd_ms
+            out["wall_pct_of_fwd_bwd"] = 100.0 * (out["wall_ms_per_call_incl_reset"] - alone["median_ms"]) / fwd_bwd_ms
+    except Exception as exc:  # noqa: BLE001
+        out.update(error_record(exc))
+    return out
 
 
 def section_svdvals(ctx):
@@ -561,10 +606,15 @@ def compute_checks(results: dict[str, Any]) -> list[dict[str, Any]]:
         _check(checks, "sinkgd_persistent", "sinkgd allocator delta after a step, bytes per parameter",
                sink["persistent_delta_bytes_per_param"], "<=", 0.0, "B/param")
     st = results.get("stiefel") or {}
-    chosen = st.get("adaptive") if isinstance(st.get("adaptive"), dict) else st.get("fixed_5")
-    best = (chosen or {}).get("batched") or {}
-    mode = f"adaptive {json.dumps(chosen.get('kwargs'))}" if chosen is st.get("adaptive") and chosen else "fixed 5"
-    _check(checks, "stiefel_pct", f"Stiefel retraction of every hidden matrix ({mode}, batched), % of fwd+bwd",
+    in_place = st.get("in_place") or {}
+    if in_place.get("pct_of_fwd_bwd") is not None:  # what ManifoldRetraction runs
+        best = in_place
+        mode = f"in place, predict {json.dumps(in_place.get('kwargs'))}"
+    else:
+        chosen = st.get("adaptive") if isinstance(st.get("adaptive"), dict) else st.get("fixed_5")
+        best = (chosen or {}).get("batched") or {}
+        mode = f"adaptive {json.dumps(chosen.get('kwargs'))}, batched" if chosen is st.get("adaptive") and chosen else "fixed 5, batched"
+    _check(checks, "stiefel_pct", f"Stiefel retraction of every hidden matrix ({mode}), % of fwd+bwd",
            best.get("pct_of_fwd_bwd"), "<=", STIEFEL_MAX_PCT, "%")
     mon = results.get("spectral_monitor") or {}
     _check(checks, "monitor_pct", f"SpectralMonitor at every {MONITOR_DEFAULT_EVERY} steps, % of training (projected)",
@@ -597,6 +647,10 @@ def summary_rows(results: dict[str, Any]) -> list[list[Any]]:
             if r:
                 rows.append([f"stiefel {mode} {how}", r.get("median_ms", r.get("error")), "% fwd+bwd",
                              r.get("pct_of_fwd_bwd"), None, None])
+    ip = st.get("in_place") or {}
+    if "median_ms" in ip or "error" in ip:
+        rows.append(["stiefel in place (ManifoldRetraction)", ip.get("median_ms", ip.get("error")), "% fwd+bwd",
+                     ip.get("pct_of_fwd_bwd"), None, None])
     sv = results.get("svdvals") or {}
     for how in ("one_by_one", "batched"):
         r = sv.get(how)

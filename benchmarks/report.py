@@ -145,6 +145,12 @@ def ops_section(data: dict[str, Any]) -> list[str]:
                              x.get("pct_of_fwd_bwd"), x.get("distance_after_max"),
                              ", ".join(f"{k}: {v}" for k, v in (m.get("iterations_per_shape") or {}).items()
                                        if k not in ("error", "traceback"))])
+        ip = st.get("in_place") or {}
+        if ip.get("median_ms") is not None or ip.get("error"):
+            rows.append(["in place (what ManifoldRetraction runs)", f"`{json.dumps(ip.get('kwargs'))}`",
+                         f"stiefel_retract_, wall incl. sync {fmt(ip.get('wall_ms_per_call_incl_reset'))} ms with the reset",
+                         ip.get("median_ms", ip.get("error")), ip.get("pct_of_fwd_bwd"), ip.get("distance_after_max"),
+                         f"per bucket: {ip.get('steps_per_bucket')}"])
         if isinstance(st.get("adaptive"), str):
             out += [f"Adaptive mode: {st['adaptive']}.", ""]
         out += [markdown_table(["mode", "kwargs", "how", "ms", "% fwd+bwd", "distance after (max)",
