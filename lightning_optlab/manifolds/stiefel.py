@@ -99,12 +99,12 @@ cast back to the input dtype.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Callable, NamedTuple, Sequence
 
 import torch
 
+from ..optim.functional import full_fp32_matmul
 from .sphere import compute_dtype
 
 SCALE_LIMIT = 1.5  # iterate unscaled when the spectral bound is below this (basin: s < sqrt(3))
@@ -123,20 +123,6 @@ def as_matrix(W: torch.Tensor, name: str | None = None) -> torch.Tensor:
             "unconstrained (e.g. match ndim: '>=2' in the policy rule)."
         )
     return W.reshape(W.shape[0], -1)
-
-
-@contextlib.contextmanager
-def full_fp32_matmul():
-    """Run float32 matmuls at full precision (no TF32) inside the block, then restore."""
-    previous = torch.get_float32_matmul_precision()
-    if previous == "highest":
-        yield
-        return
-    torch.set_float32_matmul_precision("highest")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(previous)
 
 
 def _gram_distance(A: torch.Tensor) -> torch.Tensor:

@@ -399,10 +399,12 @@ def _normalize_dim_(G: Tensor, dim: int, target_norm: float, eps: float, extra: 
 
 
 @contextlib.contextmanager
-def exact_fp32_matmul():
-    """Matmuls at full fp32 precision inside (no TF32 / bf16 shortcuts a user may have enabled with
-    ``torch.set_float32_matmul_precision``): the Sinkhorn matrix-vector products below compute
-    norms, which TF32's 10-bit mantissa would get wrong in the fourth digit."""
+def full_fp32_matmul():
+    """Float32 matmuls at full precision inside the block (no TF32 / bf16 shortcuts a user may
+    have enabled with ``torch.set_float32_matmul_precision``), restored after. Used where a
+    matmul measures something: the Sinkhorn matrix-vector products below compute norms, and the
+    Stiefel retraction's Gram matrices distances, which TF32's 10-bit mantissa would get wrong
+    in the fourth digit."""
     previous = torch.get_float32_matmul_precision()
     if previous == "highest":
         yield
@@ -455,7 +457,7 @@ def sinkhorn_scales_(
     # u ~ n / rho^2, below that ceiling for rho >~ 1e-17 in fp32 -- where its squares in S are
     # still normal numbers (the original's sums of squares lose such rows the same way).
     ceiling = [torch.finfo(S.dtype).max / (4 * max(S.shape[1:])) for S in squares]
-    with exact_fp32_matmul():
+    with full_fp32_matmul():
         for _ in range(iterations):
             # rows: t = (S w) / n; u <- u / max(u t, eps^2 / n) = n u / max(u (S w), eps^2)
             ts = [torch.baddbmm(z, S, w.mT, beta=0, alpha=1.0 / S.shape[2]) for z, S, w in zip(zero, squares, ws)]
