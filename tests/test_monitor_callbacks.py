@@ -130,6 +130,13 @@ def test_fit_with_all_callbacks_writes_tensorboard_tags(tmp_path):
     s0 = np.linalg.svd(initial["net.0.weight"], compute_uv=False)
     assert h.step == 0 and h.histogram_value.num == len(s0)
     assert h.histogram_value.max == pytest.approx(s0.max(), rel=1e-5)
+    # built in the worker (histogram_stats), written raw: the same numbers numpy gives
+    assert h.histogram_value.min == pytest.approx(s0.min(), rel=1e-4, abs=1e-6)
+    assert h.histogram_value.sum == pytest.approx(s0.sum(), rel=1e-5)
+    assert h.histogram_value.sum_squares == pytest.approx((s0 ** 2).sum(), rel=1e-5)
+    assert sum(h.histogram_value.bucket) == len(s0)
+    ref_counts, _ = np.histogram(s0, bins=len(h.histogram_value.bucket) - 1)
+    assert list(h.histogram_value.bucket)[1:] == ref_counts.tolist()
     comp = ea.Scalars("spectral/weights/component/hidden/effective_rank")[0]
     hidden_ref = np.mean([np_effective_rank(initial[n]) for n in ("net.2.weight", "net.4.weight")])
     assert comp.value == pytest.approx(hidden_ref, rel=1e-4)

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import math
 import queue
@@ -23,6 +24,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
+import numpy as np
 import torch
 from lightning.pytorch.callbacks.callback import Callback
 
@@ -116,25 +118,34 @@ class Snapshot:
     """
 
     def __init__(self, tensors: dict[Any, torch.Tensor], to_cpu: bool, buffers: dict | None = None,
-                 owned: bool = False):
+                 owned: bool = False, copy_stream: Any = None):
         self.tensors: dict[Any, torch.Tensor] = {}
         self.event = None
         cuda = any(t.is_cuda for t in tensors.values())
-        for key, t in tensors.items():
-            t = t.detach()
-            if t.is_cuda and to_cpu:
-                buf = None if buffers is None else buffers.get(key)
-                if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
-                    buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-                    if buffers is not None:
-                        buffers[key] = buf
-                buf.copy_(t, non_blocking=True)
-                self.tensors[key] = buf
-            else:
-                self.tensors[key] = t if owned else t.clone()
-        if cuda:
-            self.event = torch.cuda.Event()
-            self.event.record()
+        # Owned tensors (nothing overwrites them) may be copied to the host on a side stream, so
+        # the copy engine works while the training stream goes on; live parameters and gradients
+        # must be copied on the training stream, before the optimizer step that follows.
+        side = copy_stream if (owned and to_cpu and cuda and copy_stream is not None) else None
+        if side is not None:
+            side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            for key, t in tensors.items():
+                t = t.detach()
+                if t.is_cuda and to_cpu:
+                    buf = None if buffers is None else buffers.get(key)
+                    if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+                        buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                        if buffers is not None:
+                            buffers[key] = buf
+                    buf.copy_(t, non_blocking=True)
+                    if side is not None:
+                        t.record_stream(side)  # keep its memory until the side copy is done
+                    self.tensors[key] = buf
+                else:
+                    self.tensors[key] = t if owned else t.clone()
+            if cuda:
+                self.event = torch.cuda.Event()
+                self.event.record()
 
     def wait(self) -> dict[Any, torch.Tensor]:
         """Called in the worker: block (the worker only) until the copies are complete."""
@@ -247,7 +258,27 @@ def _experiments_with(trainer: Any, method: str) -> list[Any]:
     return out
 
 
+def histogram_stats(values: Any, bins: int = 64) -> dict[str, Any]:
+    """What ``add_histogram_raw`` takes, computed from ``values`` (numpy-able): cheap to log later.
+
+    Worker threads build these so the training thread only writes them: TensorBoard's
+    ``add_histogram`` bins 'tensorflow'-style and builds the summary on the caller's thread
+    (~0.4 ms per histogram on a 2-core box against ~0.1 ms for the raw write; a snapshot of a
+    GPT logs ~100 of them)."""
+    v = np.asarray(values, dtype=np.float64).ravel()
+    counts, edges = np.histogram(v, bins=bins)
+    return {"min": float(v.min()), "max": float(v.max()), "num": int(v.size), "sum": float(v.sum()),
+            "sum_squares": float(np.dot(v, v)), "bucket_limits": edges.tolist(),
+            "bucket_counts": [0.0] + counts.astype(np.float64).tolist()}
+
+
 def log_histogram(trainer: Any, tag: str, values: Any, step: int) -> bool:
+    """Log a histogram of ``values``, or of a :func:`histogram_stats` dict (raw, cheap)."""
+    if isinstance(values, dict):
+        exps = _experiments_with(trainer, "add_histogram_raw")
+        for exp in exps:
+            exp.add_histogram_raw(tag, global_step=step, **values)
+        return bool(exps)
     exps = _experiments_with(trainer, "add_histogram")
     for exp in exps:
         exp.add_histogram(tag, values, global_step=step)
@@ -345,8 +376,6 @@ def by_shape(tensors: dict[str, torch.Tensor]) -> list[tuple[list[str], torch.Te
 
 def side_stream_context(tensors: dict[Any, torch.Tensor]):
     """In a worker thread: a CUDA side stream for computing on device snapshots (else a no-op)."""
-    import contextlib
-
     if any(t.is_cuda for t in tensors.values()):
         device = next(t.device for t in tensors.values() if t.is_cuda)
         return torch.cuda.stream(torch.cuda.Stream(device=device))

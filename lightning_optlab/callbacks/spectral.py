@@ -17,6 +17,7 @@ from ._common import (
     check_every_n_steps,
     first_optimizer,
     geometric_mean,
+    histogram_stats,
     log_histogram,
     log_image,
     log_scalars,
@@ -373,7 +374,17 @@ class SpectralMonitor(BackgroundAnalysis):
                 grams[key] = G if eig_dtype == torch.float64 else G.to(eig_dtype)
                 out_dtype = torch.float64 if all(t.dtype == torch.float64 for t in ts) else torch.float32
                 chunks.append((part, key, out_dtype))
-        return Snapshot(grams, to_cpu=True, buffers=self._buffers, owned=True), chunks
+        device = next(iter(grams.values())).device if grams else None
+        copy_stream = self._copy_stream(device) if device is not None and device.type == "cuda" else None
+        return Snapshot(grams, to_cpu=True, buffers=self._buffers, owned=True, copy_stream=copy_stream), chunks
+
+    def _copy_stream(self, device: torch.device):
+        """A side stream per device for the Grams' device-to-host copies (the copy engine runs
+        them while the training stream goes on: ~4 ms per snapshot of the 42M GPT off its path)."""
+        key = ("copy", device)
+        if key not in self._streams:
+            self._streams[key] = torch.cuda.Stream(device=device)
+        return self._streams[key]
 
     @property
     def skipped_snapshots(self) -> int:
@@ -499,7 +510,7 @@ class SpectralMonitor(BackgroundAnalysis):
                 per_scope.setdefault(f"spectral/{kind}/group/{group}", []).append(figs)
                 out_spectra[(kind, name)] = s
                 if self.histograms:
-                    hist[f"spectral/{kind}/spectrum/{tag_name}"] = s.numpy()
+                    hist[f"spectral/{kind}/spectrum/{tag_name}"] = histogram_stats(s.numpy())
                 if images:
                     imgs[f"spectral/{kind}/spectrum_plot/{tag_name}"] = render_spectrum_image(
                         f"{kind}: {name} {shapes[(kind, name)]}", s.numpy()
