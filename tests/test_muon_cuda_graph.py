@@ -70,3 +70,30 @@ def test_forcing_the_graph_where_it_cannot_run_is_an_error():
         opt.step()
     with pytest.raises(ValueError, match="cuda_graph must be 'auto', true or false"):
         make("cpu", "always")
+
+
+@cuda
+@pytest.mark.parametrize("rule", ["muon", "adamw"])
+def test_prepared_step_still_refuses_a_nan_gradient_before_anything_changes(rule):
+    """With the CUDA graph (muon) or torch's fused kernel (adamw), the step is prepared while the
+    NaN/Inf check is in flight (gradients copied into the graph's buffers, argument lists built):
+    a NaN must still raise, with weights and state untouched."""
+    params, opt = make("cuda", True) if rule == "muon" else (None, None)
+    if rule == "adamw":
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.randn(s, generator=gen).cuda().requires_grad_() for s in SHAPES]
+        opt = ModularOptimizer([{"params": params, "algorithm": "adamw", "lr": 1e-2,
+                                 "param_names": [f"w{i}" for i in range(len(SHAPES))]}])
+    run(opt, params, range(3), "cuda")  # warm-up and capture
+    before = [p.detach().clone() for p in params]
+    state_before = {k: {kk: vv.clone() for kk, vv in v.items() if torch.is_tensor(vv)} for k, v in opt.state.items()}
+    for p, g in zip(params, grads_for(3, "cuda")):
+        p.grad = g
+    params[1].grad.view(-1)[5] = float("nan")
+    with pytest.raises(FloatingPointError, match="non-finite gradient"):
+        opt.step()
+    for p, b in zip(params, before):
+        assert torch.equal(p, b)
+    for k, v in opt.state.items():
+        for kk, vv in state_before[k].items():
+            assert torch.equal(v[kk], vv), kk

@@ -80,9 +80,10 @@ def finite_flags(grads: Sequence[Tensor]) -> Tensor:
     return torch.stack([n.to(device=device, dtype=dtype) for n in norms]).isfinite()
 
 
-def all_finite(grads: Sequence[Tensor]) -> bool:
-    """Whether every gradient entry is finite: GradScaler's fused non-finite check (one kernel per
-    device and dtype, multiplying by exactly 1.0) and one host sync for the whole step."""
+def nonfinite_flag(grads: Sequence[Tensor]) -> Tensor:
+    """A device tensor that is nonzero when some gradient entry is NaN/Inf: GradScaler's fused
+    non-finite check (one kernel per device and dtype, multiplying by exactly 1.0). No host sync:
+    ``bool()`` of it is the one sync of the step (see :func:`all_finite`)."""
     by_key: dict[tuple, list[Tensor]] = defaultdict(list)
     for g in grads:
         by_key[(g.device, g.dtype)].append(g)
@@ -91,7 +92,12 @@ def all_finite(grads: Sequence[Tensor]) -> bool:
         found = torch.zeros(1, device=device)
         torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, torch.ones(1, device=device))
         flags.append(found if found.device == grads[0].device else found.to(grads[0].device))
-    return not bool(torch.stack(flags).any())
+    return flags[0] if len(flags) == 1 else torch.stack(flags).any()
+
+
+def all_finite(grads: Sequence[Tensor]) -> bool:
+    """Whether every gradient entry is finite: :func:`nonfinite_flag` and one host sync."""
+    return not bool(nonfinite_flag(grads))
 
 
 def fused_by_default(group: Mapping[str, Any], params: list[torch.Tensor]) -> bool:

@@ -18,11 +18,12 @@ Example::
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Iterable
 
 import torch
 
-from .functional import all_finite, require_finite_grads
+from .functional import nonfinite_flag, require_finite_grads
 from .registry import GROUP_META_KEYS, get_rule, resolve_hyperparameters
 
 
@@ -122,14 +123,21 @@ class ModularOptimizer(torch.optim.Optimizer):
             return loss
         # NaN/Inf policy: refuse the whole step before any weight or state changes, with one
         # reduction and one host sync for all groups (see functional.require_finite_grads).
-        if self.check_finite and not all_finite([g for _, _, grads in work for g in grads]):
-            for group, params, grads in work:
-                require_finite_grads(group, params, grads, group["algorithm"])
+        # The check is launched first; the rules' preparations (which change nothing) run while
+        # it is in flight, so after the sync only kernel launches are left.
+        flag = nonfinite_flag([g for _, _, grads in work for g in grads]) if self.check_finite else None
+        launches = []
         for group, params, grads in work:
             rule = get_rule(group["algorithm"])
             # A stateless rule gets throwaway dicts, so not even empty entries reach state_dict().
             states = [{} for _ in params] if rule.stateless else [self.state[p] for p in params]
-            rule.step(group, params, grads, states)
+            launch = rule.prepare(group, params, grads, states) if rule.prepare is not None else None
+            launches.append(launch or functools.partial(rule.step, group, params, grads, states))
+        if flag is not None and bool(flag):
+            for group, params, grads in work:
+                require_finite_grads(group, params, grads, group["algorithm"])
+        for launch in launches:
+            launch()
         return loss
 
     def state_dict(self) -> dict[str, Any]:

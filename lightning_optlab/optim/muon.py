@@ -26,6 +26,7 @@ another rule (``{match: {ndim: [0, 1]}, optimizer: adamw}``). A NaN/Inf gradient
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Iterable, Mapping
 
 import torch
@@ -159,6 +160,20 @@ def muon_step(group: dict, params: list, grads: list, states: list) -> None:
         store_(target, value)  # casts back bf16/fp16 weights and buffers; no-op for fp32
 
 
+def muon_prepare(group: dict, params: list, grads: list, states: list):
+    """With the CUDA graph: copy the gradients into its static stacks while the optimizer's
+    NaN/Inf check is in flight (no weight or state value changes); the replay is left. Else
+    None (the plain step runs after the check)."""
+    if group.get("_runtime", {}).get("muon_overlap") is not None or not all(states):
+        return None
+    if not graph_eligible(group, params, ns_split_world(group["ns_split"])):
+        return None
+    _refuse_sharded(params, group)
+    graph = graph_for(group, params)
+    graph.load(grads, states)
+    return functools.partial(graph.run, group)
+
+
 MUON_RULE = register_rule(
     UpdateRule(
         name="muon",
@@ -167,6 +182,7 @@ MUON_RULE = register_rule(
         min_ndim=2,
         summary="Muon: nesterov momentum -> quintic Newton-Schulz orthogonalization (batched) -> shape scaling",
         check=check_muon,
+        prepare=muon_prepare,
     )
 )
 

@@ -131,9 +131,13 @@ class MuonGraph:
         for stream in self.streams:
             main.wait_stream(stream)
 
-    def step(self, grads: list[torch.Tensor], states: list[dict], group: dict) -> None:
+    def load(self, grads: list[torch.Tensor], states: list[dict]) -> None:
+        """Copy the gradients into the static stacks (changes no weight and no state value)."""
         self.adopt_state(states)
         torch._foreach_copy_(self.grad_views, grads)
+
+    def run(self, group: dict) -> None:
+        """The step proper, on the loaded gradients: replay (or warm up, or capture)."""
         self.lr.fill_(float(group["lr"]))
         if self.graph is not None:
             self.graph.replay()
@@ -150,6 +154,10 @@ class MuonGraph:
         torch.cuda.current_stream().wait_stream(side)
         self.graph = graph
         graph.replay()
+
+    def step(self, grads: list[torch.Tensor], states: list[dict], group: dict) -> None:
+        self.load(grads, states)
+        self.run(group)
 
 
 def graph_for(group: dict, params: list[torch.Tensor]) -> MuonGraph:

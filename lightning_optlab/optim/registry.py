@@ -22,6 +22,7 @@ import torch
 
 StepFn = Callable[[dict, list, list, list], None]
 CheckFn = Callable[[Mapping[str, Any]], None]
+PrepareFn = Callable[[dict, list, list, list], "Callable[[], None] | None"]
 
 # Keys of a param group that describe it rather than configure its rule.
 GROUP_META_KEYS = frozenset(
@@ -56,6 +57,12 @@ class UpdateRule:
     # True when the rule keeps no per-parameter tensors (state_dict carries none).
     stateless: bool = False
     aliases: tuple[str, ...] = field(default_factory=tuple)
+    # Optional ``prepare(group, params, grads, states)``: the part of a step that changes no
+    # weight and no state (building argument lists, copying gradients into the rule's own
+    # buffers), returning a function that does the rest, or None to run ``step`` whole.
+    # ModularOptimizer calls it while its NaN/Inf check is in flight, so after the check's
+    # host sync only kernel launches remain and the GPU is not left waiting for Python.
+    prepare: PrepareFn | None = None
 
 
 _RULES: dict[str, UpdateRule] = {}

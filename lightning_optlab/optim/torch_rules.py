@@ -8,6 +8,7 @@ unless a group asks otherwise (``fused: false``), foreach elsewhere when torch p
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping
 
 import torch
@@ -33,7 +34,10 @@ def _ensure_step_device(state: dict, p: torch.Tensor, on_device: bool) -> None:
         state["step"] = state["step"].to(p.device)
 
 
-def _adam_family_step(group, params, grads, states, *, decoupled: bool) -> None:
+def _adam_family_launch(group, params, grads, states, *, decoupled: bool):
+    """Everything of an Adam/AdamW step up to torch's kernel call (lazy state init included),
+    returning the call. Nothing has changed when it returns, except the state of a parameter's
+    first step (zeros), which is why :func:`_adam_family_prepare` leaves first steps alone."""
     fused = fused_by_default(group, params)
     on_device = fused or group["capturable"]
     exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], []
@@ -51,7 +55,8 @@ def _adam_family_step(group, params, grads, states, *, decoupled: bool) -> None:
             max_exp_avg_sqs.append(state["max_exp_avg_sq"])
         steps.append(state["step"])
     fn = _adamw.adamw if decoupled else _adam.adam
-    fn(
+    return functools.partial(
+        fn,
         params,
         grads,
         exp_avgs,
@@ -73,12 +78,26 @@ def _adam_family_step(group, params, grads, states, *, decoupled: bool) -> None:
     )
 
 
+def _adam_family_prepare(group, params, grads, states, *, decoupled: bool):
+    if not all(states):  # first step: creating the state is a change, so it waits for the check
+        return None
+    return _adam_family_launch(group, params, grads, states, decoupled=decoupled)
+
+
 def adam_step(group, params, grads, states) -> None:
-    _adam_family_step(group, params, grads, states, decoupled=False)
+    _adam_family_launch(group, params, grads, states, decoupled=False)()
 
 
 def adamw_step(group, params, grads, states) -> None:
-    _adam_family_step(group, params, grads, states, decoupled=True)
+    _adam_family_launch(group, params, grads, states, decoupled=True)()
+
+
+def adam_prepare(group, params, grads, states):
+    return _adam_family_prepare(group, params, grads, states, decoupled=False)
+
+
+def adamw_prepare(group, params, grads, states):
+    return _adam_family_prepare(group, params, grads, states, decoupled=True)
 
 
 def sgd_step(group, params, grads, states) -> None:
@@ -171,6 +190,7 @@ register_rule(
         defaults=_ADAM_DEFAULTS,
         summary="Adam (torch.optim.Adam's functional core; L2-coupled weight decay)",
         check=check_common,
+        prepare=adam_prepare,
     )
 )
 register_rule(
@@ -180,6 +200,7 @@ register_rule(
         defaults={**_ADAM_DEFAULTS, "weight_decay": 1e-2},
         summary="AdamW (torch.optim.AdamW's functional core; decoupled weight decay)",
         check=check_common,
+        prepare=adamw_prepare,
     )
 )
 register_rule(
