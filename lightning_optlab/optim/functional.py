@@ -492,113 +492,102 @@ def _pow2_scales(amax: Tensor) -> Tensor:
     return torch.ldexp(torch.ones_like(amax), exponent.neg_())
 
 
-def sinkgd_matrices_(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    lr: float,
-    weight_decay: float,
-    iterations: int,
-    eps: float = 1e-8,
-) -> None:
-    """``p <- p (1 - lr wd) - lr * SinkGD(g)`` for >=2-D parameters (conv kernels as (out, fan_in)).
+def _pow2_prescale_stacks_(stacks: Sequence[Tensor]) -> list[Tensor]:
+    """:func:`pow2_prescale_stack_` of several 3-D stacks with one scale computation: per-item
+    max (one read of each stack), the powers of two of all items at once, one multiply per stack.
+    Returns the scales, shaped (B, 1, 1) per stack."""
+    amax = torch.cat([torch.linalg.vector_norm(G, float("inf"), dim=(1, 2)) for G in stacks])
+    scales = _pow2_scales(amax)
+    out, start = [], 0
+    for G in stacks:
+        s = scales[start : start + G.shape[0]].view(-1, 1, 1).to(G.dtype)  # exact: powers of two
+        start += G.shape[0]
+        G.mul_(s)
+        out.append(s)
+    return out
 
-    Per shape bucket, full-size memory traffic is: the per-matrix max (one read of the
-    gradients, one foreach kernel), ``S = (s g)^2`` (``s`` the pow2 prescale; one read, one
-    write), ``2 * iterations`` reads of ``S`` by :func:`sinkhorn_scales_`, the rank-one factor
-    ``R = (s r) c^T`` written over ``S``, and one foreach ``p += -lr * g * R`` (reads p, g, R;
-    writes p). No stack of the gradients, no full-size intermediate besides ``S``.
 
-    ``R`` is capped per matrix so that ``R <= finfo.max / 4``: it only binds where a row and a
-    column are both (near) zero -- ``g`` is 0 there, and an infinite ``R`` would give NaN --
-    or for entries below ~1e-36 in fp32 (whose update is then smaller than exact).
+def sinkgd_factors_(stacks: Sequence[Tensor], iterations: int, eps: float = 1e-8) -> tuple[list[Tensor], list[Tensor]]:
+    """SinkGD of stacks of matrices as two scale vectors: ``SinkGD(G0)[b] = r[b] * G[b] * c[b]``.
+
+    Each stack ``G`` (B, m, n) is first multiplied in place by its items' power-of-two prescales
+    (so the squares below neither overflow nor underflow; SinkGD is scale-invariant), then
+    ``S = G * G`` is formed once and :func:`sinkhorn_scales_` runs the ``iterations`` row/column
+    alternations on it (2 * iterations batched matvecs). Returns ``(rows, cols)``: ``r`` shaped
+    (B, m, 1), ``c`` (B, 1, n), targets sqrt(n)/sqrt(m) included; zero rows/columns get 0.
+    No product of the two is formed: ``r <= ~1.6e17``, ``c`` likewise and ``|G| < 1``, so
+    ``(G * r) * c`` stays finite in fp32. Full-size traffic: 1 read (max), 1 read + 1 write
+    (prescale), 1 read + 1 write (square), 2 * iterations reads of ``S``; ``S`` is freed on return.
     """
-    buckets: dict[tuple, list[int]] = defaultdict(list)
-    for i, g in enumerate(grads):
-        buckets[(g.device, g.dtype, work_shape(g)[1])].append(i)
-    amax = torch._foreach_norm(list(grads), float("inf"))
-    # the pow2 prescales of all matrices of one device and compute dtype in one go
-    lanes: dict[tuple, list[int]] = defaultdict(list)
-    for i, g in enumerate(grads):
-        lanes[(g.device, compute_dtype(g.dtype))].append(i)
-    pow2: dict[int, Tensor] = {}
-    for (_, cdt), idx in lanes.items():
-        pow2.update(zip(idx, _pow2_scales(torch.stack([amax[i] for i in idx]).to(cdt)).unbind()))
-    stacks, scales, order = [], [], []
-    for (_, dtype, (m, n)), idx in buckets.items():
-        cdt = compute_dtype(dtype)
-        s = torch.stack([pow2[i] for i in idx]).view(-1, 1, 1)
-        S = torch.empty((len(idx), m, n), dtype=cdt, device=grads[idx[0]].device)
-        for j, i in enumerate(idx):
-            torch.mul(grads[i].reshape(m, n), pow2[i], out=S[j])
-        S.square_()
-        stacks.append(S)
-        scales.append(s)
-        order.append(idx)
-    us, ws = sinkhorn_scales_(stacks, iterations, eps)
-    torch._foreach_sqrt_(us)
-    torch._foreach_sqrt_(ws)
-    targets, factors, values = [], [], []
-    for S, s, r, c, idx in zip(stacks, scales, us, ws, order):
-        big = torch.finfo(S.dtype).max / 4
-        cap = torch.amax(c, dim=-1, keepdim=True).reciprocal_().mul_(big).clamp_max_(big)
-        torch.mul(torch.minimum(r.mul_(s), cap), c, out=S)  # S now holds R = (s r) c^T
-        for j, i in enumerate(idx):
-            targets.append(params[i])
-            values.append(grads[i])
-            factors.append(S[j].view(params[i].shape))
-    direct = [k for k, p in enumerate(targets) if p.dtype == factors[k].dtype]
-    low = [k for k, p in enumerate(targets) if p.dtype != factors[k].dtype]
-    if direct:
-        ps = [targets[k] for k in direct]
-        if weight_decay != 0:
-            torch._foreach_mul_(ps, 1 - lr * weight_decay)
-        torch._foreach_addcmul_(ps, [values[k] for k in direct], [factors[k] for k in direct], value=-lr)
-    for k in low:  # bf16/fp16 weights: one rounding, from fp32
-        p32 = targets[k].to(factors[k].dtype)
-        decoupled_weight_decay_(p32, lr, weight_decay)
-        targets[k].copy_(p32.addcmul_(values[k], factors[k], value=-lr))
+    if not stacks:
+        return [], []
+    _pow2_prescale_stacks_(stacks)
+    squares = [G * G for G in stacks]
+    rows, cols = sinkhorn_scales_(squares, iterations, eps)
+    del squares
+    torch._foreach_sqrt_(rows)
+    torch._foreach_sqrt_(cols)
+    return rows, cols
 
 
 def sinkgd_stack_(G: Tensor, kind: str, iterations: int, eps: float = 1e-8) -> Tensor:
     """SinkGD's multi-normalization of every item of a stack from :func:`stack_by_shape`, in place.
 
     Matrices (B, m, n): ``iterations`` alternations of rows to l2 norm sqrt(n), then columns
-    to sqrt(m), run on scale vectors by :func:`sinkhorn_scales_` and applied in one pass.
+    to sqrt(m), run on scale vectors by :func:`sinkgd_factors_` and applied in one pass.
     Vectors and scalars: unit RMS (a scalar becomes its sign). Each item is first scaled by an
     exact power of two (scale-invariant, so no effect but on overflow). Returns ``G``.
-    (The group step uses :func:`sinkgd_matrices_`, the same math without a stack of ``G``.)
+    (The group step, :func:`sinkgd_stacks_step_`, folds the two factors into the update instead.)
     """
-    pow2_prescale_stack_(G)
     if kind != "matrix":
+        pow2_prescale_stack_(G)
         return G.div_(_rms_stack(G, eps))
-    (u,), (w,) = sinkhorn_scales_([G * G], iterations, eps)
-    return G.mul_(u.sqrt_()).mul_(w.sqrt_())
+    (r,), (c,) = sinkgd_factors_([G], iterations, eps)
+    return G.mul_(r).mul_(c)
 
 
-def sinkhorn_tanh_stack_(G: Tensor, kind: str, tau: float, n_iter: int, eps: float = 1e-8) -> Tensor:
-    """The Sinkhorn-tanh transform of every item of a stack from :func:`stack_by_shape`, in place.
+def sinkhorn_tanh_factor_(G: Tensor, kind: str, tau: float, n_iter: int, eps: float = 1e-8) -> Tensor | None:
+    """The Sinkhorn-tanh rounds on a stack from :func:`stack_by_shape`, in place, WITHOUT the final
+    rescale; returns that rescale per item (``(B, 1, ...)``; None for scalars, which have none):
+    ``transform(G0)[b] = factor[b] * G[b]``, so a caller folds it into the update.
 
     Matrices: ``n_iter`` rounds of (rows to unit l2, columns to unit l2, ``tanh(./tau)``; the
-    division by tau folded into the column pass), then each item rescaled to its original RMS.
-    Vectors: l1 normalization in place of rows/columns. Scalars: ``tanh(./tau)`` iterated only.
-    Returns ``G``.
+    division by tau folded into the column pass): per round two norm reads and three
+    read+write passes. The gradient's RMS (the restore target) comes from the first round's row
+    norms (``||G||_F^2 = sum_i ||G_i,:||^2``), not from a pass of its own. Vectors: l1
+    normalization in place of rows/columns. Scalars: ``tanh(./tau)`` iterated only.
     """
     if kind == "scalar":
         for _ in range(n_iter):
             G.div_(tau).tanh_()
-        return G
+        return None
     scale = pow2_prescale_stack_(G)
-    reference = _rms_stack(G, 0.0)
-    for _ in range(n_iter):
-        if kind == "matrix":
+    count = math.prod(G.shape[1:])
+    if kind == "matrix":
+        norm = torch.linalg.vector_norm(G, dim=-1, keepdim=True)
+        reference = torch.linalg.vector_norm(norm, dim=(1, 2), keepdim=True).div_(math.sqrt(count))
+        G.div_(norm.clamp_min_(eps))
+        _normalize_dim_(G, -2, 1.0, eps, extra=tau)
+        G.tanh_()
+        for _ in range(n_iter - 1):
             _normalize_dim_(G, -1, 1.0, eps)
             _normalize_dim_(G, -2, 1.0, eps, extra=tau)
-        else:
+            G.tanh_()
+    else:
+        reference = _rms_stack(G, 0.0)
+        for _ in range(n_iter):
             norm = torch.linalg.vector_norm(G, 1, dim=-1, keepdim=True).clamp_min_(eps).mul_(tau)
             G.div_(norm)
-        G.tanh_()
-    # restore the RMS and undo the power-of-two prescale in one pass
-    return G.mul_(reference.div_(_rms_stack(G, eps)).div_(scale))
+            G.tanh_()
+    # restore the RMS and undo the power-of-two prescale (one small kernel each, on (B, 1, ...))
+    return reference.div_(_rms_stack(G, eps)).div_(scale)
+
+
+def sinkhorn_tanh_stack_(G: Tensor, kind: str, tau: float, n_iter: int, eps: float = 1e-8) -> Tensor:
+    """The Sinkhorn-tanh transform of every item of a stack from :func:`stack_by_shape`, in place:
+    :func:`sinkhorn_tanh_factor_`, then the rescale applied. Returns ``G``."""
+    factor = sinkhorn_tanh_factor_(G, kind, tau, n_iter, eps)
+    return G if factor is None else G.mul_(factor)
 
 
 def _single(grad: Tensor, transform) -> Tensor:
@@ -620,7 +609,7 @@ def sinkgd_update(grad: Tensor, iterations: int, eps: float = 1e-8) -> Tensor:
     1-D and 0-D tensors have no row/column structure and are normalized to unit RMS
     (``g / rms(g)``; this is the 1 x n case of the row step, and the sign for a scalar).
     Returns a new tensor (compute dtype) shaped like ``grad``. The group step runs the same
-    code (:func:`sinkgd_stack_`) on stacks of same-shaped gradients.
+    code (:func:`sinkgd_factors_`, :func:`sinkgd_stack_`) on stacks of same-shaped gradients.
     """
     return _single(grad, lambda G, kind: sinkgd_stack_(G, kind, iterations, eps))
 
@@ -634,38 +623,103 @@ def sinkhorn_tanh_update(grad: Tensor, tau: float, n_iter: int, eps: float = 1e-
     the row/column steps. 0-D: ``tanh(g / tau)`` iterated, no normalization and no RMS restore
     (which would give back ``g`` itself). Norms are clamped at ``eps``: a zero gradient gives a
     zero update. Returns a new tensor (compute dtype) shaped like ``grad``. The group step runs
-    the same code (:func:`sinkhorn_tanh_stack_`) on stacks of same-shaped gradients.
+    the same code (:func:`sinkhorn_tanh_factor_`) on stacks of same-shaped gradients.
     """
     return _single(grad, lambda G, kind: sinkhorn_tanh_stack_(G, kind, tau, n_iter, eps))
 
 
-def apply_stacked_updates_(
+# Group steps of the stateless rules over stacks in :func:`stack_by_shape`'s layout. The eager
+# step (fresh stacks) and the CUDA-graph step (static stacks the gradients are copied into,
+# see .stateless_graph) run exactly these functions; ``lr`` is a float or a 0-d tensor on the
+# device (the graph's, so a scheduler's new lr needs no recapture). The stacks are consumed.
+
+
+def _decay_factor(lr: float | Tensor, weight_decay: float) -> float | Tensor | None:
+    if weight_decay == 0:
+        return None
+    return 1 - lr * weight_decay
+
+
+def add_stacked_updates_(
     params: Sequence[Tensor],
-    updates: Sequence[tuple[str, list[int], Tensor]],
-    lr: float,
-    weight_decay: float = 0.0,
+    updates: Sequence[tuple[list[int], Tensor, Any]],
+    decay: float | Tensor | None,
 ) -> None:
-    """``p <- p * (1 - lr * weight_decay) - lr * u`` for stacked updates (:func:`stack_by_shape`
-    layout): parameters already in the compute dtype in two foreach kernels for the whole
-    group; others (bf16/fp16) per bucket through one fp32 stack, cast back once."""
-    direct_p: list[Tensor] = []
-    direct_u: list[Tensor] = []
-    for _, idx, U in updates:
-        low = [j for j, i in enumerate(idx) if params[i].dtype != U.dtype]
+    """``p <- p * decay + U[j] * factor[j]`` for each ``(indices, U, factor)``: ``factor`` a float,
+    a 0-d tensor or a stack-shaped tensor broadcasting against ``U[j]`` (e.g. (B, 1, n) column
+    scales). Weights in ``U``'s dtype and contiguous are updated in place: the decay as one foreach
+    kernel for the group, then one ``add_``/``addcmul_`` per weight straight from ``U`` (no update
+    tensor of its own). Others (bf16/fp16, non-contiguous) go through one fp32 copy each, rounded
+    back once."""
+    direct = [
+        params[i] for idx, U, _ in updates for i in idx if params[i].dtype == U.dtype and params[i].is_contiguous()
+    ]
+    if decay is not None and direct:
+        torch._foreach_mul_(direct, decay)
+    for idx, U, factor in updates:
         for j, i in enumerate(idx):
-            if params[i].dtype == U.dtype:
-                direct_p.append(params[i])
-                direct_u.append(U[j].view(params[i].shape))
-        if low:
-            ps = [params[idx[j]] for j in low]
-            P = torch.stack([p.reshape(U.shape[1:]) for p in ps]).to(U.dtype)
-            decoupled_weight_decay_(P, lr, weight_decay)
-            P.add_(U[low] if len(low) < len(idx) else U, alpha=-lr)
-            torch._foreach_copy_(ps, [P[k].view(p.shape) for k, p in enumerate(ps)])
-    if direct_p:
-        if weight_decay != 0:
-            torch._foreach_mul_(direct_p, 1 - lr * weight_decay)
-        torch._foreach_add_(direct_p, direct_u, alpha=-lr)
+            p = params[i]
+            exact = p.dtype == U.dtype and p.is_contiguous()
+            work = p if exact else p.to(dtype=U.dtype, memory_format=torch.contiguous_format, copy=True)
+            if not exact and decay is not None:
+                work.mul_(decay)
+            target = work.view(U.shape[1:])
+            if isinstance(factor, Tensor):
+                target.addcmul_(U[j], factor[j] if factor.ndim > 0 else factor)
+            else:
+                target.add_(U[j], alpha=factor)
+            if not exact:
+                p.copy_(work.view(p.shape))
+
+
+def sinkgd_stacks_step_(
+    params: Sequence[Tensor],
+    stacks: Sequence[tuple[str, list[int], Tensor]],
+    lr: float | Tensor,
+    weight_decay: float,
+    iterations: int,
+    eps: float = 1e-8,
+) -> None:
+    """``p <- p (1 - lr wd) - lr * SinkGD(g)`` for a group whose gradients are stacked by shape.
+
+    Matrices: :func:`sinkgd_factors_`, the row factor times ``-lr`` folded into one multiply of
+    the (prescaled) stack, the column factor into each weight's ``addcmul_``. Full-size traffic
+    per step: 1 + 2 + 2 + 2 * iterations passes in the factors, 2 for the row multiply, 3 for
+    the update (read p, G; write p), plus 2 for weight decay when it is on. Vectors/scalars:
+    :func:`sinkgd_stack_` and ``add_``.
+    """
+    neg_lr = -lr
+    matrices = [(idx, G) for kind, idx, G in stacks if kind == "matrix"]
+    updates: list[tuple[list[int], Tensor, Any]] = []
+    if matrices:
+        rows, cols = sinkgd_factors_([G for _, G in matrices], iterations, eps)
+        for (idx, G), r, c in zip(matrices, rows, cols):
+            G.mul_(r.mul_(neg_lr))
+            updates.append((idx, G, c))
+    for kind, idx, G in stacks:
+        if kind != "matrix":
+            updates.append((idx, sinkgd_stack_(G, kind, iterations, eps), neg_lr))
+    add_stacked_updates_(params, updates, _decay_factor(lr, weight_decay))
+
+
+def sinkhorn_tanh_stacks_step_(
+    params: Sequence[Tensor],
+    stacks: Sequence[tuple[str, list[int], Tensor]],
+    lr: float | Tensor,
+    weight_decay: float,
+    tau: float,
+    n_iter: int,
+    eps: float = 1e-8,
+) -> None:
+    """``p <- p (1 - lr wd) - lr * SinkhornTanh(g)`` for a group whose gradients are stacked by
+    shape: :func:`sinkhorn_tanh_factor_` on each stack, the RMS restore, prescale undo and
+    ``-lr`` folded into one per-item factor of each weight's ``addcmul_`` (no pass of their own)."""
+    neg_lr = -lr
+    updates: list[tuple[list[int], Tensor, Any]] = []
+    for kind, idx, G in stacks:
+        factor = sinkhorn_tanh_factor_(G, kind, tau, n_iter, eps)
+        updates.append((idx, G, neg_lr if factor is None else factor.mul_(neg_lr)))
+    add_stacked_updates_(params, updates, _decay_factor(lr, weight_decay))
 
 
 def spam_warmup_factor(steps_since_reset: int, warmup_steps: int, resets: int) -> float:

@@ -11,27 +11,32 @@
   gradient's RMS, decoupled weight decay. Defaults lr 3e-4, weight_decay 0.1, tau 0.1,
   n_iter 5, eps 1e-8 (the notes' S1); S2 is tau 0.05 / n_iter 10, S3 tau 0.2 / n_iter 3.
 
-Both keep no state at all (``state_dict()['state']`` is empty): memory as plain SGD. Math in
-fp32, result cast back to the parameter dtype. A NaN/Inf gradient raises ``FloatingPointError``
-before anything is changed (see :mod:`.functional`).
+Both keep no state at all (``state_dict()['state']`` is empty). Math in fp32, result cast back
+to the parameter dtype. On CUDA with fp32 weights the group step is replayed as one CUDA graph
+(``cuda_graph="auto"``, :mod:`.stateless_graph`): it keeps a float32 stack of the gradients
+(4 bytes per parameter) and the graph's pool of intermediates between steps -- workspace, not
+state; ``cuda_graph=False`` frees it after every step. A NaN/Inf gradient raises
+``FloatingPointError`` before anything is changed (see :mod:`.functional`).
 """
 
 from __future__ import annotations
 
 from typing import Any, Iterable, Mapping
 
-from .functional import (
-    apply_stacked_updates_,
-    sinkgd_matrices_,
-    sinkgd_stack_,
-    sinkhorn_tanh_stack_,
-    stack_by_shape,
-)
+from .functional import sinkgd_stacks_step_, sinkhorn_tanh_stacks_step_, stack_by_shape
 from .registry import UpdateRule, check_common, register_rule
 from .rule_optimizer import RuleOptimizer
+from .stateless_graph import graph_eligible, graph_for
 
-SINKGD_DEFAULTS: dict[str, Any] = dict(lr=1e-3, sinkhorn_iterations=5, weight_decay=0.0, eps=1e-8)
-SINKHORN_TANH_DEFAULTS: dict[str, Any] = dict(lr=3e-4, weight_decay=0.1, tau=0.1, n_iter=5, eps=1e-8)
+SINKGD_DEFAULTS: dict[str, Any] = dict(
+    lr=1e-3, sinkhorn_iterations=5, weight_decay=0.0, eps=1e-8, cuda_graph="auto"
+)
+SINKHORN_TANH_DEFAULTS: dict[str, Any] = dict(
+    lr=3e-4, weight_decay=0.1, tau=0.1, n_iter=5, eps=1e-8, cuda_graph="auto"
+)
+# what a captured graph bakes in (lr is a device scalar and may change freely)
+_SINKGD_GRAPH_KEYS = ("sinkhorn_iterations", "weight_decay", "eps")
+_SINKHORN_TANH_GRAPH_KEYS = ("weight_decay", "tau", "n_iter", "eps")
 
 
 def _check_count(hp: Mapping[str, Any], key: str, minimum: int) -> None:
@@ -40,9 +45,15 @@ def _check_count(hp: Mapping[str, Any], key: str, minimum: int) -> None:
         raise ValueError(f"{key} must be an integer >= {minimum}, got {value!r}")
 
 
+def _check_cuda_graph(hp: Mapping[str, Any]) -> None:
+    if hp["cuda_graph"] not in ("auto", True, False):
+        raise ValueError(f"cuda_graph must be 'auto', true or false, got {hp['cuda_graph']!r}")
+
+
 def check_sinkgd(hp: Mapping[str, Any]) -> None:
     check_common(hp)
     _check_count(hp, "sinkhorn_iterations", 1)
+    _check_cuda_graph(hp)
 
 
 def check_sinkhorn_tanh(hp: Mapping[str, Any]) -> None:
@@ -51,34 +62,38 @@ def check_sinkhorn_tanh(hp: Mapping[str, Any]) -> None:
     tau = hp["tau"]
     if isinstance(tau, bool) or not isinstance(tau, (int, float)) or tau <= 0:
         raise ValueError(f"tau must be a number > 0, got {tau!r}")
+    _check_cuda_graph(hp)
+
+
+def _sinkgd_body(params: list, stacks: list, lr: Any, group: dict) -> None:
+    sinkgd_stacks_step_(params, stacks, lr, group["weight_decay"], group["sinkhorn_iterations"], group["eps"])
+
+
+def _sinkhorn_tanh_body(params: list, stacks: list, lr: Any, group: dict) -> None:
+    sinkhorn_tanh_stacks_step_(params, stacks, lr, group["weight_decay"], group["tau"], group["n_iter"], group["eps"])
 
 
 def sinkgd_step(group: dict, params: list, grads: list, states: list) -> None:
     """One SinkGD step over a param group (stateless: ``states`` are left empty).
 
-    Matrices run as Sinkhorn on scale vectors (:func:`.functional.sinkgd_matrices_`: batched
-    matrix-vector products over the squared gradients of each shape, then one foreach update
-    of all weights); vectors/scalars are stacked by shape. Nothing waits on the device.
+    Gradients are stacked by shape; matrices run as Sinkhorn on scale vectors
+    (:func:`.functional.sinkgd_stacks_step_`: batched matrix-vector products over the squared
+    gradients, the two scale vectors folded into the update of each weight). On CUDA with fp32
+    weights the same function is replayed as a CUDA graph (:mod:`.stateless_graph`, unless
+    ``cuda_graph`` is False). Nothing waits on the device.
     """
-    iterations, eps, lr, wd = group["sinkhorn_iterations"], group["eps"], group["lr"], group["weight_decay"]
-    matrices = [i for i, g in enumerate(grads) if g.ndim >= 2]
-    if matrices:
-        sinkgd_matrices_([params[i] for i in matrices], [grads[i] for i in matrices], lr, wd, iterations, eps)
-    rest = [i for i, g in enumerate(grads) if g.ndim < 2]
-    if rest:
-        updates = stack_by_shape([grads[i] for i in rest])
-        for kind, _, G in updates:
-            sinkgd_stack_(G, kind, iterations, eps)
-        apply_stacked_updates_([params[i] for i in rest], updates, lr, wd)
+    if graph_eligible("sinkgd", group, params):
+        graph_for("sinkgd", group, params, _SINKGD_GRAPH_KEYS, _sinkgd_body).step(grads, group)
+        return
+    _sinkgd_body(params, stack_by_shape(grads), float(group["lr"]), group)
 
 
 def sinkhorn_tanh_step(group: dict, params: list, grads: list, states: list) -> None:
-    """One Sinkhorn-tanh step over a param group (stateless; batched by shape like SinkGD)."""
-    tau, n_iter, eps = group["tau"], group["n_iter"], group["eps"]
-    updates = stack_by_shape(grads)
-    for kind, _, G in updates:
-        sinkhorn_tanh_stack_(G, kind, tau, n_iter, eps)
-    apply_stacked_updates_(params, updates, group["lr"], group["weight_decay"])
+    """One Sinkhorn-tanh step over a param group (stateless; batched by shape, graph on CUDA like SinkGD)."""
+    if graph_eligible("sinkhorn_tanh", group, params):
+        graph_for("sinkhorn_tanh", group, params, _SINKHORN_TANH_GRAPH_KEYS, _sinkhorn_tanh_body).step(grads, group)
+        return
+    _sinkhorn_tanh_body(params, stack_by_shape(grads), float(group["lr"]), group)
 
 
 SINKGD_RULE = register_rule(
@@ -112,6 +127,10 @@ class SinkGD(RuleOptimizer):
         sinkhorn_iterations: row/column alternations L (default 5).
         weight_decay: decoupled, ``p <- p * (1 - lr * weight_decay)`` (default 0).
         eps: floor of the row/column norms (default 1e-8); a zero gradient gives a zero update.
+        cuda_graph: ``"auto"`` (default) replays the step as one CUDA graph where that is exact
+            (fp32 weights on one CUDA device, every parameter with a gradient; see
+            :mod:`.stateless_graph`), eager otherwise; ``False`` always runs eagerly; ``True``
+            raises where the graph cannot run.
     """
 
     rule_name = "sinkgd"
@@ -123,9 +142,11 @@ class SinkGD(RuleOptimizer):
         sinkhorn_iterations: int = SINKGD_DEFAULTS["sinkhorn_iterations"],
         weight_decay: float = SINKGD_DEFAULTS["weight_decay"],
         eps: float = SINKGD_DEFAULTS["eps"],
+        cuda_graph: bool | str = SINKGD_DEFAULTS["cuda_graph"],
     ) -> None:
         super().__init__(
-            params, lr=lr, sinkhorn_iterations=sinkhorn_iterations, weight_decay=weight_decay, eps=eps
+            params, lr=lr, sinkhorn_iterations=sinkhorn_iterations, weight_decay=weight_decay, eps=eps,
+            cuda_graph=cuda_graph,
         )
 
 
@@ -139,6 +160,7 @@ class SinkhornTanh(RuleOptimizer):
         tau: tanh temperature; smaller is sharper (default 0.1).
         n_iter: (row, column, tanh) rounds (default 5).
         eps: floor of every norm (default 1e-8).
+        cuda_graph: ``"auto"`` (default), ``True`` or ``False``, as for :class:`SinkGD`.
     """
 
     rule_name = "sinkhorn_tanh"
@@ -151,5 +173,8 @@ class SinkhornTanh(RuleOptimizer):
         tau: float = SINKHORN_TANH_DEFAULTS["tau"],
         n_iter: int = SINKHORN_TANH_DEFAULTS["n_iter"],
         eps: float = SINKHORN_TANH_DEFAULTS["eps"],
+        cuda_graph: bool | str = SINKHORN_TANH_DEFAULTS["cuda_graph"],
     ) -> None:
-        super().__init__(params, lr=lr, weight_decay=weight_decay, tau=tau, n_iter=n_iter, eps=eps)
+        super().__init__(
+            params, lr=lr, weight_decay=weight_decay, tau=tau, n_iter=n_iter, eps=eps, cuda_graph=cuda_graph
+        )

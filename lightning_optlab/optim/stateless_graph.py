@@ -1,0 +1,127 @@
+"""The group step of a stateless rule (``sinkgd``, ``sinkhorn_tanh``) replayed as one CUDA graph.
+
+Eagerly, such a step is ~180 kernel launches from Python (matvecs, foreach vector ops, per-shape
+prescales, per-weight updates) and on an H100 the GPU waits on the host (sinkgd 3.75 ms against
+0.49 ms for fused AdamW on the 42M GPT's hidden matrices, f8ddde9). Here the group keeps one
+static float32 stack per shape bucket (:func:`.functional.stack_by_shape`'s layout); per step the
+host copies the gradients into it (one foreach copy), writes the lr into a device scalar (so LR
+schedulers need no recapture) and replays the captured body: the rule's own group-step function
+(:func:`.functional.sinkgd_stacks_step_` / :func:`.functional.sinkhorn_tanh_stacks_step_`), the
+very function the eager step runs on fresh stacks. Its intermediates (squares, scale vectors)
+live in the graph's private memory pool; nothing is kept between steps but the stacks and the
+pool, and no state is written (``state_dict()['state']`` stays empty). No host sync.
+
+The full-fp32-matmul setting the Sinkhorn matvecs need is a host-side switch: it is applied
+while the body is captured (the kernels chosen then are the ones replayed) and not touched on
+replay.
+
+Used only where it is exact with respect to the eager step (up to ``lr`` being a float32 device
+scalar): fp32 contiguous weights on one CUDA device, every parameter of the group with a
+gradient, not inside another capture. A change of any hyperparameter other than ``lr``, or of
+the group's parameters, builds a new graph. The first step with a new graph runs the body
+eagerly on the static stacks (CUDA graphs need a warm-up); capture happens on the second.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .functional import compute_dtype, work_shape
+
+
+def graph_eligible(rule: str, group: dict, params: Sequence[torch.Tensor]) -> bool:
+    """Whether the group step can run as a CUDA graph; ``cuda_graph=True`` where it cannot is an error."""
+    setting = group.get("cuda_graph", "auto")
+    if setting is False:
+        return False
+    eligible = (
+        torch.cuda.is_available()
+        and len(params) > 0
+        and len(params) == len(group["params"])
+        and all(p.is_cuda and p.dtype == torch.float32 and p.is_contiguous() for p in params)
+        and len({p.device for p in params}) == 1
+        and not torch.cuda.is_current_stream_capturing()
+    )
+    if setting is True and not eligible:
+        raise RuntimeError(
+            f"{rule} ({group.get('name', 'param group')}): cuda_graph=True needs fp32 contiguous "
+            "weights on one CUDA device and every parameter of the group with a gradient; use "
+            "cuda_graph: auto to fall back to the eager step"
+        )
+    return eligible
+
+
+class StatelessGraph:
+    """Static gradient stacks, the lr scalar and the captured step of one param group.
+
+    ``body(params, stacks, lr, group)`` is the rule's group-step function; ``keys`` are the
+    hyperparameters baked into the graph (any change rebuilds it).
+    """
+
+    def __init__(self, params: list[torch.Tensor], group: dict, keys: Sequence[str], body: Callable) -> None:
+        self.params = params
+        self.keys = tuple(keys)
+        self.key = self._key(group)
+        self.body = body
+        device = params[0].device
+        buckets: dict[tuple, list[int]] = {}
+        for i, p in enumerate(params):
+            kind, shape = work_shape(p)
+            buckets.setdefault((kind, shape), []).append(i)
+        dtype = compute_dtype(params[0].dtype)
+        self.stacks = [
+            (kind, idx, torch.zeros((len(idx), *shape), device=device, dtype=dtype))
+            for (kind, shape), idx in buckets.items()
+        ]
+        self.grad_views: list[Any] = [None] * len(params)
+        for _, idx, G in self.stacks:
+            for j, i in enumerate(idx):
+                self.grad_views[i] = G[j].view(params[i].shape)
+        self.lr = torch.zeros((), device=device, dtype=dtype)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.warmed_up = False
+
+    def _key(self, group: dict) -> tuple:
+        return tuple(repr(group[k]) for k in self.keys)
+
+    def matches(self, params: list[torch.Tensor], group: dict) -> bool:
+        return (
+            len(params) == len(self.params)
+            and all(p is q for p, q in zip(params, self.params))
+            and self.key == self._key(group)
+        )
+
+    def _run(self, group: dict) -> None:
+        self.body(self.params, self.stacks, self.lr, group)
+
+    def step(self, grads: list[torch.Tensor], group: dict) -> None:
+        torch._foreach_copy_(self.grad_views, grads)
+        self.lr.fill_(float(group["lr"]))
+        if self.graph is not None:
+            self.graph.replay()
+            return
+        if not self.warmed_up:
+            self._run(group)  # eager warm-up: the same kernels on the same static stacks
+            self.warmed_up = True
+            return
+        graph = torch.cuda.CUDAGraph()
+        side = torch.cuda.Stream(self.params[0].device)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.graph(graph, stream=side):
+            self._run(group)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = graph
+        graph.replay()
+
+
+def graph_for(name: str, group: dict, params: list[torch.Tensor], keys: Sequence[str], body: Callable) -> StatelessGraph:
+    """The group's graph for rule ``name`` (rebuilt when its parameters or hyperparameters change)."""
+    runtime = group.setdefault("_runtime", {})
+    slot = f"{name}_graph"
+    graph = runtime.get(slot)
+    if graph is None or not graph.matches(params, group):
+        runtime[slot] = None  # free the old graph's pool before building the new one
+        graph = runtime[slot] = StatelessGraph(params, group, keys, body)
+    return graph
