@@ -113,6 +113,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--monitor-steps", type=int, default=None, help="steps of each monitor fit (default 400; 8 with --tiny)")
     p.add_argument("--monitor-every", type=int, default=None, help=f"SpectralMonitor cadence in the fit (default {MONITOR_DEFAULT_EVERY}, the monitor's default; 3 with --tiny)")
     p.add_argument("--time-limit", type=float, default=None, help="seconds; later sections are skipped past it (default 200; 120 with --tiny)")
+    p.add_argument("--monitor-repeats", type=int, default=None, help="interleaved (without, with) fit pairs; the faster fit of each counts (default 2; 1 with --tiny)")
     p.add_argument("--monitor-kwargs", default="{}", help='JSON of extra SpectralMonitor arguments, e.g. {"method": "svd"}')
     p.add_argument("--sections", default=",".join(SECTIONS),
                    help="comma-separated sections to run")
@@ -122,7 +123,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     tiny = args.tiny
     defaults = dict(size="tiny" if tiny else "42m", batch_size=2 if tiny else 16, repeats=3 if tiny else 30,
                     warmup=1 if tiny else 5, svd_repeats=1 if tiny else 3, monitor_steps=8 if tiny else 400,
-                    monitor_every=3 if tiny else MONITOR_DEFAULT_EVERY, time_limit=120.0 if tiny else 200.0)
+                    monitor_every=3 if tiny else MONITOR_DEFAULT_EVERY, monitor_repeats=1 if tiny else 2, time_limit=120.0 if tiny else 200.0)
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -489,7 +490,12 @@ def _monitor_fit(ctx, with_monitor: bool, log_dir: str) -> dict[str, Any]:
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             synchronize(device)
-            self.times.append((time.perf_counter() - self._t0) * 1e3)
+            self._last = time.perf_counter()
+            self.times.append((self._last - self._t0) * 1e3)
+
+        def on_train_end(self, trainer, pl_module):
+            # runs after the monitor's on_train_end (list order): its end-of-fit flush and logging
+            self.end_ms = (time.perf_counter() - self._last) * 1e3
 
     torch.manual_seed(args.seed)
     model = GPT(size=args.size, policy={"rules": [{"match": {}, "optimizer": "adamw", "lr": 3e-4}]})
@@ -509,7 +515,8 @@ def _monitor_fit(ctx, with_monitor: bool, log_dir: str) -> dict[str, Any]:
     skip = min(5, max(1, steps // 5))  # warm-up steps left out of the figures
     times = clock.times[skip:]
     rec = {"steps_timed": len(times), "warmup_steps_skipped": skip, "fit_wall_s": fit_s,
-           "total_ms": sum(times), "median_step_ms": statistics.median(times), "max_step_ms": max(times)}
+           "total_ms": sum(times), "median_step_ms": statistics.median(times), "max_step_ms": max(times),
+           "warmup_ms": sum(clock.times[:skip]), "end_of_fit_ms": getattr(clock, "end_ms", None)}
     if monitor is not None:
         snap_steps = [i for i in range(skip, len(clock.times)) if i % args.monitor_every == 0]
         rec["snapshot_steps"] = snap_steps
@@ -527,32 +534,41 @@ def section_spectral_monitor(ctx):
     rec: dict[str, Any] = {"every_n_steps": args.monitor_every, "default_every_n_steps": MONITOR_DEFAULT_EVERY,
                            "steps": args.monitor_steps, "policy": "adamw on all parameters (lr 3e-4)",
                            "data": "synthetic random bytes (no loader cost)"}
+    # Two interleaved pairs (without, with, without, with); each configuration's faster fit
+    # counts: the fit-to-fit drift of the GPU (~1-2%) is as large as the target itself.
+    runs: dict[str, list[dict[str, Any]]] = {"without": [], "with": []}
     with tempfile.TemporaryDirectory(prefix="optlab_bench_monitor_") as tmp:
-        for name, flag in (("without", False), ("with", True)):
-            try:
-                rec[name] = _monitor_fit(ctx, flag, tmp)
-            except Exception as exc:  # noqa: BLE001
-                rec[name] = error_record(exc)
+        for _ in range(args.monitor_repeats):
+            for name, flag in (("without", False), ("with", True)):
+                try:
+                    runs[name].append(_monitor_fit(ctx, flag, tmp))
+                except Exception as exc:  # noqa: BLE001
+                    runs[name].append(error_record(exc))
+    for name, fits in runs.items():
+        good = [f for f in fits if "total_ms" in f]
+        rec[name] = min(good, key=lambda f: f["total_ms"]) if good else fits[-1]
+        rec[f"{name}_total_ms_all"] = [f.get("total_ms") for f in fits]
     plain, mon = rec.get("without", {}), rec.get("with", {})
     if "total_ms" in plain and "total_ms" in mon:
-        # Step time alone misses the worker's backlog: the fit waits for the last snapshot at its
-        # end (fit_wall_s). Charge whichever extra is larger.
-        extra = max(mon["total_ms"] - plain["total_ms"], 1e3 * (mon["fit_wall_s"] - plain["fit_wall_s"]))
-        rec["fit_wall_extra_s"] = mon["fit_wall_s"] - plain["fit_wall_s"]
         base_step = plain["median_step_ms"]
+        # Steady state: the timed steps (snapshot steps, logging, the worker's CPU load) plus the
+        # fit's end-of-fit wait for the last snapshot; the first snapshot's one-time setup (pinned
+        # host buffers, the worker thread) happens in the untimed warm-up steps and is reported
+        # on its own, as is the whole-fit wall-time difference.
+        end_extra = max(0.0, (mon.get("end_of_fit_ms") or 0.0) - (plain.get("end_of_fit_ms") or 0.0))
+        extra = mon["total_ms"] - plain["total_ms"] + end_extra
+        timed_snaps = len(mon.get("snapshot_steps") or []) - int(mon.get("skipped_snapshots") or 0)
+        rec["end_of_fit_extra_ms"] = end_extra
+        rec["steady_extra_ms"] = extra
+        rec["snapshots_taken"] = max(1, timed_snaps)
+        rec["cost_per_snapshot_ms"] = extra / max(1, timed_snaps)
+        rec["overhead_pct_projected_default"] = 100.0 * rec["cost_per_snapshot_ms"] / (MONITOR_DEFAULT_EVERY * base_step)
         rec["overhead_pct_measured"] = 100.0 * extra / plain["total_ms"]
-        # Snapshots taken in the whole fit (step 0 included: its background SVDs overlap the timed
-        # steps), less the ones skipped because the worker was busy.
-        triggered = len(range(0, args.monitor_steps, args.monitor_every))
-        taken = max(1, triggered - int(mon.get("skipped_snapshots") or 0))
-        rec["snapshots_taken"] = taken
-        # Headline: all extra time of the run (snapshot steps, logging, CPU contention from the
-        # SVD thread) charged to the snapshots taken, then spread over the default cadence.
-        rec["cost_per_snapshot_ms"] = extra / taken
-        rec["overhead_pct_projected_default"] = 100.0 * (extra / taken) / (MONITOR_DEFAULT_EVERY * base_step)
+        rec["one_time_setup_ms"] = mon.get("warmup_ms", 0.0) - plain.get("warmup_ms", 0.0)
+        rec["fit_wall_extra_s"] = mon["fit_wall_s"] - plain["fit_wall_s"]
         snaps = mon.get("snapshot_step_ms") or []
         if snaps:
-            # The part the training thread pays on the snapshot step itself (copies, enqueueing).
+            # The part the training thread pays on the snapshot step itself (Grams, copies, enqueueing).
             rec["snapshot_step_extra_ms"] = statistics.fmean(snaps) - base_step
         rec["max_step_ms_ratio"] = mon["max_step_ms"] / base_step
         rec["median_step_ms_ratio"] = mon["median_step_ms"] / base_step

@@ -165,12 +165,18 @@ def ops_section(data: dict[str, Any]) -> list[str]:
                     ["without", wo.get("median_step_ms"), wo.get("max_step_ms"), wo.get("total_ms"), None],
                     ["with", w.get("median_step_ms"), w.get("max_step_ms"), w.get("total_ms"), w.get("skipped_snapshots")],
                 ]), "",
-                f"Extra time {fmt(mon.get('overhead_pct_measured'))}% at every {mon.get('every_n_steps')} steps; "
-                f"{mon.get('snapshots_taken')} snapshot(s) taken -> {fmt(mon.get('cost_per_snapshot_ms'))} ms each "
-                f"(all extra time charged to them), i.e. {fmt(mon.get('overhead_pct_projected_default'))}% of training "
-                f"at the default cadence (every {mon.get('default_every_n_steps')} steps). The snapshot step itself "
-                f"costs {fmt(mon.get('snapshot_step_extra_ms'))} ms over a plain step; the slowest monitored step is "
-                f"{fmt(mon.get('max_step_ms_ratio'))}x the plain median.", ""]
+                f"Steady-state extra time (timed steps plus the end-of-fit wait for the last snapshot, "
+                f"{fmt(mon.get('end_of_fit_extra_ms'))} ms): {fmt(mon.get('steady_extra_ms'))} ms, "
+                f"{fmt(mon.get('overhead_pct_measured'))}% at every {mon.get('every_n_steps')} steps; "
+                f"{mon.get('snapshots_taken')} snapshot(s) in the timed steps -> {fmt(mon.get('cost_per_snapshot_ms'))} ms "
+                f"each (all extra time charged to them), i.e. {fmt(mon.get('overhead_pct_projected_default'))}% of "
+                f"training at the default cadence (every {mon.get('default_every_n_steps')} steps). The snapshot step "
+                f"itself costs {fmt(mon.get('snapshot_step_extra_ms'))} ms over a plain step; the slowest monitored step "
+                f"is {fmt(mon.get('max_step_ms_ratio'))}x the plain median. One-time setup in the untimed first steps "
+                f"(first snapshot, pinned host buffers, worker thread): {fmt(mon.get('one_time_setup_ms'))} ms; whole-fit "
+                f"wall-time difference {fmt(mon.get('fit_wall_extra_s'))} s. Fits: "
+                f"{mon.get('without_total_ms_all')} ms without, {mon.get('with_total_ms_all')} ms with (timed steps; "
+                "the faster of each counts).", ""]
     errors = [(k, v["error"]) for k, v in r.items() if isinstance(v, dict) and "error" in v]
     errors += [(k, v["skipped"]) for k, v in r.items() if isinstance(v, dict) and "skipped" in v]
     if errors:
