@@ -12,10 +12,14 @@
   n_iter 5, eps 1e-8 (the notes' S1); S2 is tau 0.05 / n_iter 10, S3 tau 0.2 / n_iter 3.
 
 Both keep no state at all (``state_dict()['state']`` is empty). Math in fp32, result cast back
-to the parameter dtype. On CUDA with fp32 weights the group step is replayed as one CUDA graph
-(``cuda_graph="auto"``, :mod:`.stateless_graph`): it keeps a float32 stack of the gradients
-(4 bytes per parameter) and the graph's pool of intermediates between steps -- workspace, not
-state; ``cuda_graph=False`` frees it after every step. A NaN/Inf gradient raises
+to the parameter dtype. ``cuda_graph`` (default False): with ``"auto"`` (or True) the group step
+on CUDA with fp32 weights is replayed as one CUDA graph (:mod:`.stateless_graph`), which keeps a
+float32 stack of the gradients and the graph's pool of intermediates between steps -- workspace,
+not state, but memory all the same: measured on an H100 (42M GPT hidden matrices, 2026-11-24)
+sinkgd 1.81 ms per step with the graph and +4.8 bytes per parameter kept, 2.86 ms without and
+nothing kept (fused AdamW: 0.49 ms); sinkhorn_tanh 3.84 vs 4.09 ms (+4.0 B/param). SinkGD is
+chosen for its SGD-like memory, so the default keeps that; ask for the graph where speed matters
+more. A NaN/Inf gradient raises
 ``FloatingPointError`` before anything is changed (see :mod:`.functional`).
 """
 
@@ -29,10 +33,10 @@ from .rule_optimizer import RuleOptimizer
 from .stateless_graph import graph_eligible, graph_for
 
 SINKGD_DEFAULTS: dict[str, Any] = dict(
-    lr=1e-3, sinkhorn_iterations=5, weight_decay=0.0, eps=1e-8, cuda_graph="auto"
+    lr=1e-3, sinkhorn_iterations=5, weight_decay=0.0, eps=1e-8, cuda_graph=False
 )
 SINKHORN_TANH_DEFAULTS: dict[str, Any] = dict(
-    lr=3e-4, weight_decay=0.1, tau=0.1, n_iter=5, eps=1e-8, cuda_graph="auto"
+    lr=3e-4, weight_decay=0.1, tau=0.1, n_iter=5, eps=1e-8, cuda_graph=False
 )
 # what a captured graph bakes in (lr is a device scalar and may change freely)
 _SINKGD_GRAPH_KEYS = ("sinkhorn_iterations", "weight_decay", "eps")
@@ -127,9 +131,10 @@ class SinkGD(RuleOptimizer):
         sinkhorn_iterations: row/column alternations L (default 5).
         weight_decay: decoupled, ``p <- p * (1 - lr * weight_decay)`` (default 0).
         eps: floor of the row/column norms (default 1e-8); a zero gradient gives a zero update.
-        cuda_graph: ``"auto"`` (default) replays the step as one CUDA graph where that is exact
-            (fp32 weights on one CUDA device, every parameter with a gradient; see
-            :mod:`.stateless_graph`), eager otherwise; ``False`` always runs eagerly; ``True``
+        cuda_graph: ``False`` (default: nothing kept between steps) always runs eagerly;
+            ``"auto"`` replays the step as one CUDA graph where that is exact (fp32 weights on
+            one CUDA device, every parameter with a gradient; see :mod:`.stateless_graph`;
+            faster, with ~4.8 bytes per parameter of workspace kept), eager otherwise; ``True``
             raises where the graph cannot run.
     """
 
@@ -160,7 +165,7 @@ class SinkhornTanh(RuleOptimizer):
         tau: tanh temperature; smaller is sharper (default 0.1).
         n_iter: (row, column, tanh) rounds (default 5).
         eps: floor of every norm (default 1e-8).
-        cuda_graph: ``"auto"`` (default), ``True`` or ``False``, as for :class:`SinkGD`.
+        cuda_graph: ``False`` (default), ``"auto"`` or ``True``, as for :class:`SinkGD`.
     """
 
     rule_name = "sinkhorn_tanh"

@@ -33,7 +33,7 @@ from .functional import compute_dtype, work_shape
 
 def graph_eligible(rule: str, group: dict, params: Sequence[torch.Tensor]) -> bool:
     """Whether the group step can run as a CUDA graph; ``cuda_graph=True`` where it cannot is an error."""
-    setting = group.get("cuda_graph", "auto")
+    setting = group.get("cuda_graph", False)
     if setting is False:
         return False
     eligible = (
