@@ -58,20 +58,33 @@ def check_adamw_spam(hp: Mapping[str, Any]) -> None:
         raise ValueError(f"spike_threshold must be a number >= 0 (0 disables clipping), got {theta!r}")
 
 
-def adamw_spam_step(group: dict, params: list, grads: list, states: list) -> None:
-    """One AdamW-SPAM step over a param group (shared by ModularOptimizer and :class:`AdamWSPAM`).
-
-    The schedule (resets, warm-up, clipping on/off) is decided on python-side counters, so the
-    step never waits on the device; the clipping runs as foreach kernels and Adam on CUDA as
-    torch's fused AdamW kernel (one multi-tensor kernel per device and dtype).
-    """
-    beta1, beta2 = group["betas"]
+def _schedule(group: dict, states: list) -> tuple[list[tuple[int, int, int, int]], list[int], dict]:
+    """Per parameter (total_steps, steps_since_reset, resets, reset happening now), the indices
+    resetting now, and the parameters bucketed by (warm-up factor, clipping on/off) -- computed
+    from the python-side counters without changing them (see :func:`_commit`)."""
     interval, theta, delay = group["reset_interval"], group["spike_threshold"], group["spike_clip_delay"]
-    # Parameters that stepped equally often share a warm-up factor and the clipping switch: one
-    # torch adamw call each (usually one for the whole group).
+    rows, resetting = [], []
     buckets: dict[tuple[float, bool], list[int]] = defaultdict(list)
-    to_zero: list[torch.Tensor] = []
-    for i, (p, state) in enumerate(zip(params, states)):
+    for i, state in enumerate(states):
+        k = state.get("steps_since_reset")
+        if k is None:  # a checkpoint written before the python-side counter: read it once
+            k = int(state["step"].item())
+        t = state["total_steps"] + 1
+        resets = state["resets"]
+        reset = interval > 0 and t > 1 and (t - 1) % interval == 0
+        if reset:
+            resetting.append(i)
+            resets += 1
+            k = 0
+        k += 1
+        rows.append((t, k, resets))
+        clip = theta > 0 and k > delay
+        buckets[(spam_warmup_factor(k, group["warmup_steps"], resets), clip)].append(i)
+    return rows, resetting, buckets
+
+
+def _init_state(params: list, states: list) -> None:
+    for p, state in zip(params, states):
         if not state:
             # steps since the last reset (Adam's bias correction); on the parameter's device,
             # as torch's fused AdamW keeps it
@@ -83,35 +96,37 @@ def adamw_spam_step(group: dict, params: list, grads: list, states: list) -> Non
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         if state["step"].device != p.device:  # a checkpoint loaded with the step on the CPU
             state["step"] = state["step"].to(p.device)
-        k = state.get("steps_since_reset")
-        if k is None:  # a checkpoint written before the python-side counter: read it once
-            k = int(state["step"].item())
-        t = state["total_steps"] + 1
-        if interval > 0 and t > 1 and (t - 1) % interval == 0:
-            to_zero += [state["exp_avg"], state["exp_avg_sq"], state["step"]]
-            state["resets"] += 1
-            k = 0
-        k += 1
-        state["total_steps"] = t
-        state["steps_since_reset"] = k
-        clip = theta > 0 and k > delay
-        buckets[(spam_warmup_factor(k, group["warmup_steps"], state["resets"]), clip)].append(i)
-    if to_zero:
-        torch._foreach_zero_(to_zero)
 
+
+def _clipped_grads(group: dict, params: list, grads: list, states: list, buckets: dict) -> dict:
+    """Each bucket's (clipped where due) gradients in the compute dtype: new tensors, no state
+    or weight touched."""
+    out = {}
+    for (warmup, clip), idx in buckets.items():
+        gs = [upcast(grads[i]) for i in idx]
+        if clip:
+            gs = spike_clip_foreach(gs, [upcast(states[i]["exp_avg_sq"]) for i in idx], group["spike_threshold"])
+        out[(warmup, clip)] = gs
+    return out
+
+
+def _apply(group: dict, params: list, states: list, rows: list, resetting: list, buckets: dict, clipped: dict) -> None:
+    """Commit the counters, zero the moments that reset now, and run torch's AdamW per bucket."""
+    for state, (t, k, resets) in zip(states, rows):
+        state["total_steps"], state["steps_since_reset"], state["resets"] = t, k, resets
+    if resetting:
+        torch._foreach_zero_([x for i in resetting for x in (states[i]["exp_avg"], states[i]["exp_avg_sq"], states[i]["step"])])
+    beta1, beta2 = group["betas"]
     for (warmup, clip), idx in buckets.items():
         ps = [upcast(params[i]) for i in idx]
         ms = [upcast(states[i]["exp_avg"]) for i in idx]
         vs = [upcast(states[i]["exp_avg_sq"]) for i in idx]
-        gs = [upcast(grads[i]) for i in idx]
-        if clip:
-            gs = spike_clip_foreach(gs, vs, theta)
         # torch's fused AdamW on CUDA; on the CPU torch's default (same math, and the same
         # rounding as torch.optim.AdamW() there, which the tests compare against)
         fused = fused_by_default(group, ps)
         _adamw.adamw(
             ps,
-            gs,
+            clipped[(warmup, clip)],
             ms,
             vs,
             [],
@@ -139,6 +154,36 @@ def adamw_spam_step(group: dict, params: list, grads: list, states: list) -> Non
             torch._foreach_copy_(targets, values)
 
 
+def adamw_spam_step(group: dict, params: list, grads: list, states: list) -> None:
+    """One AdamW-SPAM step over a param group (shared by ModularOptimizer and :class:`AdamWSPAM`).
+
+    The schedule (resets, warm-up, clipping on/off) is decided on python-side counters, so the
+    step never waits on the device; the clipping runs as foreach kernels and Adam on CUDA as
+    torch's fused AdamW kernel (one multi-tensor kernel per device and dtype). Parameters that
+    stepped equally often share a warm-up factor and the clipping switch: one torch adamw call
+    each (usually one for the whole group).
+    """
+    _init_state(params, states)
+    rows, resetting, buckets = _schedule(group, states)
+    if resetting:  # the moments are zeroed before this step's clipping reads them
+        torch._foreach_zero_([x for i in resetting for x in (states[i]["exp_avg"], states[i]["exp_avg_sq"])])
+    clipped = _clipped_grads(group, params, grads, states, buckets)
+    _apply(group, params, states, rows, resetting, buckets, clipped)
+
+
+def adamw_spam_prepare(group: dict, params: list, grads: list, states: list):
+    """While the optimizer's NaN/Inf check is in flight: the schedule and the spike clipping
+    (new tensors: no weight or state changes); the AdamW kernels are left. Not on a parameter's
+    first step (creating state is a change) nor on a reset step (the clip reads zeroed moments)."""
+    if not all(states):
+        return None
+    rows, resetting, buckets = _schedule(group, states)
+    if resetting:
+        return None
+    clipped = _clipped_grads(group, params, grads, states, buckets)
+    return lambda: _apply(group, params, states, rows, resetting, buckets, clipped)
+
+
 ADAMW_SPAM_RULE = register_rule(
     UpdateRule(
         name="adamw_spam",
@@ -147,6 +192,7 @@ ADAMW_SPAM_RULE = register_rule(
         summary="AdamW + SPAM: spike-aware clipping, momentum reset every reset_interval with cosine warm-up",
         check=check_adamw_spam,
         aliases=("spam",),
+        prepare=adamw_spam_prepare,
     )
 )
 
