@@ -480,3 +480,34 @@ def test_in_place_storage_change_rebuilds_and_errors():
         StiefelRetractor([[X, torch.randn(16, 32)]])
     with pytest.raises(ValueError, match="vector"):
         stiefel_retract_([torch.randn(5)])
+
+
+@pytest.mark.parametrize("low", [False, True])
+@pytest.mark.parametrize("shape", [(48, 80), (80, 48)])
+def test_bucket_statistics_and_update_match_float64(low, shape):
+    """measure(): the statistics (d^2, mean e^4, mean e^8) of E = I - X X^T (small side) from
+    the halved residual and one reduction, and the update P = E/2 + 3E^2/8, against float64
+    formulas from the eigenvalues; the split Gram is float32-grade even with bf16 products."""
+    Ws = [near_manifold(*shape, step=0.1, seed=s) for s in range(3)]
+    Xs = [W.clone() for W in Ws]
+    b = _Bucket(Xs, tol=1e-3, precision="mixed" if low else "fp32")
+    stats = torch.empty(3, 3)
+    b.measure(stats, apply=False)
+    for j, W in enumerate(Ws):
+        X = W.double() if shape[0] < shape[1] else W.double().T
+        k = X.shape[0]
+        E = torch.eye(k, dtype=torch.float64) - X @ X.T
+        e = torch.linalg.eigvalsh(E)
+        ref = torch.stack([e.pow(2).mean(), e.pow(4).mean(), e.pow(8).mean()])
+        # d^2 from float32 E: ~1e-6 relative; the moments from bf16 products: within 2^-5
+        assert abs(stats[j, 0].item() - ref[0].item()) <= 1e-4 * ref[0].item()
+        rel = 2.0**-6 if low else 1e-5
+        assert torch.allclose(stats[j, 1:].double(), ref[1:], rtol=rel, atol=0)
+        P = E / 2 + 3 * E @ E / 8
+        err = (b.P[j].double() - P).abs().max().item()
+        # bf16 P: one rounding (2^-9 relative) on top of the float32-grade E; fp32: E's own error
+        assert err <= (2.0**-8 * P.abs().max().item() if low else 0.0) + 1e-6
+        # the Gram itself: E/2 in W[0] vs float64; split: ~1e-5 (the dropped L L^T and the
+        # rounding of L, ~2^-18 each), against ~1e-3 for one bf16 product
+        assert (b.W[0, j].double() - E / 2).abs().max().item() <= (1e-5 if low else 1e-6)
+    assert all(torch.equal(X, W) for X, W in zip(Xs, Ws))  # apply=False leaves X alone
