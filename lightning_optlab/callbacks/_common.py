@@ -403,10 +403,10 @@ class BackgroundAnalysis(Callback):
     still computing is skipped and counted in ``skipped``, unless ``wait_if_busy`` asks for the
     exact cadence."""
 
-    def __init__(self, wait_if_busy: bool = False) -> None:
+    def __init__(self, wait_if_busy: bool = False, worker_threads: int | None = None) -> None:
         self.wait_if_busy = wait_if_busy
         self.skipped = 0
-        self._worker = BackgroundWorker(type(self).__name__)
+        self._worker = BackgroundWorker(type(self).__name__, worker_threads)
         self._tracked = None
 
     def _log_ready(self, trainer: Any, wait: bool = False) -> None:

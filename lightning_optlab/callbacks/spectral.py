@@ -120,8 +120,8 @@ class SpectralMonitor(BackgroundAnalysis):
         4.3 ms): about 8 ms once per snapshot, ~0.3% of 100 steps at ~25 ms a step. The training
         thread only enqueues them; it never waits for the GPU.
       * the worker thread waits on a CUDA event for the copies, then runs ``eigvalsh`` of the 48
-        float64 Grams on the CPU: 1.7 s with 8 CPU threads (no faster with a pool of 1-8
-        threads, 2.1 s), inside the ~2.5 s of 100 steps, so the default cadence keeps up. Shorter
+        float64 Grams on the CPU: 2.1 s on one CPU thread, 1.7 s on 8 (the default is 2, see
+        ``worker_threads``), inside the ~2.2 s of 100 steps, so the default cadence keeps up. Shorter
         cadences on that model skip snapshots (counted, see below).
       * what it replaced: float32 SVDs of the whole matrices on a CPU thread (pinned copies of
         every weight and gradient) needed ~5 s per snapshot under training with 8 threads
@@ -130,13 +130,14 @@ class SpectralMonitor(BackgroundAnalysis):
         slowed every training step it overlapped 3x (fp32 Gram) to 10x (fp64 Gram + eigvalsh).
         A single CPU ``eigvalsh`` of a 768 x 768 Gram (57 ms float64 on a 2-core box) is far
         cheaper than ``svdvals`` of the matrix (163 ms for 3072 x 768, 71 ms for 768 x 768).
-      * end to end (``benchmarks/bench_ops.py``, section ``spectral_monitor``, H100, f8ddde9,
-        2026-11-24: two 400-step fits of the 42M GPT at ~20.4 ms a step, with and without the
-        monitor at every 100 steps): no snapshot skipped, the median step unchanged (ratio
-        1.0002), a snapshot step 7.5 ms longer, 0.3 s more in all (first-snapshot pinned
-        allocation and the worker's CPU load included): 75 ms per snapshot, 3.7% of training at
-        this cadence -- above the 1% target. Raise ``every_n_steps`` (the cost is per snapshot)
-        or narrow ``include`` where that matters.
+      * end to end (``benchmarks/bench_ops.py``, section ``spectral_monitor``, H100, 2026-11-24:
+        400-step fits of the 42M GPT at ~22 ms a step, with and without the monitor at every 100
+        steps, two interleaved pairs): no snapshot skipped; a snapshot step 7.3 ms longer; with
+        the default 2 worker threads ~50 ms per snapshot in all, 2.4% of training at this
+        cadence (median step +0.5%), above the 1% target and near the fit-to-fit noise; with 8
+        worker threads 11.9% (median step +6.7%: the decompositions compete with the training
+        thread for the CPU). Raise ``every_n_steps`` (the cost is per snapshot) or narrow
+        ``include`` where that matters.
 
     * sampled in time: only every ``every_n_steps``-th step is measured. If the worker has not
       finished the previous snapshot when the next one is due, that snapshot is skipped (counted
@@ -210,6 +211,10 @@ class SpectralMonitor(BackgroundAnalysis):
         gram_dtype: ``"float64"`` (default) or ``"float32"``: the dtype ``eigvalsh`` runs in
             with ``"gram_host"`` (the Gram is formed in float64), and of the whole ``"gram"``
             method. float32: see above.
+        worker_threads: CPU threads of the worker's decompositions (default 2; ``None``: half of
+            the process's). LAPACK's ``eigvalsh`` of 768 x 768 Grams hardly scales (48 of them:
+            2.1 s on one thread, 1.7 s on 8, H100 host), while 8 busy worker threads slowed the
+            training steps they overlapped by ~2.5% (median step, bench_ops 2026-11-24).
 
     Example::
 
@@ -236,6 +241,7 @@ class SpectralMonitor(BackgroundAnalysis):
         wait_if_busy: bool = False,
         method: str = "auto",
         gram_dtype: str = "float64",
+        worker_threads: int | None = 2,
     ) -> None:
         if method not in METHODS:
             raise ValueError(f"SpectralMonitor(method={method!r}): use one of {', '.join(map(repr, METHODS))}")
@@ -274,7 +280,7 @@ class SpectralMonitor(BackgroundAnalysis):
         self.histograms = histograms
         self.include = list(include) if include else None
         self.exclude = list(exclude) if exclude else None
-        super().__init__(wait_if_busy)
+        super().__init__(wait_if_busy, worker_threads)
         #: figures of the latest logged snapshot: ``{tag: value}``, and its step
         self.last_metrics: dict[str, float] = {}
         self.last_step: int | None = None
