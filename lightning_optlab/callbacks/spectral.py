@@ -116,8 +116,8 @@ class SpectralMonitor(BackgroundAnalysis):
       with small side 768 or 256, about 5% more work):
 
       * the training stream carries the float64 Gram products, batched per shape, 3.6 ms of GPU
-        time, and the non-blocking copies of the Grams to reused pinned host buffers (226 MB,
-        4.3 ms): about 8 ms once per snapshot, ~0.3% of 100 steps at ~25 ms a step. The training
+        time; the non-blocking copies of the Grams to reused pinned host buffers (226 MB, 4.3 ms)
+        run on a side stream (the copy engine), off the training stream's path. The training
         thread only enqueues them; it never waits for the GPU.
       * the worker thread waits on a CUDA event for the copies, then runs ``eigvalsh`` of the 48
         float64 Grams on the CPU: 2.1 s on one CPU thread, 1.7 s on 8 (the default is 2, see
