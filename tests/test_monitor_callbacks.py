@@ -583,3 +583,25 @@ def test_auto_method_picks_gram_host_for_cuda_and_svd_for_cpu():
     assert SpectralMonitor().resolved_method(cuda=False) == "svd"
     for method in ("gram_host", "svd", "gram"):
         assert {SpectralMonitor(method=method).resolved_method(c) for c in (True, False)} == {method}
+
+
+def test_spectral_monitor_logs_scalars_to_a_non_tensorboard_logger_and_warns_about_histograms(tmp_path):
+    """Without a TensorBoardLogger the merged TensorBoard event has nowhere to go: the scalars
+    reach the logger through log_metrics, and the missing histogram support is said once."""
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    torch.manual_seed(0)
+    csv_logger = CSVLogger(tmp_path, name="csv")
+    t = L.Trainer(max_steps=4, logger=csv_logger, callbacks=[SpectralMonitor(every_n_steps=2, wait_if_busy=True)],
+                  enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                  log_every_n_steps=1, accelerator="cpu", devices=1)
+    with pytest.warns(UserWarning, match="no logger takes histograms"):
+        t.fit(Tiny(), loader())
+    with open(f"{csv_logger.log_dir}/metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    key = "spectral/weights/component/hidden/effective_rank"
+    logged = [(int(r["step"]), float(r[key])) for r in rows if r.get(key)]
+    assert [s for s, _ in logged] == [0, 2]
+    assert all(v > 1.0 for _, v in logged)

@@ -18,11 +18,12 @@ from ._common import (
     first_optimizer,
     geometric_mean,
     histogram_stats,
-    log_histogram,
     log_image,
+    log_merged,
     log_scalars,
     mean,
     sanitize_tag,
+    tensorboard_summary,
     tracked_parameters,
 )
 
@@ -529,17 +530,14 @@ class SpectralMonitor(BackgroundAnalysis):
             scalars["spectral/gradients/nonfinite_matrices"] = float(nonfinite)
         # worker seconds after the snapshot's data arrived (what decides whether it keeps up)
         return {"scalars": scalars, "spectra": out_spectra, "histograms": hist, "images": imgs,
-                "seconds": time.perf_counter() - t0}
+                "summary": tensorboard_summary(scalars, hist), "seconds": time.perf_counter() - t0}
 
     # --- training-thread side ----------------------------------------------------------------
 
     def _log_ready(self, trainer: Any, wait: bool = False) -> None:
         results = self._worker.flush() if wait else self._worker.collect()
         for step, res in results:
-            log_scalars(trainer, res["scalars"], step)
-            ok = True
-            for tag, values in res["histograms"].items():
-                ok &= log_histogram(trainer, tag, values, step)
+            ok = log_merged(trainer, res["scalars"], res["histograms"], res["summary"], step)
             for tag, img in res["images"].items():
                 ok &= log_image(trainer, tag, img, step)
             if not ok and not self._warned_no_tb:
