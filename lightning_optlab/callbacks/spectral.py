@@ -133,12 +133,13 @@ class SpectralMonitor(BackgroundAnalysis):
         cheaper than ``svdvals`` of the matrix (163 ms for 3072 x 768, 71 ms for 768 x 768).
       * end to end (``benchmarks/bench_ops.py``, section ``spectral_monitor``, H100, 2026-11-24:
         400-step fits of the 42M GPT at ~22 ms a step, with and without the monitor at every 100
-        steps, two interleaved pairs): no snapshot skipped; a snapshot step 7.3 ms longer; with
-        the default 2 worker threads ~50 ms per snapshot in all, 2.4% of training at this
-        cadence (median step +0.5%), above the 1% target and near the fit-to-fit noise; with 8
-        worker threads 11.9% (median step +6.7%: the decompositions compete with the training
-        thread for the CPU). Raise ``every_n_steps`` (the cost is per snapshot) or narrow
-        ``include`` where that matters.
+        steps, two interleaved pairs): a snapshot step 6-7 ms longer (the Grams); each snapshot's
+        ~600 scalars and ~100 histograms reach TensorBoard as one merged event (one enqueue; one
+        event per scalar had held a step ~100 ms); the rest is the worker's CPU load. Overhead
+        0.75-0.96% with 2-4 worker threads in one series of runs, 2.4-7.4% in others, 11.9%
+        with 8 threads (see ``worker_threads``): the 1% target is met only some of the time on
+        that host, and a slow snapshot can be skipped. Raise ``every_n_steps`` (the cost is per
+        snapshot) or narrow ``include`` where that matters.
 
     * sampled in time: only every ``every_n_steps``-th step is measured. If the worker has not
       finished the previous snapshot when the next one is due, that snapshot is skipped (counted
@@ -212,10 +213,13 @@ class SpectralMonitor(BackgroundAnalysis):
         gram_dtype: ``"float64"`` (default) or ``"float32"``: the dtype ``eigvalsh`` runs in
             with ``"gram_host"`` (the Gram is formed in float64), and of the whole ``"gram"``
             method. float32: see above.
-        worker_threads: CPU threads of the worker's decompositions (default 2; ``None``: half of
+        worker_threads: CPU threads of the worker's decompositions (default 3; ``None``: half of
             the process's). LAPACK's ``eigvalsh`` of 768 x 768 Grams hardly scales (48 of them:
-            2.1 s on one thread, 1.7 s on 8, H100 host), while 8 busy worker threads slowed the
-            training steps they overlapped by ~2.5% (median step, bench_ops 2026-11-24).
+            2.1 s on one thread, 1.7 s on 8, H100 host), while busy worker threads slow the
+            training thread: measured at every 100 steps on the 42M GPT (2026-11-24), 11.9% of
+            training with 8 threads; 0.75%, 0.92% and 0.96% with 3, 2 and 4 threads in one
+            series of runs, but 2.4-7.4% (one snapshot skipped) with 2 in others -- the host's
+            fit-to-fit noise is ~2%.
 
     Example::
 
@@ -242,7 +246,7 @@ class SpectralMonitor(BackgroundAnalysis):
         wait_if_busy: bool = False,
         method: str = "auto",
         gram_dtype: str = "float64",
-        worker_threads: int | None = 2,
+        worker_threads: int | None = 3,
     ) -> None:
         if method not in METHODS:
             raise ValueError(f"SpectralMonitor(method={method!r}): use one of {', '.join(map(repr, METHODS))}")
