@@ -93,7 +93,8 @@ float32 buffer W = (E/2, (E/2)^2, (E/2)^4) (``baddbmm`` with a float32 output an
 G = -H H^T/4 - H L^T/2, E/2 = G + G^T + I/2, exactly symmetric, the one transposed read left),
 the three statistics come from one reduction over W (powers of 2 are exact), P is one kernel whose
 store is the bf16 cast; and on CUDA each bucket runs on its own stream (parallel branches of the
-graph), so memory-bound loads overlap other buckets' GEMMs. Not measured on a GPU yet. What
+graph), so memory-bound loads overlap other buckets' GEMMs. Measured on the H100 (2026-11-24):
+1.21-1.65 ms per call over four runs (1.34 ms in the dedicated check; eager 2.87 ms). What
 remains per call is the load (one foreach cast X -> H, one X - H per matrix), two Gram GEMMs, the
 k x k products and one update GEMM per matrix: ~240 GFLOP of bf16 and ~1 GB of traffic for the
 42M GPT's 24 hidden matrices. One bf16 Gram product instead of two would mis-measure the distance
