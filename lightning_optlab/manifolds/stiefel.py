@@ -377,34 +377,51 @@ def _low(precision: str, dtype: torch.dtype, device: torch.device) -> bool:
     return precision == "mixed" or device.type == "cuda"
 
 
-_ADDMM_INTO: dict[torch.device, bool] = {}
+_PROBES: dict[tuple[str, torch.device], bool] = {}
+
+
+def _probe(name: str, device: torch.device, check: Callable[[torch.device], bool]) -> bool:
+    """``check(device)`` once per (probe, device): whether a torch feature works there (CUDA
+    only; an exception means no)."""
+    if device.type != "cuda":
+        return False
+    key = (name, device)
+    if key not in _PROBES:
+        try:
+            _PROBES[key] = bool(check(device))
+        except (TypeError, RuntimeError, NotImplementedError):
+            _PROBES[key] = False
+    return _PROBES[key]
+
+
+def _check_addmm_into(device: torch.device) -> bool:
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(24, 40, device=device, generator=g).bfloat16()
+    b = torch.randn(40, 16, device=device, generator=g).bfloat16()
+    c = torch.randn(24, 16, device=device, generator=g)
+    ref = c + a.float() @ b.float()
+    out = c.clone()
+    torch.addmm(out, a, b, out_dtype=torch.float32, alpha=-1.0, out=out)
+    torch.addmm(out, a, b, out_dtype=torch.float32, alpha=2.0, out=out)
+    return bool(((out - ref).abs().max() < 1e-3).item())
+
+
+def _check_baddbmm_into(device: torch.device) -> bool:
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(2, 24, 40, device=device, generator=g).bfloat16()
+    b = torch.randn(2, 40, 16, device=device, generator=g).bfloat16()
+    c = torch.full((2, 24, 16), float("nan"), device=device)
+    ref = -0.25 * (a.float() @ b.float()) + 2.0 * (a.float() @ b.float())
+    torch.baddbmm(c, a, b, beta=0.0, alpha=-0.25, out_dtype=torch.float32, out=c)
+    torch.baddbmm(c, a, b, beta=1.0, alpha=2.0, out_dtype=torch.float32, out=c)
+    return bool(((c - ref).abs().max() < 1e-3).item())
 
 
 def _addmm_into_supported(device: torch.device) -> bool:
     """Whether ``torch.addmm(C, A16, B16, out_dtype=float32, out=C)`` accumulates a bf16 product
     into a float32 matrix in place on ``device`` (CUDA, recent torch), checked once per device
     against a reference; otherwise the update is formed as a float32 temporary and added."""
-    if device.type != "cuda":
-        return False
-    if device not in _ADDMM_INTO:
-        ok = False
-        try:
-            g = torch.Generator(device=device).manual_seed(0)
-            a = torch.randn(24, 40, device=device, generator=g).bfloat16()
-            b = torch.randn(40, 16, device=device, generator=g).bfloat16()
-            c = torch.randn(24, 16, device=device, generator=g)
-            ref = c + a.float() @ b.float()
-            out = c.clone()
-            torch.addmm(out, a, b, out_dtype=torch.float32, alpha=-1.0, out=out)
-            torch.addmm(out, a, b, out_dtype=torch.float32, alpha=2.0, out=out)
-            ok = bool(((out - ref).abs().max() < 1e-3).item())
-        except (TypeError, RuntimeError, NotImplementedError):
-            ok = False
-        _ADDMM_INTO[device] = ok
-    return _ADDMM_INTO[device]
-
-
-_BADDBMM_INTO: dict[torch.device, bool] = {}
+    return _probe("addmm_into", device, _check_addmm_into)
 
 
 def _baddbmm_into_supported(device: torch.device) -> bool:
@@ -412,23 +429,7 @@ def _baddbmm_into_supported(device: torch.device) -> bool:
     ``beta C + alpha A B`` from bf16 batches into a float32 C in place on ``device`` (beta = 0
     ignoring C, NaN included), checked once per device against a reference; otherwise the
     product is formed as a float32 temporary and added."""
-    if device.type != "cuda":
-        return False
-    if device not in _BADDBMM_INTO:
-        ok = False
-        try:
-            g = torch.Generator(device=device).manual_seed(0)
-            a = torch.randn(2, 24, 40, device=device, generator=g).bfloat16()
-            b = torch.randn(2, 40, 16, device=device, generator=g).bfloat16()
-            c = torch.full((2, 24, 16), float("nan"), device=device)
-            ref = -0.25 * (a.float() @ b.float()) + 2.0 * (a.float() @ b.float())
-            torch.baddbmm(c, a, b, beta=0.0, alpha=-0.25, out_dtype=torch.float32, out=c)
-            torch.baddbmm(c, a, b, beta=1.0, alpha=2.0, out_dtype=torch.float32, out=c)
-            ok = bool(((c - ref).abs().max() < 1e-3).item())
-        except (TypeError, RuntimeError, NotImplementedError):
-            ok = False
-        _BADDBMM_INTO[device] = ok
-    return _BADDBMM_INTO[device]
+    return _probe("baddbmm_into", device, _check_baddbmm_into)
 
 
 class _Bucket:

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from .functional import as_matrix, muon_lr_scale, resolve_ns_dtype
+from .cuda_graph import CapturedStep
 from .newton_schulz import frobenius_normalize_, quintic_iterations
 
 _KEYS = ("momentum", "nesterov", "weight_decay", "ns_steps", "ns_coefficients", "eps", "adjust_lr_fn", "ns_dtype")
@@ -83,8 +84,11 @@ class MuonGraph:
                 self.buffer_views[i] = b[j].view(params[i].shape)
         self.streams = [torch.cuda.Stream(device) for _ in self.buckets]
         self.lr = torch.zeros((), device=device)
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.warmed_up = False
+        self.captured = CapturedStep(device)
+
+    @property
+    def graph(self) -> torch.cuda.CUDAGraph | None:
+        return self.captured.graph
 
     def matches(self, params: list[torch.Tensor], group: dict) -> bool:
         return (
@@ -139,21 +143,7 @@ class MuonGraph:
     def run(self, group: dict) -> None:
         """The step proper, on the loaded gradients: replay (or warm up, or capture)."""
         self.lr.fill_(float(group["lr"]))
-        if self.graph is not None:
-            self.graph.replay()
-            return
-        if not self.warmed_up:
-            self._body(group)  # eager warm-up: the same kernels, on the same streams
-            self.warmed_up = True
-            return
-        graph = torch.cuda.CUDAGraph()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.graph(graph, stream=side):
-            self._body(group)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = graph
-        graph.replay()
+        self.captured.run(lambda: self._body(group))
 
     def step(self, grads: list[torch.Tensor], states: list[dict], group: dict) -> None:
         self.load(grads, states)

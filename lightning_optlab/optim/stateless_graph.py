@@ -28,6 +28,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .cuda_graph import CapturedStep
 from .functional import compute_dtype, work_shape
 
 
@@ -80,8 +81,15 @@ class StatelessGraph:
             for j, i in enumerate(idx):
                 self.grad_views[i] = G[j].view(params[i].shape)
         self.lr = torch.zeros((), device=device, dtype=dtype)
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.warmed_up = False
+        self.captured = CapturedStep(device)
+
+    @property
+    def graph(self) -> torch.cuda.CUDAGraph | None:
+        return self.captured.graph
+
+    @property
+    def warmed_up(self) -> bool:
+        return self.captured.warmed_up
 
     def _key(self, group: dict) -> tuple:
         return tuple(repr(group[k]) for k in self.keys)
@@ -99,21 +107,7 @@ class StatelessGraph:
     def step(self, grads: list[torch.Tensor], group: dict) -> None:
         torch._foreach_copy_(self.grad_views, grads)
         self.lr.fill_(float(group["lr"]))
-        if self.graph is not None:
-            self.graph.replay()
-            return
-        if not self.warmed_up:
-            self._run(group)  # eager warm-up: the same kernels on the same static stacks
-            self.warmed_up = True
-            return
-        graph = torch.cuda.CUDAGraph()
-        side = torch.cuda.Stream(self.params[0].device)
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.graph(graph, stream=side):
-            self._run(group)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = graph
-        graph.replay()
+        self.captured.run(lambda: self._run(group))
 
 
 def graph_for(name: str, group: dict, params: list[torch.Tensor], keys: Sequence[str], body: Callable) -> StatelessGraph:
