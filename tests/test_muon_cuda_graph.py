@@ -97,3 +97,21 @@ def test_prepared_step_still_refuses_a_nan_gradient_before_anything_changes(rule
     for k, v in opt.state.items():
         for kk, vv in state_before[k].items():
             assert torch.equal(v[kk], vv), kk
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_nan_check_handles_every_gradient_dtype_on_cuda(dtype):
+    """GradScaler's fused check has no bf16 CUDA kernel; the optimizer's NaN/Inf guard must work
+    for bf16 weights anyway (and refuse a NaN in them)."""
+    p = torch.randn(8, 4, device="cuda", dtype=dtype, requires_grad=True)
+    q = torch.randn(8, 4, device="cuda", requires_grad=True)
+    opt = ModularOptimizer([{"params": [p, q], "algorithm": "adamw", "lr": 1e-2, "param_names": ["p", "q"]}])
+    p.grad, q.grad = torch.randn_like(p), torch.randn_like(q)
+    opt.step()
+    p.grad, q.grad = torch.randn_like(p), torch.randn_like(q)
+    p.grad[0, 0] = float("nan")
+    before = p.detach().clone()
+    with pytest.raises(FloatingPointError, match="non-finite gradient.*'p'"):
+        opt.step()
+    assert torch.equal(p, before)

@@ -93,9 +93,14 @@ def nonfinite_flag(grads: Sequence[Tensor]) -> Tensor:
     for g in grads:
         by_key[(g.device, g.dtype)].append(g)
     flags = []
-    for (device, _), tensors in by_key.items():
-        found = torch.zeros(1, device=device)
-        torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, torch.ones(1, device=device))
+    for (device, dtype), tensors in by_key.items():
+        if device.type == "cuda" and dtype == torch.bfloat16:
+            # GradScaler's CUDA kernel has no bf16 version: the max-norm way for these
+            found = torch.stack(torch._foreach_norm(tensors, float("inf"))).isfinite().all().logical_not()
+            found = found.float().reshape(1)
+        else:
+            found = torch.zeros(1, device=device)
+            torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, torch.ones(1, device=device))
         flags.append(found if found.device == grads[0].device else found.to(grads[0].device))
     return flags[0] if len(flags) == 1 else torch.stack(flags).any()
 
