@@ -302,9 +302,11 @@ def log_merged(trainer: Any, scalars: dict[str, float], histograms: dict[str, di
     histograms_logged = not histograms
     for logger in trainer.loggers:
         exp = getattr(logger, "experiment", None)
-        writer = getattr(exp, "_get_file_writer", None)
-        if summary is not None and callable(writer):
-            writer().add_summary(summary, global_step=step)
+        get_writer = getattr(exp, "_get_file_writer", None)
+        # (Lightning's DummyExperiment, under fast_dev_run, answers every attribute with a no-op)
+        writer = get_writer() if summary is not None and callable(get_writer) else None
+        if callable(getattr(writer, "add_summary", None)):
+            writer.add_summary(summary, global_step=step)
             histograms_logged = True
             continue
         if scalars:
