@@ -31,12 +31,12 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
+from .cuda_graph import check_cuda_graph_setting
 from .functional import (
     ADJUST_LR_FNS,
     muon_lr_scale,
     muon_update,
     ns_split_world,
-    
     resolve_ns_dtype,
     store_,
     upcast,
@@ -81,8 +81,7 @@ def check_muon(hp: Mapping[str, Any]) -> None:
     if not isinstance(hp["nesterov"], bool):
         raise ValueError(f"nesterov must be true or false, got {hp['nesterov']!r}")
     resolve_ns_dtype(hp["ns_dtype"], torch.device("cpu"))
-    if hp["cuda_graph"] not in ("auto", True, False):
-        raise ValueError(f"cuda_graph must be 'auto', true or false, got {hp['cuda_graph']!r}")
+    check_cuda_graph_setting(hp)
     if hp["ns_split"] not in ("auto", True, False):
         raise ValueError(f"ns_split must be 'auto', true or false, got {hp['ns_split']!r}")
 

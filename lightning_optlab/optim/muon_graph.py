@@ -34,31 +34,20 @@ from typing import Any
 
 import torch
 
-from .functional import as_matrix, muon_lr_scale, resolve_ns_dtype
+from . import cuda_graph
 from .cuda_graph import CapturedStep
+from .functional import as_matrix, muon_lr_scale, resolve_ns_dtype
 from .newton_schulz import frobenius_normalize_, quintic_iterations
 
 _KEYS = ("momentum", "nesterov", "weight_decay", "ns_steps", "ns_coefficients", "eps", "adjust_lr_fn", "ns_dtype")
 
 
 def graph_eligible(group: dict, params: list[torch.Tensor], split_world: Any) -> bool:
-    setting = group.get("cuda_graph", "auto")
-    if setting is False or split_world:
+    """:func:`.cuda_graph.graph_eligible` for Muon, which also needs the NS work unsplit (a
+    split across ranks runs eagerly)."""
+    if split_world:
         return False
-    eligible = (
-        torch.cuda.is_available()
-        and not torch.cuda.is_current_stream_capturing()
-        and len(params) == len(group["params"])
-        and all(p.is_cuda and p.dtype == torch.float32 and p.is_contiguous() for p in params)
-        and len({p.device for p in params}) == 1
-    )
-    if setting is True and not eligible:
-        raise RuntimeError(
-            f"muon ({group.get('name', 'param group')}): cuda_graph=True needs fp32 contiguous "
-            "weights on one CUDA device, every parameter with a gradient and no NS split across "
-            "ranks; use cuda_graph: auto to fall back to the eager step"
-        )
-    return eligible
+    return cuda_graph.graph_eligible("muon", group, params, also_needs=" and no NS split across ranks")
 
 
 class MuonGraph:
@@ -152,8 +141,4 @@ class MuonGraph:
 
 def graph_for(group: dict, params: list[torch.Tensor]) -> MuonGraph:
     """The group's graph (rebuilt when its parameters or hyperparameters change)."""
-    runtime = group.setdefault("_runtime", {})
-    graph = runtime.get("muon_graph")
-    if graph is None or not graph.matches(params, group):
-        graph = runtime["muon_graph"] = MuonGraph(params, group)
-    return graph
+    return cuda_graph.cached_graph(group, "muon_graph", params, lambda: MuonGraph(params, group))

@@ -27,10 +27,11 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Mapping
 
+from .cuda_graph import check_cuda_graph_setting, graph_eligible
 from .functional import sinkgd_stacks_step_, sinkhorn_tanh_stacks_step_, stack_by_shape
 from .registry import UpdateRule, check_common, register_rule
 from .rule_optimizer import RuleOptimizer
-from .stateless_graph import graph_eligible, graph_for
+from .stateless_graph import graph_for
 
 SINKGD_DEFAULTS: dict[str, Any] = dict(
     lr=1e-3, sinkhorn_iterations=5, weight_decay=0.0, eps=1e-8, cuda_graph=False
@@ -49,15 +50,10 @@ def _check_count(hp: Mapping[str, Any], key: str, minimum: int) -> None:
         raise ValueError(f"{key} must be an integer >= {minimum}, got {value!r}")
 
 
-def _check_cuda_graph(hp: Mapping[str, Any]) -> None:
-    if hp["cuda_graph"] not in ("auto", True, False):
-        raise ValueError(f"cuda_graph must be 'auto', true or false, got {hp['cuda_graph']!r}")
-
-
 def check_sinkgd(hp: Mapping[str, Any]) -> None:
     check_common(hp)
     _check_count(hp, "sinkhorn_iterations", 1)
-    _check_cuda_graph(hp)
+    check_cuda_graph_setting(hp)
 
 
 def check_sinkhorn_tanh(hp: Mapping[str, Any]) -> None:
@@ -66,7 +62,7 @@ def check_sinkhorn_tanh(hp: Mapping[str, Any]) -> None:
     tau = hp["tau"]
     if isinstance(tau, bool) or not isinstance(tau, (int, float)) or tau <= 0:
         raise ValueError(f"tau must be a number > 0, got {tau!r}")
-    _check_cuda_graph(hp)
+    check_cuda_graph_setting(hp)
 
 
 def _sinkgd_body(params: list, stacks: list, lr: Any, group: dict) -> None:

@@ -28,30 +28,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .cuda_graph import CapturedStep
+from .cuda_graph import CapturedStep, cached_graph
 from .functional import compute_dtype, work_shape
-
-
-def graph_eligible(rule: str, group: dict, params: Sequence[torch.Tensor]) -> bool:
-    """Whether the group step can run as a CUDA graph; ``cuda_graph=True`` where it cannot is an error."""
-    setting = group.get("cuda_graph", False)
-    if setting is False:
-        return False
-    eligible = (
-        torch.cuda.is_available()
-        and len(params) > 0
-        and len(params) == len(group["params"])
-        and all(p.is_cuda and p.dtype == torch.float32 and p.is_contiguous() for p in params)
-        and len({p.device for p in params}) == 1
-        and not torch.cuda.is_current_stream_capturing()
-    )
-    if setting is True and not eligible:
-        raise RuntimeError(
-            f"{rule} ({group.get('name', 'param group')}): cuda_graph=True needs fp32 contiguous "
-            "weights on one CUDA device and every parameter of the group with a gradient; use "
-            "cuda_graph: auto to fall back to the eager step"
-        )
-    return eligible
 
 
 class StatelessGraph:
@@ -112,10 +90,4 @@ class StatelessGraph:
 
 def graph_for(name: str, group: dict, params: list[torch.Tensor], keys: Sequence[str], body: Callable) -> StatelessGraph:
     """The group's graph for rule ``name`` (rebuilt when its parameters or hyperparameters change)."""
-    runtime = group.setdefault("_runtime", {})
-    slot = f"{name}_graph"
-    graph = runtime.get(slot)
-    if graph is None or not graph.matches(params, group):
-        runtime[slot] = None  # free the old graph's pool before building the new one
-        graph = runtime[slot] = StatelessGraph(params, group, keys, body)
-    return graph
+    return cached_graph(group, f"{name}_graph", params, lambda: StatelessGraph(params, group, keys, body))
