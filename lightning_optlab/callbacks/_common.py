@@ -318,19 +318,6 @@ def log_merged(trainer: Any, scalars: dict[str, float], histograms: dict[str, di
     return histograms_logged
 
 
-def log_histogram(trainer: Any, tag: str, values: Any, step: int) -> bool:
-    """Log a histogram of ``values``, or of a :func:`histogram_stats` dict (raw, cheap)."""
-    if isinstance(values, dict):
-        exps = _experiments_with(trainer, "add_histogram_raw")
-        for exp in exps:
-            exp.add_histogram_raw(tag, global_step=step, **values)
-        return bool(exps)
-    exps = _experiments_with(trainer, "add_histogram")
-    for exp in exps:
-        exp.add_histogram(tag, values, global_step=step)
-    return bool(exps)
-
-
 def log_image(trainer: Any, tag: str, image_hwc: Any, step: int) -> bool:
     exps = _experiments_with(trainer, "add_image")
     for exp in exps:

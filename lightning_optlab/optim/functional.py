@@ -19,7 +19,7 @@ Conventions shared by every function here:
   ``load_state_dict``, which casts state to the parameter dtype, round-trips exactly).
   The one deliberate exception is Muon's Newton-Schulz iteration, which runs in bf16 on CUDA.
 * **Non-finite gradients** are refused in one place, ``ModularOptimizer.step`` (the standalone
-  classes are ModularOptimizers with one rule): one fused check of all gradients (:func:`all_finite`)
+  classes are ModularOptimizers with one rule): one fused check of all gradients (:func:`nonfinite_flag`)
   before any rule runs; a NaN/Inf gradient raises ``FloatingPointError`` naming the parameters
   (:func:`require_finite_grads`), before any weight or state is touched. (Under fp16 AMP,
   ``GradScaler`` skips steps with infinite gradients before the optimizer sees them.) The guard
@@ -39,7 +39,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from .newton_schulz import NS_COEFFICIENTS, newton_schulz, ns_dtype
+from .newton_schulz import NS_COEFFICIENTS, newton_schulz, ns_dtype, pow2_scales
 
 # ---------------------------------------------------------------------------------------------
 # Precision helpers
@@ -83,7 +83,7 @@ def finite_flags(grads: Sequence[Tensor]) -> Tensor:
 def nonfinite_flag(grads: Sequence[Tensor]) -> Tensor:
     """A device tensor that is nonzero when some gradient entry is NaN/Inf: GradScaler's fused
     non-finite check (one kernel per device and dtype, multiplying by exactly 1.0). No host sync:
-    ``bool()`` of it is the one sync of the step (see :func:`all_finite`).
+    ``bool()`` of it is the one sync of the step (``ModularOptimizer.step``).
 
     Why not a read-only max-norm (:func:`finite_flags`, which would skip the write-back): on an
     H100 host it cost 0.61 ms of CPU for the 80 tensors of a 42M GPT (per-tensor results to
@@ -96,18 +96,12 @@ def nonfinite_flag(grads: Sequence[Tensor]) -> Tensor:
     for (device, dtype), tensors in by_key.items():
         if device.type == "cuda" and dtype == torch.bfloat16:
             # GradScaler's CUDA kernel has no bf16 version: the max-norm way for these
-            found = torch.stack(torch._foreach_norm(tensors, float("inf"))).isfinite().all().logical_not()
-            found = found.float().reshape(1)
+            found = finite_flags(tensors).all().logical_not().float().reshape(1)
         else:
             found = torch.zeros(1, device=device)
             torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, torch.ones(1, device=device))
         flags.append(found if found.device == grads[0].device else found.to(grads[0].device))
     return flags[0] if len(flags) == 1 else torch.stack(flags).any()
-
-
-def all_finite(grads: Sequence[Tensor]) -> bool:
-    """Whether every gradient entry is finite: :func:`nonfinite_flag` and one host sync."""
-    return not bool(nonfinite_flag(grads))
 
 
 def fused_by_default(group: Mapping[str, Any], params: list[torch.Tensor]) -> bool:
@@ -163,13 +157,6 @@ def require_finite_grads(
 
 # ---------------------------------------------------------------------------------------------
 # Shared steps
-
-
-def decoupled_weight_decay_(p: Tensor, lr: float, weight_decay: float) -> Tensor:
-    """p <- p * (1 - lr * weight_decay)  (AdamW-style, independent of the gradient transform)."""
-    if weight_decay != 0:
-        p.mul_(1 - lr * weight_decay)
-    return p
 
 
 def as_matrix(t: Tensor) -> Tensor:
@@ -390,9 +377,7 @@ def pow2_prescale_stack_(x: Tensor) -> Tensor:
     """An exact power-of-two prescale of each ``x[b]`` (max|x[b]| into [0.5, 1)), in place; returns the
     per-item powers of two ``s`` shaped ``(B, 1, ...)`` (an all-zero item gets ``s = 1``)."""
     dims = tuple(range(1, x.ndim))
-    amax = torch.linalg.vector_norm(x, float("inf"), dim=dims, keepdim=True)
-    _, exponent = torch.frexp(amax)
-    s = torch.ldexp(torch.ones_like(amax), exponent.neg_())
+    s = pow2_scales(torch.linalg.vector_norm(x, float("inf"), dim=dims, keepdim=True))
     x.mul_(s)
     return s
 
@@ -496,18 +481,12 @@ def sinkhorn_scales_(
     return us, ws
 
 
-def _pow2_scales(amax: Tensor) -> Tensor:
-    """Exact powers of two ``s`` with ``amax * s`` in [0.5, 1) (1 for amax 0)."""
-    _, exponent = torch.frexp(amax)
-    return torch.ldexp(torch.ones_like(amax), exponent.neg_())
-
-
 def _pow2_prescale_stacks_(stacks: Sequence[Tensor]) -> list[Tensor]:
     """:func:`pow2_prescale_stack_` of several 3-D stacks with one scale computation: per-item
     max (one read of each stack), the powers of two of all items at once, one multiply per stack.
     Returns the scales, shaped (B, 1, 1) per stack."""
     amax = torch.cat([torch.linalg.vector_norm(G, float("inf"), dim=(1, 2)) for G in stacks])
-    scales = _pow2_scales(amax)
+    scales = pow2_scales(amax)
     out, start = [], 0
     for G in stacks:
         s = scales[start : start + G.shape[0]].view(-1, 1, 1).to(G.dtype)  # exact: powers of two

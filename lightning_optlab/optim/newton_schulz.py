@@ -22,6 +22,14 @@ def ns_dtype(device: torch.device | str) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
+def pow2_scales(amax: torch.Tensor) -> torch.Tensor:
+    """Exact powers of two ``s`` with ``amax * s`` in [0.5, 1) (1 where ``amax`` is 0): the
+    prescale that keeps sums of squares from over- or underflowing without changing a
+    scale-invariant result."""
+    _, exponent = torch.frexp(amax)
+    return torch.ldexp(torch.ones_like(amax), exponent.neg_())
+
+
 def frobenius_normalize_(X: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     """``X <- X / max(||X||_F, eps)`` per matrix of a (..., m, n) stack, in place, computed as if
     ``X`` were first scaled by the power of two ``s`` that puts ``max|x|`` in [0.5, 1) (exact, so
@@ -34,15 +42,15 @@ def frobenius_normalize_(X: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     26 us per reduction and 32 us for the multiply, against 115 us + 58 us in float64. Where the
     float32 sum of squares under- or overflows (entries below ~1e-19 or above ~1e19 throughout)
     the norm of ``s X`` is replaced by its upper bound ``sqrt(m n)``: every singular value still
-    lands in (0, 1] and the update stays finite and close to the unscaled one (cosine 0.93-0.97
-    measured on a random 8 x 12 gradient scaled by 1e-30 ... 1e38; the float64 pow2-prescale
+    lands in (0, 1] and the update stays finite and close to the unscaled one (cosine >= 0.92
+    over 20 random 8 x 12 gradients scaled by 1e-30 ... 1e38, fp32 and bf16; the float64 pow2-prescale
     pass that made this exact cost more than the whole normalization does now).
     """
     acc = torch.promote_types(X.dtype, torch.float32)
     dims = (-2, -1)
     norm = torch.linalg.vector_norm(X, dim=dims, keepdim=True, dtype=acc)
     amax = torch.linalg.vector_norm(X, ord=float("inf"), dim=dims, keepdim=True, dtype=acc)
-    s = torch.ldexp(torch.ones_like(amax), torch.frexp(amax).exponent.neg_().clamp_max_(126))
+    s = pow2_scales(amax).clamp_max_(2.0**126)  # a subnormal amax would need 2^127 and up
     # below ~sqrt(tiny) the sum of squares has underflowed (1e-18 for a float32 accumulator)
     accurate = norm.isfinite() & (norm >= 10 * torch.finfo(acc).tiny ** 0.5)
     scaled_norm = torch.where(accurate, norm * s, (X.size(-2) * X.size(-1)) ** 0.5)
