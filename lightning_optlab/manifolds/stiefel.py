@@ -186,11 +186,11 @@ def _check_schedule(steps, tol, schedule, precision) -> str:
     return schedule
 
 
-def _low_precision(precision: str, X: torch.Tensor) -> bool:
+def _low_precision(precision: str, dtype: torch.dtype, device: torch.device) -> bool:
     """Whether to run the matmuls on bf16 operands (float32 accumulation and output)."""
-    if X.dtype != torch.float32 or precision == "fp32":
+    if dtype != torch.float32 or precision == "fp32":
         return False  # float64 stays float64 throughout
-    return precision == "mixed" or X.is_cuda
+    return precision == "mixed" or device.type == "cuda"
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor, low: bool) -> torch.Tensor:
@@ -235,10 +235,6 @@ def _eye_minus(A: torch.Tensor) -> torch.Tensor:
     return E
 
 
-def _sq_frobenius(M: torch.Tensor) -> torch.Tensor:
-    return M.square().sum(dim=(-2, -1))
-
-
 def polar_newton_schulz(
     X: torch.Tensor,
     steps: int = 5,
@@ -275,7 +271,7 @@ def polar_newton_schulz(
     tall = X.size(-2) > X.size(-1)
     if tall:  # iterate on the wide form so the Gram matrix is the small side
         X = X.mT
-    low = _low_precision(precision, X)
+    low = _low_precision(precision, X.dtype, X.device)
     how = "split" if low else "fp32"  # fixed/check: every Gram to float32 accuracy
     with full_fp32_matmul():
         A = _gram(X, how)
@@ -370,13 +366,6 @@ class BucketResult(NamedTuple):
     fallback: bool  # too far off for the bound: retracted with the 'check' schedule instead
 
 
-def _low(precision: str, dtype: torch.dtype, device: torch.device) -> bool:
-    """:func:`_low_precision` from a dtype and device (no tensor needed)."""
-    if dtype != torch.float32 or precision == "fp32":
-        return False
-    return precision == "mixed" or device.type == "cuda"
-
-
 _PROBES: dict[tuple[str, torch.device], bool] = {}
 
 
@@ -460,7 +449,7 @@ class _Bucket:
                     "StiefelRetractor: a bucket must hold matrices of one flattened shape, dtype and "
                     f"device; got {list(p0.shape)} {p0.dtype} {p0.device} and {list(p.shape)} {p.dtype} {p.device}"
                 )
-        self.low = _low(precision, self.dtype, self.device)
+        self.low = _low_precision(precision, self.dtype, self.device)
         accurate = tol < BF16_GRAM_TOL
         self.how = ("split" if accurate else "bf16") if self.low else "fp32"
         self.mats: list[torch.Tensor] = []
