@@ -82,6 +82,7 @@ from ..manifolds import (
     stiefel_retract_exact,
 )
 from ..manifolds.sphere import SPHERE_EPS
+from ..optim.cuda_graph import check_cuda_graph_setting
 from ..policy.roles import describe_parameters
 
 CONSTRAINTS = ("sphere", "stiefel")
@@ -195,8 +196,7 @@ class ManifoldRetraction(Callback):
             "stiefel", {"steps": fit_start_steps, "tol": fit_start_tol}, "fit_start options", {}
         )
         self.log = bool(log)
-        if cuda_graph not in ("auto", True, False):
-            raise ValueError(f"ManifoldRetraction: cuda_graph must be 'auto', True or False, got {cuda_graph!r}")
+        check_cuda_graph_setting(cuda_graph, "ManifoldRetraction: ")
         self.cuda_graph = cuda_graph
         self.num_retractions = 0  # post-hook retractions in the current fit (diagnostic)
         #: iterations each Stiefel shape bucket ran in the latest retraction: {"768x2304": 1, ...}

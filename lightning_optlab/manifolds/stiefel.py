@@ -117,6 +117,7 @@ from typing import Callable, NamedTuple, Sequence
 
 import torch
 
+from ..optim.cuda_graph import check_cuda_graph_setting
 from ..optim.functional import full_fp32_matmul
 from .sphere import compute_dtype
 
@@ -606,9 +607,6 @@ class _Bucket:
         return res.steps
 
 
-CUDA_GRAPH_OPTIONS = ("auto", True, False)
-
-
 class StiefelRetractor:
     """The ``"predict"`` retraction of fixed parameters, in place, built once and called every step.
 
@@ -658,8 +656,7 @@ class StiefelRetractor:
         speculate: bool = True,
     ) -> None:
         _check_schedule(steps, tol, "predict", precision)
-        if cuda_graph not in CUDA_GRAPH_OPTIONS:
-            raise ValueError(f"StiefelRetractor: cuda_graph must be 'auto', True or False, got {cuda_graph!r}")
+        check_cuda_graph_setting(cuda_graph, "StiefelRetractor: ")
         buckets = [list(b) for b in buckets if len(b)]
         devices = {b[0].device for b in buckets}
         if len(devices) > 1:

@@ -6,16 +6,18 @@ settle), captured on the next call and replayed after."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 CUDA_GRAPH_SETTINGS = ("auto", True, False)
 
 
-def check_cuda_graph_setting(hp: Mapping[str, Any]) -> None:
-    if hp["cuda_graph"] not in CUDA_GRAPH_SETTINGS:
-        raise ValueError(f"cuda_graph must be 'auto', true or false, got {hp['cuda_graph']!r}")
+def check_cuda_graph_setting(value: Any, where: str = "") -> None:
+    """The one check of a ``cuda_graph`` option (rules, StiefelRetractor, ManifoldRetraction);
+    ``where`` prefixes the message with its owner."""
+    if value not in CUDA_GRAPH_SETTINGS:
+        raise ValueError(f"{where}cuda_graph must be 'auto', true or false, got {value!r}")
 
 
 def graph_eligible(rule: str, group: dict, params: Sequence[torch.Tensor], also_needs: str = "") -> bool:

@@ -81,7 +81,7 @@ def check_muon(hp: Mapping[str, Any]) -> None:
     if not isinstance(hp["nesterov"], bool):
         raise ValueError(f"nesterov must be true or false, got {hp['nesterov']!r}")
     resolve_ns_dtype(hp["ns_dtype"], torch.device("cpu"))
-    check_cuda_graph_setting(hp)
+    check_cuda_graph_setting(hp["cuda_graph"])
     if hp["ns_split"] not in ("auto", True, False):
         raise ValueError(f"ns_split must be 'auto', true or false, got {hp['ns_split']!r}")
 

@@ -53,7 +53,7 @@ def _check_count(hp: Mapping[str, Any], key: str, minimum: int) -> None:
 def check_sinkgd(hp: Mapping[str, Any]) -> None:
     check_common(hp)
     _check_count(hp, "sinkhorn_iterations", 1)
-    check_cuda_graph_setting(hp)
+    check_cuda_graph_setting(hp["cuda_graph"])
 
 
 def check_sinkhorn_tanh(hp: Mapping[str, Any]) -> None:
@@ -62,7 +62,7 @@ def check_sinkhorn_tanh(hp: Mapping[str, Any]) -> None:
     tau = hp["tau"]
     if isinstance(tau, bool) or not isinstance(tau, (int, float)) or tau <= 0:
         raise ValueError(f"tau must be a number > 0, got {tau!r}")
-    check_cuda_graph_setting(hp)
+    check_cuda_graph_setting(hp["cuda_graph"])
 
 
 def _sinkgd_body(params: list, stacks: list, lr: Any, group: dict) -> None:
