@@ -386,16 +386,8 @@ class SpectralMonitor(BackgroundAnalysis):
                 out_dtype = torch.float64 if all(t.dtype == torch.float64 for t in ts) else torch.float32
                 chunks.append((part, key, out_dtype))
         device = next(iter(grams.values())).device if grams else None
-        copy_stream = self._copy_stream(device) if device is not None and device.type == "cuda" else None
+        copy_stream = self._side_stream(device) if device is not None and device.type == "cuda" else None
         return Snapshot(grams, to_cpu=True, buffers=self._buffers, owned=True, copy_stream=copy_stream), chunks
-
-    def _copy_stream(self, device: torch.device):
-        """A side stream per device for the Grams' device-to-host copies (the copy engine runs
-        them while the training stream goes on: ~4 ms per snapshot of the 42M GPT off its path)."""
-        key = ("copy", device)
-        if key not in self._streams:
-            self._streams[key] = torch.cuda.Stream(device=device)
-        return self._streams[key]
 
     @property
     def skipped_snapshots(self) -> int:
@@ -426,7 +418,9 @@ class SpectralMonitor(BackgroundAnalysis):
     # --- worker side -------------------------------------------------------------------------
 
     def _side_stream(self, device: torch.device):
-        """One lowest-priority CUDA stream per device for the snapshot computations."""
+        """One lowest-priority CUDA stream per device for a snapshot's side work: the ``"gram"``
+        computations, or the ``"gram_host"`` Grams' device-to-host copies (the copy engine runs
+        them while the training stream goes on: ~4 ms per snapshot of the 42M GPT off its path)."""
         if device not in self._streams:  # priority 0 is CUDA's lowest (lower number = higher)
             self._streams[device] = torch.cuda.Stream(device=device, priority=0)
         return self._streams[device]
