@@ -110,12 +110,10 @@ def _clipped_grads(group: dict, params: list, grads: list, states: list, buckets
     return out
 
 
-def _apply(group: dict, params: list, states: list, rows: list, resetting: list, buckets: dict, clipped: dict) -> None:
-    """Commit the counters, zero the moments that reset now, and run torch's AdamW per bucket."""
+def _apply(group: dict, params: list, states: list, rows: list, buckets: dict, clipped: dict) -> None:
+    """Commit the counters and run torch's AdamW per bucket (resets are zeroed by the caller)."""
     for state, (t, k, resets) in zip(states, rows):
         state["total_steps"], state["steps_since_reset"], state["resets"] = t, k, resets
-    if resetting:
-        torch._foreach_zero_([x for i in resetting for x in (states[i]["exp_avg"], states[i]["exp_avg_sq"], states[i]["step"])])
     beta1, beta2 = group["betas"]
     for (warmup, clip), idx in buckets.items():
         ps = [upcast(params[i]) for i in idx]
@@ -165,10 +163,10 @@ def adamw_spam_step(group: dict, params: list, grads: list, states: list) -> Non
     """
     _init_state(params, states)
     rows, resetting, buckets = _schedule(group, states)
-    if resetting:  # the moments are zeroed before this step's clipping reads them
-        torch._foreach_zero_([x for i in resetting for x in (states[i]["exp_avg"], states[i]["exp_avg_sq"])])
+    if resetting:  # zeroed before this step's clipping reads the moments
+        torch._foreach_zero_([x for i in resetting for x in (states[i]["exp_avg"], states[i]["exp_avg_sq"], states[i]["step"])])
     clipped = _clipped_grads(group, params, grads, states, buckets)
-    _apply(group, params, states, rows, resetting, buckets, clipped)
+    _apply(group, params, states, rows, buckets, clipped)
 
 
 def adamw_spam_prepare(group: dict, params: list, grads: list, states: list):
@@ -181,7 +179,7 @@ def adamw_spam_prepare(group: dict, params: list, grads: list, states: list):
     if resetting:
         return None
     clipped = _clipped_grads(group, params, grads, states, buckets)
-    return lambda: _apply(group, params, states, rows, resetting, buckets, clipped)
+    return lambda: _apply(group, params, states, rows, buckets, clipped)
 
 
 ADAMW_SPAM_RULE = register_rule(
