@@ -6,7 +6,7 @@ lightning. ``OptLabMixin`` and the callbacks are loaded on first access.
 """
 
 from .optim import ModularOptimizer, available_rules
-from .policy import Policy, Rule, build_param_groups, build_optimizer
+from .policy import Policy, Rule, build_optimizer, build_param_groups, describe_parameters, explain
 
 __version__ = "0.1.0"
 
@@ -29,4 +29,6 @@ __all__ = [
     "available_rules",
     "build_optimizer",
     "build_param_groups",
+    "describe_parameters",
+    "explain",
 ]

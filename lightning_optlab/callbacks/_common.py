@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks.callback import Callback
 
+from ..optim.matrix import DEFAULT_VIEW, MatrixView, group_views
 from ..policy.roles import describe_parameters
 
 # The research plan's components; bias and norm parameters belong to none of them.
@@ -46,6 +47,15 @@ class TrackedParam:
     group_index: int
     group_name: str
     algorithm: str | None
+    view: MatrixView = DEFAULT_VIEW
+
+    def matrices(self, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        """``t`` (the parameter, its gradient or a state tensor) as its matrix view: one
+        ``(name, matrix)``, or one per block of a split packed projection (``name[k]``)."""
+        m = self.view.to_matrix(t)
+        if self.view.blocks == 1:
+            return [(self.name, m)]
+        return [(f"{self.name}[{k}]", m[k]) for k in range(self.view.blocks)]
 
 
 def sanitize_tag(text: str) -> str:
@@ -64,9 +74,10 @@ def tracked_parameters(
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
 ) -> list[TrackedParam]:
-    """Parameters of ``optimizer`` (or of ``model`` without one) with at least ``min_ndim`` dims.
+    """Parameters of ``optimizer`` (or of ``model`` without one) with at least ``min_ndim`` dims
+    that are matrices (a (C, 1, 1) scale is not), each with its matrix view.
 
-    Names and roles come from the group keys ``param_names`` / ``roles`` that
+    Names, roles and views come from the group keys ``param_names`` / ``roles`` / ``matrix_views`` that
     :func:`~lightning_optlab.policy.build_param_groups` sets; groups without them (a plain
     ``torch.optim.AdamW``) get names from ``model.named_parameters()`` and roles from
     :func:`~lightning_optlab.policy.describe_parameters`. ``include`` / ``exclude`` are name globs.
@@ -81,10 +92,14 @@ def tracked_parameters(
     for gi, group in enumerate(groups):
         pnames = group.get("param_names")
         roles = group.get("roles")
+        views = group_views(group, group["params"]) if group.get("matrix_views") else None
         for k, p in enumerate(group["params"]):
             if p.ndim < min_ndim:
                 continue
             info = infos.get(id(p))
+            view = views[k] if views else (info.view.unsplit() if info else DEFAULT_VIEW)
+            if min_ndim >= 2 and not view.is_matrix:
+                continue
             name = pnames[k] if pnames else (info.name if info else names.get(id(p), f"{gi}.{k}"))
             role = roles[k] if roles else (info.role if info else ("hidden" if p.ndim >= 2 else "bias"))
             if include and not any(fnmatch.fnmatchcase(name, pat) for pat in include):
@@ -93,7 +108,7 @@ def tracked_parameters(
                 continue
             entries.append(
                 TrackedParam(name, role, COMPONENT_OF_ROLE.get(role), p, gi, group_name(group, gi),
-                             group.get("algorithm"))
+                             group.get("algorithm"), view)
             )
     return entries
 
@@ -394,8 +409,9 @@ def gradient_matrices(
         if t is None:
             skipped += 1
             continue
-        out[tp.name] = t.reshape(t.shape[0], -1) if t.ndim > 2 else t
-        who[tp.name] = tp
+        for name, m in tp.matrices(t):
+            out[name] = m
+            who[name] = tp
     return out, who, skipped
 
 

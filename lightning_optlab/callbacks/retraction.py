@@ -78,11 +78,13 @@ from ..manifolds import (
     StiefelRetractor,
     sphere_distance,
     sphere_retract,
+    sphere_row_dims,
     stiefel_distance,
     stiefel_retract_exact,
 )
 from ..manifolds.sphere import SPHERE_EPS
 from ..optim.cuda_graph import check_cuda_graph_setting
+from ..optim.matrix import DEFAULT_VIEW, MatrixView, group_views
 from ..policy.roles import describe_parameters
 
 CONSTRAINTS = ("sphere", "stiefel")
@@ -112,6 +114,7 @@ class _Target:
     options: dict[str, Any]
     source: str
     owner: int | None = None  # index of the optimizer that updates it (None: no optimizer does)
+    view: MatrixView = DEFAULT_VIEW
 
 
 @dataclass
@@ -298,9 +301,11 @@ class ManifoldRetraction(Callback):
     def _collect(self, trainer: Trainer, pl_module: LightningModule) -> list[_Target]:
         names = {id(p): n for n, p in pl_module.named_parameters()}
         try:
-            roles = {id(i.param): i.role for i in describe_parameters(pl_module)}
+            infos = {id(i.param): i for i in describe_parameters(pl_module)}
         except ValueError:
-            roles = {}
+            infos = {}
+        roles = {k: i.role for k, i in infos.items()}
+        inferred_views = {k: i.view.unsplit() for k, i in infos.items()}
         owners: dict[int, int] = {}
         for oi, opt in enumerate(trainer.optimizers):
             for group in opt.param_groups:
@@ -321,10 +326,12 @@ class ManifoldRetraction(Callback):
                     self.defaults if kind == "stiefel" else {},
                 )
                 pnames, proles = group.get("param_names"), group.get("roles")
+                views = group_views(group, group["params"]) if group.get("matrix_views") else None
                 for j, p in enumerate(group["params"]):
                     name = pnames[j] if pnames else names.get(id(p), f"{label}[{j}]")
                     role = proles[j] if proles else roles.get(id(p), "all")
-                    found.setdefault(id(p), _Target(p, name, role, kind, opts, source, oi))
+                    view = views[j] if views else inferred_views.get(id(p), DEFAULT_VIEW)
+                    found.setdefault(id(p), _Target(p, name, role, kind, opts, source, oi, view))
 
         if self.constraints is not None:
             named = list(pl_module.named_parameters())
@@ -348,7 +355,8 @@ class ManifoldRetraction(Callback):
                     if id(p) in claimed:
                         continue  # the first glob that matches a parameter wins
                     claimed.add(id(p))
-                    target = _Target(p, n, roles.get(id(p), "all"), kind, opts, source, owners.get(id(p)))
+                    target = _Target(p, n, roles.get(id(p), "all"), kind, opts, source, owners.get(id(p)),
+                                     inferred_views.get(id(p), DEFAULT_VIEW))
                     other = found.get(id(p))
                     if other is not None and (other.constraint, other.options) != (kind, opts):
                         raise ValueError(
@@ -358,16 +366,38 @@ class ManifoldRetraction(Callback):
                         )
                     found.setdefault(id(p), target)
 
-        targets = list(found.values())
-        for t in targets:
+        targets = []
+        for t in found.values():
             self._check_shape(t)
+            targets.extend(self._stiefel_matrices(t) if t.constraint == "stiefel" else [t])
         return targets
+
+    @staticmethod
+    def _stiefel_matrices(t: _Target) -> list[_Target]:
+        """A Stiefel target per matrix of its view, each holding a 2-D view of the parameter that
+        the retraction writes through (one per block of a split packed projection)."""
+        p, view = t.param, t.view
+        if view.blocks == 1 and (view.layout == "out_in" or (view.layout == "in_out" and p.ndim == 2)):
+            # (out, in*k) is how the retraction reads a parameter; and polar(W^T) = polar(W)^T,
+            # so an HF Conv1D weight is retracted as stored, in place
+            return [t]
+        m = view.to_matrix(p)
+        if m.untyped_storage().data_ptr() != p.untyped_storage().data_ptr():
+            raise ValueError(
+                f"ManifoldRetraction: {t.source} puts constraint 'stiefel' on {t.name!r} of shape "
+                f"{list(p.shape)}, whose matrix view ({view.code}) is not a view of its storage "
+                "(a ConvTranspose kernel): it cannot be retracted in place. Narrow the rule's match."
+            )
+        mats = [m] if view.blocks == 1 else list(m.unbind(0))
+        names = [t.name] if view.blocks == 1 else [f"{t.name}[{k}]" for k in range(view.blocks)]
+        return [_Target(x, n, t.role, t.constraint, t.options, t.source, t.owner, MatrixView(view.layout))
+                for x, n in zip(mats, names)]
 
     @staticmethod
     def _check_shape(t: _Target) -> None:
         shape = list(t.param.shape)
         if t.constraint == "stiefel":
-            if t.param.ndim < 2:
+            if t.param.ndim < 2 or not t.view.is_matrix:
                 raise ValueError(
                     f"ManifoldRetraction: {t.source} puts constraint 'stiefel' on {t.name!r} of shape "
                     f"{shape}: a vector cannot have orthonormal columns. Use 'sphere' for vectors, or "
@@ -381,7 +411,7 @@ class ManifoldRetraction(Callback):
                 )
             dim = t.options.get("dim")
             if dim is None:
-                dim = -1 if t.param.ndim <= 2 else tuple(range(1, t.param.ndim))
+                dim = sphere_row_dims(t.view, t.param.ndim)
             dims = dim if isinstance(dim, (tuple, list)) else (dim,)
             for d in dims:
                 if not isinstance(d, int) or not -t.param.ndim <= d < t.param.ndim:

@@ -334,8 +334,9 @@ class SpectralMonitor(BackgroundAnalysis):
                 if t is None:
                     missing += kind == "gradients"
                     continue
-                tensors[(kind, tp.name)] = t
-                meta.append((kind, tp.name, tp.component, tp.group_name))
+                for name, m in tp.matrices(t):  # the parameter's matrix view (a strided view)
+                    tensors[(kind, name)] = m
+                    meta.append((kind, name, tp.component, tp.group_name))
         if not tensors:
             return
         cuda = any(t.is_cuda for t in tensors.values())

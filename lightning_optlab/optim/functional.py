@@ -39,6 +39,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from .matrix import DEFAULT_VIEW, MatrixView
 from .newton_schulz import NS_COEFFICIENTS, newton_schulz, ns_dtype, pow2_scales
 
 # ---------------------------------------------------------------------------------------------
@@ -159,11 +160,12 @@ def require_finite_grads(
 # Shared steps
 
 
-def as_matrix(t: Tensor) -> Tensor:
-    """A >=2-D tensor as the matrix (out, fan_in): conv kernels (out, in, *k) -> (out, in*prod(k))."""
+def as_matrix(t: Tensor, view: MatrixView | None = None) -> Tensor:
+    """``t`` as the matrix its :class:`~.matrix.MatrixView` names (default: (out, fan_in), conv
+    kernels (out, in, *k) -> (out, in*prod(k)))."""
     if t.ndim < 2:
         raise ValueError(f"as_matrix needs at least 2 dimensions, got shape {tuple(t.shape)}")
-    return t.reshape(t.shape[0], -1)
+    return (view or DEFAULT_VIEW).to_matrix(t)
 
 
 def rms(x: Tensor) -> Tensor:
@@ -251,28 +253,34 @@ def orthogonalize(
 ) -> list[Tensor]:
     """Newton-Schulz polar factor of each matrix; same-shaped matrices in ONE stacked call.
 
-    Matrices are bucketed by (device, shape), each bucket stacked into a ``(B, m, n)`` tensor
-    and orthogonalized together (a few large batched matmuls instead of B small ones).
+    Each entry is a matrix (m, n) or a batch of them (b, m, n), e.g. a packed projection split
+    into its blocks (:meth:`~.matrix.MatrixView.to_matrix`). Matrices are bucketed by
+    (device, shape), each bucket stacked into a ``(B, m, n)`` tensor and orthogonalized together
+    (a few large batched matmuls instead of B small ones); each result has its entry's shape.
     ``dtype`` defaults to :func:`ns_dtype` of the device (bf16 on CUDA, fp32 on CPU);
     ``out_dtype`` casts each bucket's result once (default: leave it in ``dtype``); ``split``
     shares the buckets' matrices out across ranks (see :func:`ns_split_world`).
     """
     buckets: dict[tuple, list[int]] = defaultdict(list)
     for i, m in enumerate(matrices):
-        if m.ndim != 2:
-            raise ValueError(f"orthogonalize expects matrices, got shape {tuple(m.shape)}")
-        buckets[(m.device, tuple(m.shape))].append(i)
+        if m.ndim not in (2, 3):
+            raise ValueError(f"orthogonalize expects matrices or batches of them, got shape {tuple(m.shape)}")
+        buckets[(m.device, tuple(m.shape[-2:]))].append(i)
     out: list[Tensor | None] = [None] * len(matrices)
     world = ns_split_world(split)
-    for (device, _), idx in buckets.items():
-        stack = torch.stack([matrices[i] for i in idx])
+    for (device, shape), idx in buckets.items():
+        parts = [matrices[i].reshape(-1, *shape) for i in idx]
+        stack = parts[0] if len(parts) == 1 else torch.cat(parts)  # newton_schulz leaves it as is
         kwargs = dict(steps=steps, coefficients=tuple(float(c) for c in coefficients), eps=eps,
                       dtype=dtype or ns_dtype(device))
         ortho = _newton_schulz_split(stack, world, **kwargs) if world else newton_schulz(stack, **kwargs)
         if out_dtype is not None:
             ortho = ortho.to(out_dtype)
-        for j, i in enumerate(idx):
-            out[i] = ortho[j]
+        start = 0
+        for i, part in zip(idx, parts):
+            count = part.shape[0]
+            out[i] = ortho[start : start + count].reshape(matrices[i].shape)
+            start += count
     return out  # type: ignore[return-value]
 
 
@@ -320,20 +328,22 @@ def muon_update(
     ns_dtype: torch.dtype | None = None,
     out_dtype: torch.dtype | None = None,
     split: bool | str | None = None,
+    views: Sequence[MatrixView] | None = None,
 ) -> list[Tensor]:
-    """Muon's orthogonalized directions, shaped as the matrices ``as_matrix(grad)``.
+    """Muon's orthogonalized directions, shaped as the matrices ``view.to_matrix(grad)``.
 
     ``momentum_buffers`` (compute dtype, as returned by :func:`upcast`) are updated in place by
     ``buf <- momentum * buf + (1 - momentum) * g``; the direction is the nesterov look-ahead
-    ``(1 - momentum) * g + momentum * buf`` (or ``buf``), flattened to 2-D and orthogonalized by
-    the quintic Newton-Schulz iteration, same-shaped matrices batched. Momentum runs as two
-    foreach kernels over the whole group. The shape scaling (:func:`muon_lr_scale`) is applied
-    by the caller, on the learning rate.
+    ``(1 - momentum) * g + momentum * buf`` (or ``buf``), read as its matrix (``views``, default
+    (out, fan_in)) and orthogonalized by the quintic Newton-Schulz iteration, same-shaped
+    matrices batched. Momentum runs as two foreach kernels over the whole group. The shape
+    scaling (:func:`muon_lr_scale`) is applied by the caller, on the learning rate.
     """
     directions = muon_momentum([upcast(g) for g in grads], momentum_buffers, momentum, nesterov)
+    views = views or [DEFAULT_VIEW] * len(directions)
     return orthogonalize(
-        [as_matrix(d) for d in directions], steps=ns_steps, coefficients=ns_coefficients, eps=eps,
-        dtype=ns_dtype, out_dtype=out_dtype, split=split,
+        [v.to_matrix(d) for v, d in zip(views, directions)], steps=ns_steps, coefficients=ns_coefficients,
+        eps=eps, dtype=ns_dtype, out_dtype=out_dtype, split=split,
     )
 
 
@@ -344,33 +354,50 @@ def muon_update(
 STACK_KINDS = ("matrix", "vector", "scalar")
 
 
-def work_shape(t: Tensor) -> tuple[str, tuple[int, ...]]:
-    """How a tensor is stacked: ``("matrix", (out, fan_in))`` for >=2-D (conv kernels flattened
-    like :func:`as_matrix`), ``("vector", (n,))`` for 1-D, ``("scalar", (1,))`` for 0-D."""
-    if t.ndim >= 2:
-        return "matrix", (t.shape[0], t[0].numel())
-    if t.ndim == 1:
-        return "vector", (t.shape[0],)
+def work_shape(t: Tensor, view: MatrixView | None = None) -> tuple[str, tuple[int, ...]]:
+    """How a tensor is stacked: ``("matrix", (fan_out, fan_in))`` for a >=2-D tensor read as its
+    matrix ``view`` (default (out, fan_in), conv kernels flattened like :func:`as_matrix`; a
+    packed projection as one matrix), ``("vector", (n,))`` for 1-D tensors and tensors whose
+    view is ``vector`` (a (C, 1, 1) scale), ``("scalar", (1,))`` for 0-D."""
+    if t.ndim >= 2 and (view is None or view.is_matrix):
+        return "matrix", (view or DEFAULT_VIEW).unsplit().shape(t.shape)
+    if t.ndim >= 1:
+        return "vector", (t.numel(),)
     return "scalar", (1,)
 
 
-def stack_by_shape(tensors: Sequence[Tensor]) -> list[tuple[str, list[int], Tensor]]:
+def as_work(t: Tensor, kind: str, shape: tuple[int, ...], view: MatrixView | None) -> Tensor:
+    return (view or DEFAULT_VIEW).unsplit().to_matrix(t) if kind == "matrix" else t.reshape(shape)
+
+
+def stack_by_shape(
+    tensors: Sequence[Tensor], views: Sequence[MatrixView] | None = None
+) -> list[tuple[str, list[int], Tensor]]:
     """Bucket tensors by (device, dtype, :func:`work_shape`) and stack each bucket into a NEW
-    ``(B, *work_shape)`` tensor in :func:`compute_dtype` (safe to transform in place).
+    ``(B, *work_shape)`` tensor in :func:`compute_dtype` (safe to transform in place). ``views``
+    (aligned with ``tensors``) say how each reads as a matrix (:mod:`.matrix`).
 
     Returns ``[(kind, indices, stack)]``; ``stack[j]`` holds ``tensors[indices[j]]``.
     """
+    views = views or [None] * len(tensors)
     buckets: dict[tuple, list[int]] = defaultdict(list)
     for i, t in enumerate(tensors):
-        kind, shape = work_shape(t)
+        kind, shape = work_shape(t, views[i])
         buckets[(t.device, t.dtype, kind, shape)].append(i)
     out = []
     for (_, dtype, kind, shape), idx in buckets.items():
-        stack = torch.stack([tensors[i].reshape(shape) for i in idx])
+        stack = torch.stack([as_work(tensors[i], kind, shape, views[i]) for i in idx])
         if stack.dtype != compute_dtype(dtype):
             stack = stack.to(compute_dtype(dtype))
         out.append((kind, idx, stack))
     return out
+
+
+def from_work(t: Tensor, work: Tensor, view: MatrixView | None = None) -> Tensor:
+    """A stack item ``work`` (from :func:`stack_by_shape`) laid out as the stored tensor ``t``."""
+    if t.ndim >= 2 and work.ndim == 2:
+        return (view or DEFAULT_VIEW).unsplit().from_matrix(work, t.shape)
+    return work.view(t.shape)
 
 
 def pow2_prescale_stack_(x: Tensor) -> Tensor:
@@ -579,13 +606,12 @@ def sinkhorn_tanh_stack_(G: Tensor, kind: str, tau: float, n_iter: int, eps: flo
     return G if factor is None else G.mul_(factor)
 
 
-def _single(grad: Tensor, transform) -> Tensor:
-    kind, shape = work_shape(grad)
-    stack = upcast(grad).reshape(1, *shape).clone()
-    return transform(stack, kind)[0].reshape(grad.shape)
+def _single(grad: Tensor, transform, view: MatrixView | None = None) -> Tensor:
+    ((kind, _, stack),) = stack_by_shape([upcast(grad).clone()], [view])
+    return from_work(grad, transform(stack, kind)[0], view).contiguous()
 
 
-def sinkgd_update(grad: Tensor, iterations: int, eps: float = 1e-8) -> Tensor:
+def sinkgd_update(grad: Tensor, iterations: int, eps: float = 1e-8, view: MatrixView | None = None) -> Tensor:
     """SinkGD's multi-normalized gradient (Scetbon et al., arXiv 2502.06742) of one tensor.
 
     For an m x n matrix, ``iterations`` alternations of
@@ -594,16 +620,19 @@ def sinkgd_update(grad: Tensor, iterations: int, eps: float = 1e-8) -> Tensor:
     exactly sqrt(m) and rows converging to sqrt(n) as ``iterations`` grows (Sinkhorn's
     algorithm on the squared entries).
 
-    Non-2-D tensors: kernels of >2 dims are flattened to (out, fan_in) matrices like Muon does;
+    Non-2-D tensors: kernels of >2 dims are flattened to (out, fan_in) matrices like Muon does
+    (``view``: the tensor's :class:`~.matrix.MatrixView`, e.g. HF ``Conv1D`` stored (in, out));
     1-D and 0-D tensors have no row/column structure and are normalized to unit RMS
     (``g / rms(g)``; this is the 1 x n case of the row step, and the sign for a scalar).
     Returns a new tensor (compute dtype) shaped like ``grad``. The group step runs the same
     code (:func:`sinkgd_factors_`, :func:`sinkgd_stack_`) on stacks of same-shaped gradients.
     """
-    return _single(grad, lambda G, kind: sinkgd_stack_(G, kind, iterations, eps))
+    return _single(grad, lambda G, kind: sinkgd_stack_(G, kind, iterations, eps), view)
 
 
-def sinkhorn_tanh_update(grad: Tensor, tau: float, n_iter: int, eps: float = 1e-8) -> Tensor:
+def sinkhorn_tanh_update(
+    grad: Tensor, tau: float, n_iter: int, eps: float = 1e-8, view: MatrixView | None = None
+) -> Tensor:
     """The "Sinkhorn-like" SinkGD transform of the SinkGD ablation notes, of one tensor.
 
     >=2-D (flattened to (out, fan_in)): for t in 1..n_iter: ``g <- g / ||g||_row``,
@@ -614,7 +643,7 @@ def sinkhorn_tanh_update(grad: Tensor, tau: float, n_iter: int, eps: float = 1e-
     zero update. Returns a new tensor (compute dtype) shaped like ``grad``. The group step runs
     the same code (:func:`sinkhorn_tanh_factor_`) on stacks of same-shaped gradients.
     """
-    return _single(grad, lambda G, kind: sinkhorn_tanh_stack_(G, kind, tau, n_iter, eps))
+    return _single(grad, lambda G, kind: sinkhorn_tanh_stack_(G, kind, tau, n_iter, eps), view)
 
 
 # Group steps of the stateless rules over stacks in :func:`stack_by_shape`'s layout. The eager
@@ -633,13 +662,16 @@ def add_stacked_updates_(
     params: Sequence[Tensor],
     updates: Sequence[tuple[list[int], Tensor, Any]],
     decay: float | Tensor | None,
+    views: Sequence[MatrixView] | None = None,
 ) -> None:
     """``p <- p * decay + U[j] * factor[j]`` for each ``(indices, U, factor)``: ``factor`` a float,
     a 0-d tensor or a stack-shaped tensor broadcasting against ``U[j]`` (e.g. (B, 1, n) column
-    scales). Weights in ``U``'s dtype and contiguous are updated in place: the decay as one foreach
+    scales); ``U[j]`` is in :func:`stack_by_shape`'s layout (``views``: each weight's matrix view).
+    Weights in ``U``'s dtype and contiguous are updated in place: the decay as one foreach
     kernel for the group, then one ``add_``/``addcmul_`` per weight straight from ``U`` (no update
-    tensor of its own). Others (bf16/fp16, non-contiguous) go through one fp32 copy each, rounded
-    back once."""
+    tensor of its own) into a strided view of the weight. Others (bf16/fp16, non-contiguous, a
+    view that needs a copy) go through one fp32 copy each, rounded back once."""
+    views = views or [None] * len(params)
     direct = [
         params[i] for idx, U, _ in updates for i in idx if params[i].dtype == U.dtype and params[i].is_contiguous()
     ]
@@ -652,11 +684,13 @@ def add_stacked_updates_(
             work = p if exact else p.to(dtype=U.dtype, memory_format=torch.contiguous_format, copy=True)
             if not exact and decay is not None:
                 work.mul_(decay)
-            target = work.view(U.shape[1:])
+            target = as_work(work, "matrix", (), views[i]) if U.ndim == 3 and p.ndim >= 2 else work.view(U.shape[1:])
             if isinstance(factor, Tensor):
                 target.addcmul_(U[j], factor[j] if factor.ndim > 0 else factor)
             else:
                 target.add_(U[j], alpha=factor)
+            if target.untyped_storage().data_ptr() != work.untyped_storage().data_ptr():
+                work.copy_(from_work(work, target, views[i]))  # the view was a copy (ConvTranspose)
             if not exact:
                 p.copy_(work.view(p.shape))
 
@@ -668,6 +702,7 @@ def sinkgd_stacks_step_(
     weight_decay: float,
     iterations: int,
     eps: float = 1e-8,
+    views: Sequence[MatrixView] | None = None,
 ) -> None:
     """``p <- p (1 - lr wd) - lr * SinkGD(g)`` for a group whose gradients are stacked by shape.
 
@@ -688,7 +723,7 @@ def sinkgd_stacks_step_(
     for kind, idx, G in stacks:
         if kind != "matrix":
             updates.append((idx, sinkgd_stack_(G, kind, iterations, eps), neg_lr))
-    add_stacked_updates_(params, updates, _decay_factor(lr, weight_decay))
+    add_stacked_updates_(params, updates, _decay_factor(lr, weight_decay), views)
 
 
 def sinkhorn_tanh_stacks_step_(
@@ -699,6 +734,7 @@ def sinkhorn_tanh_stacks_step_(
     tau: float,
     n_iter: int,
     eps: float = 1e-8,
+    views: Sequence[MatrixView] | None = None,
 ) -> None:
     """``p <- p (1 - lr wd) - lr * SinkhornTanh(g)`` for a group whose gradients are stacked by
     shape: :func:`sinkhorn_tanh_factor_` on each stack, the RMS restore, prescale undo and
@@ -708,7 +744,7 @@ def sinkhorn_tanh_stacks_step_(
     for kind, idx, G in stacks:
         factor = sinkhorn_tanh_factor_(G, kind, tau, n_iter, eps)
         updates.append((idx, G, neg_lr if factor is None else factor.mul_(neg_lr)))
-    add_stacked_updates_(params, updates, _decay_factor(lr, weight_decay))
+    add_stacked_updates_(params, updates, _decay_factor(lr, weight_decay), views)
 
 
 def spam_warmup_factor(steps_since_reset: int, warmup_steps: int, resets: int) -> float:

@@ -13,8 +13,10 @@ with different roundings. The differences are on purpose:
   In bf16 that rounds ``a + B_ii`` once more: measured against the float64 iteration, 1.2% vs
   torch's 1.0% relative error on 768 x 3072 Gaussian matrices on an H100, 2-3% vs 1% on small
   matrices on CPU; torch.optim.Muon's own bf16 error is of the same order;
-* conv kernels (ndim > 2) are flattened to (out, in * kh * kw) -- torch refuses them -- and
-  the shape scaling uses that flattened shape;
+* each tensor is read as its matrix view (:mod:`.matrix`; from the policy's ``matrix_views``):
+  conv kernels (ndim > 2) flattened to (out, in * kh * kw) -- torch refuses them --, HF
+  ``Conv1D`` weights stored (in, out) transposed, packed projections optionally as their blocks;
+  the shape scaling uses that view, so a layer gets the same update however it is stored;
 * the Newton-Schulz dtype follows the device (bf16 on CUDA, fp32 on CPU where bf16 matmuls are
   emulated and ~50x slower) unless ``ns_dtype`` says otherwise;
 * bf16/fp16 weights are updated in fp32 and cast back once.
@@ -41,6 +43,7 @@ from .functional import (
     store_,
     upcast,
 )
+from .matrix import group_views
 from .muon_graph import graph_eligible, graph_for
 from .newton_schulz import NS_COEFFICIENTS
 from .registry import UpdateRule, check_common, register_rule
@@ -127,6 +130,7 @@ def muon_step(group: dict, params: list, grads: list, states: list) -> None:
     # None lets orthogonalize pick per device (bf16 on CUDA, fp32 on CPU).
     dtype = None if group["ns_dtype"] in (None, "auto") else resolve_ns_dtype(group["ns_dtype"], params[0].device)
     weights = [upcast(p) for p in params]
+    views = group_views(group, params)
     if directions is not None:  # only the momentum blend is left (muon_update's own kernel)
         torch._foreach_lerp_(work, [upcast(g) for g in grads], 1 - group["momentum"])
         updates = directions
@@ -142,17 +146,18 @@ def muon_step(group: dict, params: list, grads: list, states: list) -> None:
             ns_dtype=dtype,
             out_dtype=weights[0].dtype,
             split=group["ns_split"],
+            views=views,
         )
     lr, wd = group["lr"], group["weight_decay"]
     if wd != 0:
         torch._foreach_mul_(weights, 1 - lr * wd)
     by_shape: dict[tuple, list[int]] = {}
     for i, u in enumerate(updates):
-        by_shape.setdefault(tuple(u.shape), []).append(i)
+        by_shape.setdefault(tuple(u.shape[-2:]), []).append(i)
     for (rows, cols), idx in by_shape.items():
         torch._foreach_add_(
             [weights[i] for i in idx],
-            [updates[i].reshape(params[i].shape) for i in idx],
+            [views[i].from_matrix(updates[i], params[i].shape) for i in idx],
             alpha=-lr * muon_lr_scale(rows, cols, group["adjust_lr_fn"]),
         )
     for target, value in zip(params + buffers, weights + work):

@@ -36,7 +36,8 @@ import torch
 
 from . import cuda_graph
 from .cuda_graph import CapturedStep
-from .functional import as_matrix, muon_lr_scale, resolve_ns_dtype
+from .functional import muon_lr_scale, resolve_ns_dtype
+from .matrix import group_views
 from .newton_schulz import frobenius_normalize_, quintic_iterations
 
 _KEYS = ("momentum", "nesterov", "weight_decay", "ns_steps", "ns_coefficients", "eps", "adjust_lr_fn", "ns_dtype")
@@ -58,22 +59,33 @@ class MuonGraph:
         self.key = tuple(str(group[k]) for k in _KEYS)
         device = params[0].device
         dtype = resolve_ns_dtype(group["ns_dtype"], device)
-        buckets: dict[tuple[int, int], list[int]] = {}
-        for i, p in enumerate(params):
-            buckets.setdefault(tuple(as_matrix(p).shape), []).append(i)
+        # Each parameter's matrix view (blocks of a split projection take consecutive slots);
+        # the per-parameter views of the stacks are plain strided views in the stored layout.
+        self.views = group_views(group, params)
+        buckets: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        for i, (p, v) in enumerate(zip(params, self.views)):
+            slots = buckets.setdefault(v.shape(p.shape), [])
+            slots.append((i, sum(self.views[k].blocks for k, _ in slots)))
         self.buckets = list(buckets.items())
-        self.grads = [torch.zeros((len(idx), *shape), device=device) for shape, idx in self.buckets]
+        self.grads = [
+            torch.zeros((sum(self.views[i].blocks for i, _ in slots), *shape), device=device)
+            for shape, slots in self.buckets
+        ]
         self.buffers = [torch.zeros_like(g) for g in self.grads]
-        self.inputs = [torch.zeros((len(idx), *shape), device=device, dtype=dtype) for shape, idx in self.buckets]
+        self.inputs = [torch.zeros(g.shape, device=device, dtype=dtype) for g in self.grads]
         self.grad_views: list[Any] = [None] * len(params)
         self.buffer_views: list[Any] = [None] * len(params)
-        for (shape, idx), g, b in zip(self.buckets, self.grads, self.buffers):
-            for j, i in enumerate(idx):
-                self.grad_views[i] = g[j].view(params[i].shape)
-                self.buffer_views[i] = b[j].view(params[i].shape)
+        for (shape, slots), g, b in zip(self.buckets, self.grads, self.buffers):
+            for i, start in slots:
+                self.grad_views[i] = self._param_view(g, i, start)
+                self.buffer_views[i] = self._param_view(b, i, start)
         self.streams = [torch.cuda.Stream(device) for _ in self.buckets]
         self.lr = torch.zeros((), device=device)
         self.captured = CapturedStep(device)
+
+    def _param_view(self, stack: torch.Tensor, i: int, start: int) -> torch.Tensor:
+        view = self.views[i]
+        return view.from_matrix(stack[start : start + view.blocks], self.params[i].shape)
 
     @property
     def graph(self) -> torch.cuda.CUDAGraph | None:
@@ -109,7 +121,7 @@ class MuonGraph:
             torch._foreach_mul_(self.params, 1 - self.lr * group["weight_decay"])
         momentum, nesterov = group["momentum"], group["nesterov"]
         steps, coefficients, eps = group["ns_steps"], tuple(group["ns_coefficients"]), group["eps"]
-        for (shape, idx), G, buf, X, stream in zip(self.buckets, self.grads, self.buffers, self.inputs, self.streams):
+        for (shape, slots), G, buf, X, stream in zip(self.buckets, self.grads, self.buffers, self.inputs, self.streams):
             stream.wait_stream(main)
             with torch.cuda.stream(stream):
                 buf.lerp_(G, 1 - momentum)
@@ -119,8 +131,8 @@ class MuonGraph:
                     X.copy_(buf)
                 ortho = quintic_iterations(frobenius_normalize_(X, eps), steps, coefficients)
                 step = self.lr * -muon_lr_scale(*shape, group["adjust_lr_fn"])
-                for j, i in enumerate(idx):
-                    self.params[i].addcmul_(ortho[j].view(self.params[i].shape), step)
+                for i, start in slots:
+                    self.params[i].addcmul_(self._param_view(ortho, i, start), step)
         for stream in self.streams:
             main.wait_stream(stream)
 

@@ -71,7 +71,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .functional import as_matrix, compute_dtype, muon_momentum, ns_split_world, orthogonalize, resolve_ns_dtype, upcast
+from .functional import compute_dtype, muon_momentum, ns_split_world, orthogonalize, resolve_ns_dtype, upcast
+from .matrix import group_views
 
 # Hyperparameters the pre-computed direction depends on (lr, weight_decay and adjust_lr_fn are
 # applied at step time and may change freely in between).
@@ -83,13 +84,13 @@ def _direction_key(group: dict) -> tuple:
 
 
 def muon_direction(group: dict, param: Tensor, grad: Tensor, buffer: Tensor | None) -> Tensor:
-    """Muon's orthogonalized direction for one parameter (as ``as_matrix``, compute dtype), by
+    """Muon's orthogonalized direction for one parameter (as its matrix view, compute dtype), by
     the same ops as :func:`~.functional.muon_update`, without touching ``buffer``."""
     g = upcast(grad)
     buf = upcast(buffer) if buffer is not None else torch.zeros_like(g)  # the step's fresh buffer
     direction = muon_momentum([g], [buf], group["momentum"], group["nesterov"], update_buffers=False)[0]
     return orthogonalize(
-        [as_matrix(direction)], steps=group["ns_steps"], coefficients=group["ns_coefficients"],
+        [group_views(group, [param])[0].to_matrix(direction)], steps=group["ns_steps"], coefficients=group["ns_coefficients"],
         eps=group["eps"], dtype=resolve_ns_dtype(group["ns_dtype"], param.device),
         out_dtype=compute_dtype(param.dtype), split=False,
     )[0]

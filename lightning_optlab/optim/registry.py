@@ -33,6 +33,8 @@ GROUP_META_KEYS = frozenset(
         "name",
         "role",
         "roles",
+        # per-parameter matrix view codes (optim.matrix.MatrixView.code), aligned with params
+        "matrix_views",
         "constraint",
         "constraint_options",
         "lr_scale",

@@ -4,7 +4,8 @@
   and Scalable LLM Training" (arXiv 2502.06742): ``sinkhorn_iterations`` alternations of row-
   then column-wise l2 normalization (rows to norm sqrt(n), columns to sqrt(m) for an m x n
   matrix, i.e. unit-RMS entries), then ``p <- p * (1 - lr * weight_decay) - lr * G``.
-  Conv kernels are flattened to (out, fan_in); 1-D/0-D tensors are normalized to unit RMS.
+  Each tensor is read as its matrix view (:mod:`.matrix`: conv kernels flattened to (out, fan_in),
+  HF ``Conv1D`` transposed); vectors (1-D, or (C, 1, 1) scales) and scalars to unit RMS.
   The paper uses it on the 2-D hidden matrices and Adam elsewhere; a policy says the same.
 * ``sinkhorn_tanh`` / :class:`SinkhornTanh` -- the "Sinkhorn-like" SinkGD of the ablation notes:
   ``n_iter`` rounds of (row l2, column l2, ``tanh(g / tau)``), the result rescaled to the
@@ -29,6 +30,7 @@ from typing import Any, Iterable, Mapping
 
 from .cuda_graph import check_cuda_graph_setting, graph_eligible
 from .functional import sinkgd_stacks_step_, sinkhorn_tanh_stacks_step_, stack_by_shape
+from .matrix import group_views
 from .registry import UpdateRule, check_common, register_rule
 from .rule_optimizer import RuleOptimizer
 from .stateless_graph import graph_for
@@ -66,11 +68,13 @@ def check_sinkhorn_tanh(hp: Mapping[str, Any]) -> None:
 
 
 def _sinkgd_body(params: list, stacks: list, lr: Any, group: dict) -> None:
-    sinkgd_stacks_step_(params, stacks, lr, group["weight_decay"], group["sinkhorn_iterations"], group["eps"])
+    sinkgd_stacks_step_(params, stacks, lr, group["weight_decay"], group["sinkhorn_iterations"], group["eps"],
+                        group_views(group, params))
 
 
 def _sinkhorn_tanh_body(params: list, stacks: list, lr: Any, group: dict) -> None:
-    sinkhorn_tanh_stacks_step_(params, stacks, lr, group["weight_decay"], group["tau"], group["n_iter"], group["eps"])
+    sinkhorn_tanh_stacks_step_(params, stacks, lr, group["weight_decay"], group["tau"], group["n_iter"], group["eps"],
+                               group_views(group, params))
 
 
 def sinkgd_step(group: dict, params: list, grads: list, states: list) -> None:
@@ -85,7 +89,7 @@ def sinkgd_step(group: dict, params: list, grads: list, states: list) -> None:
     if graph_eligible("sinkgd", group, params):
         graph_for("sinkgd", group, params, _SINKGD_GRAPH_KEYS, _sinkgd_body).step(grads, group)
         return
-    _sinkgd_body(params, stack_by_shape(grads), float(group["lr"]), group)
+    _sinkgd_body(params, stack_by_shape(grads, group_views(group, params)), float(group["lr"]), group)
 
 
 def sinkhorn_tanh_step(group: dict, params: list, grads: list, states: list) -> None:
@@ -93,7 +97,7 @@ def sinkhorn_tanh_step(group: dict, params: list, grads: list, states: list) -> 
     if graph_eligible("sinkhorn_tanh", group, params):
         graph_for("sinkhorn_tanh", group, params, _SINKHORN_TANH_GRAPH_KEYS, _sinkhorn_tanh_body).step(grads, group)
         return
-    _sinkhorn_tanh_body(params, stack_by_shape(grads), float(group["lr"]), group)
+    _sinkhorn_tanh_body(params, stack_by_shape(grads, group_views(group, params)), float(group["lr"]), group)
 
 
 SINKGD_RULE = register_rule(

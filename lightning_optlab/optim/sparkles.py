@@ -76,11 +76,14 @@ import torch
 from torch import Tensor
 
 from .functional import (
+    as_work,
     compute_dtype,
+    from_work,
     mix_seed,
     seeded_generator,
     work_shape,
 )
+from .matrix import group_views
 from .registry import UpdateRule, check_common, register_rule
 from .rule_optimizer import RuleOptimizer
 
@@ -215,19 +218,24 @@ def _sparkles_lane(group: dict, params: list, grads: list, states: list, device,
 
     # -- steps 1-2 on same-shaped stacks; the stall distance from the raw gradients first
     buckets: dict[tuple, list[int]] = defaultdict(list)
+    views = group_views(group, params)
     for i, g in enumerate(grads):
-        kind, shape = work_shape(g)
-        mode = _normalization_mode(tuple(g.shape), group["normalization"], group["normalize_channels"])
+        kind, shape = work_shape(g, views[i])
+        # step 2 decides on the stored shape with the output channel first (HF Conv1D swapped)
+        oriented = tuple(g.shape)
+        if kind == "matrix" and views[i].layout == "in_out":
+            oriented = (oriented[1], oriented[0], *oriented[2:])
+        mode = _normalization_mode(oriented, group["normalization"], group["normalize_channels"])
         buckets[(kind, shape, mode, g.numel() > 1)].append(i)
     directions: list[Tensor] = [None] * len(grads)  # type: ignore[list-item]
     stacks = []
     for (kind, shape, mode, multi), idx in buckets.items():
-        G = torch.stack([grads[i].reshape(shape) for i in idx])
+        G = torch.stack([as_work(grads[i], kind, shape, views[i]) for i in idx])
         if G.dtype != dtype:
             G = G.to(dtype)
         stalled = None
         if kicking:
-            prev = torch.stack([states[i]["prev_grad"].reshape(shape) for i in idx])
+            prev = torch.stack([as_work(states[i]["prev_grad"], kind, shape, views[i]) for i in idx])
             prev = prev.sub_(G).neg_() if prev.dtype == dtype else G - prev  # exact for bf16 too
             distance = torch.linalg.vector_norm(prev, dim=tuple(range(1, G.ndim)))
             stalled = distance < threshold
@@ -238,7 +246,7 @@ def _sparkles_lane(group: dict, params: list, grads: list, states: list, device,
         if mode is not None:
             _std_normalize_stack_(G, group["normalization"], mode, eps)
         for j, i in enumerate(idx):
-            directions[i] = G[j].view(grads[i].shape)
+            directions[i] = from_work(grads[i], G[j], views[i])
         stacks.append((idx, G, stalled))
 
     # -- weights and moments in the compute dtype: fp32/fp64 ones in place, bf16/fp16 ones

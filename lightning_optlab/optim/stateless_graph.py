@@ -29,7 +29,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .cuda_graph import CapturedStep, cached_graph
-from .functional import compute_dtype, work_shape
+from .functional import compute_dtype, from_work, work_shape
+from .matrix import group_views
 
 
 class StatelessGraph:
@@ -45,9 +46,10 @@ class StatelessGraph:
         self.key = self._key(group)
         self.body = body
         device = params[0].device
+        views = group_views(group, params)
         buckets: dict[tuple, list[int]] = {}
         for i, p in enumerate(params):
-            kind, shape = work_shape(p)
+            kind, shape = work_shape(p, views[i])
             buckets.setdefault((kind, shape), []).append(i)
         dtype = compute_dtype(params[0].dtype)
         self.stacks = [
@@ -57,7 +59,7 @@ class StatelessGraph:
         self.grad_views: list[Any] = [None] * len(params)
         for _, idx, G in self.stacks:
             for j, i in enumerate(idx):
-                self.grad_views[i] = G[j].view(params[i].shape)
+                self.grad_views[i] = from_work(params[i], G[j], views[i])
         self.lr = torch.zeros((), device=device, dtype=dtype)
         self.captured = CapturedStep(device)
 

@@ -15,7 +15,8 @@ from torch import nn
 from ..optim.modular import ModularOptimizer
 from ..optim.registry import get_rule
 from .roles import ParamInfo, describe_parameters
-from .rules import CONSTRAINT_MIN_NDIM, Policy
+from ..optim.matrix import MatrixView
+from .rules import CONSTRAINT_MIN_NDIM, Policy, Rule
 
 
 def assign_rules(
@@ -92,12 +93,46 @@ def _check_shapes(policy: Policy, infos: list[ParamInfo], owner: list[int]) -> N
                 f"{rule.optimizer!r} needs at least {min_ndim} dimensions. Route 0-/1-D parameters "
                 "to another rule placed before it, e.g. {match: {ndim: [0, 1]}, optimizer: adamw}."
             )
+        if min_ndim >= 2 and not info.view.is_matrix:
+            raise ValueError(
+                f"{rule.describe(i)} claims {info.name} of shape {list(info.shape)}, a vector "
+                f"(fewer than 2 non-singleton dims, role {info.role!r}), but optimizer "
+                f"{rule.optimizer!r} needs matrices. Match by role (e.g. role: hidden) instead of "
+                "ndim, or route it to an element-wise rule placed before this one."
+            )
         if rule.constraint and info.ndim < CONSTRAINT_MIN_NDIM[rule.constraint]:
             raise ValueError(
                 f"{rule.describe(i)} puts constraint {rule.constraint!r} on {info.name} of shape "
                 f"{list(info.shape)}, which needs at least {CONSTRAINT_MIN_NDIM[rule.constraint]} "
                 "dimensions. Narrow the rule's match (e.g. ndim: '>=2') or drop the constraint."
             )
+        if rule.constraint == "stiefel" and not info.view.is_matrix:
+            raise ValueError(
+                f"{rule.describe(i)} puts constraint 'stiefel' on {info.name} of shape "
+                f"{list(info.shape)}, a vector (fewer than 2 non-singleton dims): it cannot have "
+                "orthonormal columns. Narrow the rule's match (e.g. role: hidden) or use 'sphere'."
+            )
+
+
+def rule_view(rule: Rule, info: ParamInfo) -> MatrixView:
+    """The matrix view a rule works on: packed projections split only where it asks."""
+    return info.view if rule.split_packed else info.view.unsplit()
+
+
+def describe_view(view: MatrixView, shape: tuple[int, ...], packed: int = 1) -> str:
+    """A matrix view for the explain table: ``2304x768``, ``3 x 768x768``, ``vector``..."""
+    if not view.is_matrix or len(shape) < 2:
+        return "vector"
+    rows, cols = view.shape(shape)
+    text = f"{view.blocks} x {rows}x{cols}" if view.blocks > 1 else f"{rows}x{cols}"
+    notes = []
+    if view.layout == "in_out":
+        notes.append("stored in,out")
+    elif view.layout == "table":
+        notes.append("table")
+    if view.blocks == 1 and packed > 1:
+        notes.append(f"packed {packed}")
+    return text + (f" ({', '.join(notes)})" if notes else "")
 
 
 def build_param_groups(
@@ -124,6 +159,7 @@ def build_param_groups(
                 "params": [m.param for m in members],
                 "param_names": [m.name for m in members],
                 "roles": roles_in_group,
+                "matrix_views": [rule_view(rule, m).code for m in members],
                 "role": roles_in_group[0] if len(set(roles_in_group)) == 1 else "mixed",
                 "name": rule.label(i),
                 "rule_index": i,
@@ -145,14 +181,21 @@ def build_optimizer(
 
 
 def explain(model: nn.Module, policy: Any, roles: Mapping[str, str] | None = None) -> str:
-    """A table of which rule claims which parameter (for logs and ``--print_config`` users)."""
+    """The routing table of ``model`` under ``policy``: for every trainable parameter its name
+    (with the names it is tied to), shape, matrix view, role, rule, optimizer and constraint.
+
+    Nothing is trained or built beyond the policy check, so a new model's routing is checked in
+    seconds (``optlab explain --config FILE`` prints the same table for a config).
+    """
     policy, infos, owner = assign_rules(model, policy, roles)
-    rows = [("parameter", "shape", "role", "rule", "optimizer", "constraint")]
+    rows = [("parameter", "shape", "matrix", "role", "rule", "optimizer", "constraint")]
     for info, i in zip(infos, owner):
         rule = policy.rules[i]
+        name = info.name + (f" (= {', '.join(info.tied)})" if info.tied else "")
         rows.append(
-            (info.name, "x".join(map(str, info.shape)) or "scalar", info.role, rule.label(i),
-             rule.optimizer, rule.constraint or "-")
+            (name, "x".join(map(str, info.shape)) or "scalar",
+             describe_view(rule_view(rule, info), info.shape, info.view.blocks), info.role,
+             rule.label(i), rule.optimizer, rule.constraint or "-")
         )
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-    return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows)
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows)

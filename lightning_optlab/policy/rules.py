@@ -47,6 +47,7 @@ _RULE_FIELDS = (
     "lr_scale",
     "name",
     "optional",
+    "split_packed",
     "hparams",
 )
 _COMPARE = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq}
@@ -70,6 +71,9 @@ class Rule:
         lr_scale: multiplies ``lr`` for this rule's group.
         name: label of the param group (shown by ``LearningRateMonitor`` and the monitors).
         optional: allow the rule to claim nothing (for policies shared across models).
+        split_packed: treat a packed projection (fused QKV, ``MultiheadAttention.in_proj_weight``,
+            LSTM/GRU gates) as its separate blocks wherever it is read as a matrix (Muon's
+            orthogonalization and shape scale, the Stiefel constraint, the spectral monitors).
     """
 
     optimizer: str
@@ -81,6 +85,7 @@ class Rule:
     lr_scale: float = 1.0
     name: str | None = None
     optional: bool = False
+    split_packed: bool = False
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], index: int | None = None) -> "Rule":
@@ -116,6 +121,8 @@ class Rule:
             out["lr_scale"] = self.lr_scale
         if self.optional:
             out["optional"] = True
+        if self.split_packed:
+            out["split_packed"] = True
         return out
 
     def label(self, index: int) -> str:
@@ -158,6 +165,9 @@ class Rule:
                 f"{where}: unknown constraint {self.constraint!r}; use one of {', '.join(CONSTRAINTS)} "
                 "or leave it out"
             )
+        for flag in ("optional", "split_packed"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{where}: {flag} must be true or false, got {getattr(self, flag)!r}")
         if not isinstance(self.lr_scale, (int, float)) or self.lr_scale <= 0:
             raise ValueError(f"{where}: lr_scale must be a positive number, got {self.lr_scale!r}")
         self.hyperparameters(index)
