@@ -2,6 +2,7 @@
 
     optlab fit --config configs/mnist/quickstart.yaml
     optlab fit --config configs/mnist/quickstart.yaml --print_config
+    optlab explain --config configs/gpt/gradient_rank_stiefel.yaml   # the routing table, no training
 
 Optimizers come from the model's policy only (``auto_configure_optimizers=False``), so a stray
 ``--optimizer`` cannot silently replace it.
@@ -10,6 +11,7 @@ Optimizers come from the model's policy only (``auto_configure_optimizers=False`
 from __future__ import annotations
 
 import os
+import sys
 
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
@@ -62,9 +64,33 @@ def main(args: list[str] | None = None, run: bool = True) -> OptLabCLI:
     )
 
 
+def explain_main(args: list[str]) -> str:
+    """``optlab explain --config FILE [overrides]``: build the config's model (no Trainer fit, no
+    data loaded) and return its routing table: every trainable parameter with its shape, matrix
+    view, role, rule, optimizer and constraint (:func:`lightning_optlab.explain`)."""
+    from .policy import explain
+
+    if not any(a == "--config" or a.startswith("--config=") for a in args):
+        raise SystemExit("usage: optlab explain --config FILE [--model.init_args.KEY=VALUE ...]")
+    cli = main(args, run=False)
+    model = cli.model
+    policy = getattr(model, "policy", None)
+    if policy is None:
+        raise SystemExit(
+            f"optlab explain: {type(model).__name__} has no optimizer policy; set "
+            "model.init_args.policy in the config"
+        )
+    return explain(model, policy)
+
+
 def entry_point() -> None:
     """The ``optlab`` console script. pip's wrapper calls ``sys.exit(entry_point())``, so this
     must return None (``main`` returns the CLI object, which would exit with status 1)."""
+    argv = sys.argv[1:]
+    if argv and argv[0] == "explain":
+        sys.argv = sys.argv[:1]  # the arguments go to the parser as args, not twice
+        print(explain_main(argv[1:]))
+        return
     main()
 
 
