@@ -1,7 +1,8 @@
 """Turn the benchmark JSON files into ``docs/benchmarks.md`` (and README's benchmark section).
 
 Reads every ``*.json`` under ``--results`` (default ``benchmarks/results/``, searched recursively)
-written by ``bench_ops.py`` (``kind: ops``) and ``bench_train.py`` (``kind: train``), keeps the
+written by ``bench_ops.py`` (``kind: ops``), ``bench_train.py`` (``kind: train``) and
+``bench_views.py`` (``kind: views``), keeps the
 newest of each kind (tiny CPU smoke results only with ``--include-tiny``), and writes the Markdown
 report to ``--out`` (default ``docs/benchmarks.md``). The report is generated, never edited by hand.
 
@@ -59,7 +60,7 @@ def load_results(results_dir: Path, include_tiny: bool) -> dict[str, dict[str, A
         except (OSError, json.JSONDecodeError) as exc:
             print(f"report: skipping {path}: {exc}", file=sys.stderr)
             continue
-        if not isinstance(data, dict) or data.get("kind") not in ("ops", "train"):
+        if not isinstance(data, dict) or data.get("kind") not in ("ops", "train", "views"):
             continue
         if data.get("mode") == "tiny" and not include_tiny:
             continue
@@ -223,6 +224,16 @@ def train_section(data: dict[str, Any]) -> list[str]:
     return out + [""]
 
 
+def views_section(data: dict[str, Any]) -> list[str]:
+    """``bench_views.py``: the Muon step on third-party models, read through their matrix views."""
+    out = ["## Muon on third-party models (`benchmarks/bench_views.py`)", ""] + _meta_lines(data) + [""]
+    header = ["model", "packed QKV", "matrices", "muon ms (graph where eligible)", "muon ms (eager)",
+              "graph used", "max |graph - eager| after 4 steps"]
+    rows = [[r["model"], r["packed"], r["matrices"], r["muon_ms"], r["muon_eager_ms"],
+             "yes" if r["graph"] else "no", f"{r['max_abs_diff_graph_vs_eager']:.1e}"] for r in data.get("rows", [])]
+    return out + [markdown_table(header, rows), ""]
+
+
 def summary(results: dict[str, dict[str, Any]]) -> str:
     """Short Markdown for README's "Benchmark results" section."""
     if not results:
@@ -232,6 +243,8 @@ def summary(results: dict[str, dict[str, Any]]) -> str:
     for key in sorted(results, key=lambda k: (not k.startswith("ops"), k)):
         data = results[key]
         kind = data["kind"]
+        if kind == "views":
+            continue  # docs/benchmarks.md only
         extra = f" ({variant(data)})" if variant(data) else ""
         lines.append(f"**{'Operations' if kind == 'ops' else 'Training'}{extra}** on {data.get('device_name')} "
                      f"({data.get('date', '')[:10]}, commit `{str(data.get('commit'))[:10]}`, torch "
@@ -270,7 +283,8 @@ def render(results: dict[str, dict[str, Any]], results_dir: Path) -> str:
                 "PYTHONPATH=. python benchmarks/report.py", "```", ""]
     for key in sorted(results, key=lambda k: (not k.startswith("ops"), k)):
         data = results[key]
-        out += ops_section(data) if data["kind"] == "ops" else train_section(data)
+        section = {"ops": ops_section, "train": train_section, "views": views_section}[data["kind"]]
+        out += section(data)
     return "\n".join(out).rstrip() + "\n"
 
 

@@ -1,0 +1,95 @@
+"""Muon on models this project did not write: the step with each parameter's matrix view.
+
+For HF GPT-2 (Conv1D weights stored (in, out)), an HF Llama-style model and the project's GPT, the
+hidden matrices get the policy's Muon rule; the table prints the Muon step time (CUDA graph where
+eligible, and forced eager), with packed projections whole and split (``split_packed``), and the
+largest deviation of the graph step from the eager step after a few steps.
+
+    python benchmarks/bench_views.py --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import warnings
+
+import torch
+
+from benchmarks.common import pick_device, run_metadata, text_table, time_fn, write_json
+from lightning_optlab import build_optimizer
+
+
+def _models(device):
+    import transformers
+
+    from lightning_optlab.models import GPT
+
+    warnings.filterwarnings("ignore", module="transformers")
+    yield "HF GPT-2 124M", transformers.GPT2LMHeadModel(transformers.GPT2Config())
+    cfg = transformers.LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=12,
+                                   num_attention_heads=16, num_key_value_heads=4, vocab_size=32000)
+    yield "HF Llama 12 x 1024 (GQA)", transformers.LlamaForCausalLM(cfg)
+    yield "GPT 44M (this project)", GPT()
+
+
+def _policy(split: bool, cuda_graph: bool | str):
+    return {"rules": [
+        {"match": {"role": "hidden"}, "optimizer": "muon", "lr": 0.02, "split_packed": split,
+         "cuda_graph": cuda_graph},
+        {"match": {}, "optimizer": "adamw", "lr": 1e-3},
+    ]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--repeats", type=int, default=30)
+    args = parser.parse_args()
+    device = pick_device(args.device)
+    rows, records = [], []
+    for label, model in _models(device):
+        model = model.to(device)
+        gen = torch.Generator(device=device).manual_seed(0)
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, device=device, generator=gen) * 1e-3
+        for split in (False, True):
+            times, finals = {}, {}
+            for graph in ("auto", False):
+                m = copy.deepcopy(model)
+                for p, q in zip(m.parameters(), model.parameters()):
+                    p.grad = q.grad.clone()
+                opt = build_optimizer(m, _policy(split, graph))
+                muon = [g for g in opt.param_groups if g["algorithm"] == "muon"]
+                others = [g for g in opt.param_groups if g["algorithm"] != "muon"]
+                for g in others:  # time the Muon groups alone
+                    g["lr"] = 0.0
+
+                def step():
+                    opt.step()
+
+                for _ in range(4):
+                    step()
+                finals[graph] = [p.detach().clone() for g in muon for p in g["params"]]
+                times[graph] = time_fn(step, device, args.repeats, warmup=3)["median_ms"]
+                if graph == "auto":
+                    used_graph = any("muon_graph" in g.get("_runtime", {}) for g in muon)
+                count = sum(len(g["params"]) for g in muon)
+            diff = max(float((a - b).abs().max()) for a, b in zip(finals["auto"], finals[False]))
+            rows.append([label, "split" if split else "whole", count, times["auto"], times[False],
+                         "yes" if used_graph else "no", f"{diff:.1e}"])
+            records.append({"model": label, "packed": "split" if split else "whole", "matrices": count,
+                            "muon_ms": times["auto"], "muon_eager_ms": times[False], "graph": used_graph,
+                            "max_abs_diff_graph_vs_eager": diff})
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    header = ["model", "packed QKV", "matrices", "muon ms (auto)", "muon ms (eager)", "graph", "graph - eager"]
+    print(text_table(header, rows))
+    if args.out:
+        write_json(args.out, "bench_views.json", {"kind": "views", **run_metadata(device, None, vars(args)), "rows": records})
+
+
+if __name__ == "__main__":
+    main()
