@@ -260,3 +260,22 @@ def test_malformed_yaml_names_file_and_line(tmp_path):
     scalar.write_text("just a string\n")
     with pytest.raises(ValueError, match="expected {rules: \\[...\\]}"):
         Policy.coerce(scalar)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("lr", float("nan"), "lr must be a finite number"),
+    ("lr", float("inf"), "lr must be a finite number"),
+    ("lr", True, "lr must be a number, not true/false"),
+    ("weight_decay", float("nan"), "weight_decay must be a finite number"),
+    ("betas", [0.9, float("nan")], "betas must be 2 finite numbers"),
+    ("eps", False, "eps must be a number, not true/false"),
+])
+def test_non_finite_and_bool_hyperparameters_are_refused_naming_rule_and_key(key, value, message):
+    rule = {"name": "heads", "match": {}, "optimizer": "adamw", key: value}
+    with pytest.raises(ValueError, match=r"policy rule #0 \(heads.*" + re.escape(message)):
+        Policy.coerce([rule])
+
+
+def test_muon_without_newton_schulz_is_refused_with_what_it_means():
+    with pytest.raises(ValueError, match=r"rule #0.*ns_steps.*got 0: with no Newton-Schulz iteration"):
+        Policy.coerce([{"match": {}, "optimizer": "muon", "ns_steps": 0}])

@@ -68,7 +68,12 @@ def check_muon(hp: Mapping[str, Any]) -> None:
     check_common(hp)
     steps = hp["ns_steps"]
     if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps < 100:
-        raise ValueError(f"ns_steps must be an integer in [0, 100), got {steps!r}")
+        raise ValueError(f"ns_steps must be an integer in [1, 100), got {steps!r}")
+    if steps == 0:
+        raise ValueError(
+            "ns_steps must be an integer in [1, 100), got 0: with no Newton-Schulz iteration Muon is "
+            "normalized momentum SGD, not Muon; use ns_steps: 5 (or 3 for a rougher polar factor)"
+        )
     coeffs = hp["ns_coefficients"]
     if (
         not isinstance(coeffs, (list, tuple))

@@ -15,6 +15,7 @@ Newton-Schulz call for same-shaped matrices).
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -119,6 +120,13 @@ def resolve_hyperparameters(
             f"{where + ': ' if where else ''}unknown hyperparameter {', '.join(parts)} for optimizer "
             f"{rule.name!r}. It accepts: {', '.join(sorted(rule.defaults))}."
         )
+    for key, value in given.items():
+        problem = _numeric_problem(rule.defaults[key], value)
+        if problem:
+            raise ValueError(
+                f"{where + ': ' if where else ''}optimizer {rule.name!r}: {key} must be {problem}, got "
+                f"{value!r}; write a number such as {rule.defaults[key]!r}"
+            )
     hp = dict(rule.defaults)
     hp.update(given)
     for key in ("betas",):
@@ -134,6 +142,27 @@ def resolve_hyperparameters(
 
 # ---------------------------------------------------------------------------------------------
 # Shared value checks, so every rule reports bad hyperparameters the same way.
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _numeric_problem(default: Any, value: Any) -> str | None:
+    """Why ``value`` cannot stand for a numeric ``default`` (None when it can): a bool is an int in
+    Python (``lr: true`` would train at 1.0) and NaN/Inf would reach the weights on the first step.
+    Keys whose default is not a number (``"auto"``, flags) are left to the rule's own check."""
+    if _is_number(default):
+        if isinstance(value, bool):
+            return "a number, not true/false"
+        if isinstance(value, float) and not math.isfinite(value):
+            return "a finite number"
+    elif isinstance(default, (tuple, list)) and default and all(_is_number(d) for d in default):
+        if isinstance(value, (tuple, list)) and any(
+            isinstance(v, bool) or (isinstance(v, float) and not math.isfinite(v)) for v in value
+        ):
+            return f"{len(default)} finite numbers"
+    return None
 
 
 def check_common(hp: Mapping[str, Any]) -> None:
