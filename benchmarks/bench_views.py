@@ -62,20 +62,16 @@ def main() -> None:
                     p.grad = q.grad.clone()
                 opt = build_optimizer(m, _policy(split, graph))
                 muon = [g for g in opt.param_groups if g["algorithm"] == "muon"]
-                others = [g for g in opt.param_groups if g["algorithm"] != "muon"]
-                for g in others:  # time the Muon groups alone
-                    g["lr"] = 0.0
-
-                def step():
-                    opt.step()
-
+                for g in opt.param_groups:  # time the Muon groups alone
+                    if g["algorithm"] != "muon":
+                        g["lr"] = 0.0
                 for _ in range(4):
-                    step()
+                    opt.step()
                 finals[graph] = [p.detach().clone() for g in muon for p in g["params"]]
-                times[graph] = time_fn(step, device, args.repeats, warmup=3)["median_ms"]
+                times[graph] = time_fn(opt.step, device, args.repeats, warmup=3)["median_ms"]
                 if graph == "auto":
                     used_graph = any("muon_graph" in g.get("_runtime", {}) for g in muon)
-                count = sum(len(g["params"]) for g in muon)
+            count = sum(len(g["params"]) for g in muon)
             diff = max(float((a - b).abs().max()) for a, b in zip(finals["auto"], finals[False]))
             rows.append([label, "split" if split else "whole", count, times["auto"], times[False],
                          "yes" if used_graph else "no", f"{diff:.1e}"])

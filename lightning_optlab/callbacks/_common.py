@@ -83,6 +83,7 @@ def tracked_parameters(
     :func:`~lightning_optlab.policy.describe_parameters`. ``include`` / ``exclude`` are name globs.
     """
     infos = {id(i.param): i for i in describe_parameters(model)}
+    inferred = {k: i.view.unsplit() for k, i in infos.items()}
     names = {id(p): n for n, p in model.named_parameters()}
     entries: list[TrackedParam] = []
     if optimizer is not None:
@@ -92,14 +93,12 @@ def tracked_parameters(
     for gi, group in enumerate(groups):
         pnames = group.get("param_names")
         roles = group.get("roles")
-        views = group_views(group, group["params"]) if group.get("matrix_views") else None
+        views = group_views(group, group["params"], inferred)
         for k, p in enumerate(group["params"]):
-            if p.ndim < min_ndim:
+            view = views[k]
+            if p.ndim < min_ndim or (min_ndim >= 2 and not view.is_matrix):
                 continue
             info = infos.get(id(p))
-            view = views[k] if views else (info.view.unsplit() if info else DEFAULT_VIEW)
-            if min_ndim >= 2 and not view.is_matrix:
-                continue
             name = pnames[k] if pnames else (info.name if info else names.get(id(p), f"{gi}.{k}"))
             role = roles[k] if roles else (info.role if info else ("hidden" if p.ndim >= 2 else "bias"))
             if include and not any(fnmatch.fnmatchcase(name, pat) for pat in include):

@@ -78,7 +78,6 @@ from ..manifolds import (
     StiefelRetractor,
     sphere_distance,
     sphere_retract,
-    sphere_row_dims,
     stiefel_distance,
     stiefel_retract_exact,
 )
@@ -326,12 +325,11 @@ class ManifoldRetraction(Callback):
                     self.defaults if kind == "stiefel" else {},
                 )
                 pnames, proles = group.get("param_names"), group.get("roles")
-                views = group_views(group, group["params"]) if group.get("matrix_views") else None
+                views = group_views(group, group["params"], inferred_views)
                 for j, p in enumerate(group["params"]):
                     name = pnames[j] if pnames else names.get(id(p), f"{label}[{j}]")
                     role = proles[j] if proles else roles.get(id(p), "all")
-                    view = views[j] if views else inferred_views.get(id(p), DEFAULT_VIEW)
-                    found.setdefault(id(p), _Target(p, name, role, kind, opts, source, oi, view))
+                    found.setdefault(id(p), _Target(p, name, role, kind, opts, source, oi, views[j]))
 
         if self.constraints is not None:
             named = list(pl_module.named_parameters())
@@ -390,8 +388,8 @@ class ManifoldRetraction(Callback):
             )
         mats = [m] if view.blocks == 1 else list(m.unbind(0))
         names = [t.name] if view.blocks == 1 else [f"{t.name}[{k}]" for k in range(view.blocks)]
-        return [_Target(x, n, t.role, t.constraint, t.options, t.source, t.owner, MatrixView(view.layout))
-                for x, n in zip(mats, names)]
+        # each target now holds its (out, in) matrix itself, so the default view reads it
+        return [_Target(x, n, t.role, t.constraint, t.options, t.source, t.owner) for x, n in zip(mats, names)]
 
     @staticmethod
     def _check_shape(t: _Target) -> None:
@@ -411,7 +409,7 @@ class ManifoldRetraction(Callback):
                 )
             dim = t.options.get("dim")
             if dim is None:
-                dim = sphere_row_dims(t.view, t.param.ndim)
+                dim = t.view.row_dims(t.param.ndim)
             dims = dim if isinstance(dim, (tuple, list)) else (dim,)
             for d in dims:
                 if not isinstance(d, int) or not -t.param.ndim <= d < t.param.ndim:

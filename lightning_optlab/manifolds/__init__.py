@@ -9,7 +9,7 @@
 ``lightning_optlab.callbacks.ManifoldRetraction`` applies them after every optimizer step.
 """
 
-from .sphere import compute_dtype, sphere_distance, sphere_retract, sphere_row_dims
+from .sphere import compute_dtype, sphere_distance, sphere_retract
 from .stiefel import (
     BucketResult,
     PolarNS,
@@ -43,7 +43,6 @@ __all__ = [
     "predicted_distances",
     "sphere_distance",
     "sphere_retract",
-    "sphere_row_dims",
     "stiefel_distance",
     "stiefel_retract",
     "stiefel_retract_",

@@ -10,22 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..optim.matrix import MatrixView
-
 SPHERE_EPS = 1e-12
-
-
-def sphere_row_dims(view: MatrixView, ndim: int) -> int | tuple[int, ...]:
-    """The dims of a stored tensor that make up one row of its matrix view: what the sphere
-    constraint normalizes by default. Linear (out, in): -1; conv (out, in, *k): each filter;
-    HF ``Conv1D`` (in, out): each column; a table (1, N, d): each entry; a vector: all of it."""
-    if not view.is_matrix or ndim < 2:
-        return -1 if ndim <= 1 else tuple(range(ndim))
-    if view.layout == "table":
-        return -1
-    if view.layout == "in_out":
-        return 0 if ndim == 2 else (0, *range(2, ndim))
-    return -1 if ndim == 2 else tuple(range(1, ndim))
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -160,14 +160,6 @@ def require_finite_grads(
 # Shared steps
 
 
-def as_matrix(t: Tensor, view: MatrixView | None = None) -> Tensor:
-    """``t`` as the matrix its :class:`~.matrix.MatrixView` names (default: (out, fan_in), conv
-    kernels (out, in, *k) -> (out, in*prod(k)))."""
-    if t.ndim < 2:
-        raise ValueError(f"as_matrix needs at least 2 dimensions, got shape {tuple(t.shape)}")
-    return (view or DEFAULT_VIEW).to_matrix(t)
-
-
 def rms(x: Tensor) -> Tensor:
     """Root mean square of all entries (0-D tensor)."""
     return x.square().mean().sqrt()
@@ -356,8 +348,8 @@ STACK_KINDS = ("matrix", "vector", "scalar")
 
 def work_shape(t: Tensor, view: MatrixView | None = None) -> tuple[str, tuple[int, ...]]:
     """How a tensor is stacked: ``("matrix", (fan_out, fan_in))`` for a >=2-D tensor read as its
-    matrix ``view`` (default (out, fan_in), conv kernels flattened like :func:`as_matrix`; a
-    packed projection as one matrix), ``("vector", (n,))`` for 1-D tensors and tensors whose
+    matrix ``view`` (default (out, fan_in), conv kernels flattened to (out, in*k); a packed
+    projection as one matrix), ``("vector", (n,))`` for 1-D tensors and tensors whose
     view is ``vector`` (a (C, 1, 1) scale), ``("scalar", (1,))`` for 0-D."""
     if t.ndim >= 2 and (view is None or view.is_matrix):
         return "matrix", (view or DEFAULT_VIEW).unsplit().shape(t.shape)
@@ -367,6 +359,8 @@ def work_shape(t: Tensor, view: MatrixView | None = None) -> tuple[str, tuple[in
 
 
 def as_work(t: Tensor, kind: str, shape: tuple[int, ...], view: MatrixView | None) -> Tensor:
+    """``t`` as one item of a :func:`stack_by_shape` stack of ``kind`` and ``shape``: its matrix
+    view (a strided view of ``t`` where the layout allows), else ``t`` reshaped."""
     return (view or DEFAULT_VIEW).unsplit().to_matrix(t) if kind == "matrix" else t.reshape(shape)
 
 
@@ -684,7 +678,7 @@ def add_stacked_updates_(
             work = p if exact else p.to(dtype=U.dtype, memory_format=torch.contiguous_format, copy=True)
             if not exact and decay is not None:
                 work.mul_(decay)
-            target = as_work(work, "matrix", (), views[i]) if U.ndim == 3 and p.ndim >= 2 else work.view(U.shape[1:])
+            target = as_work(work, "matrix" if U.ndim == 3 else "vector", U.shape[1:], views[i])
             if isinstance(factor, Tensor):
                 target.addcmul_(U[j], factor[j] if factor.ndim > 0 else factor)
             else:

@@ -73,20 +73,37 @@ class MatrixView:
         """The same view with a packed projection read as one matrix."""
         return self if self.blocks == 1 else MatrixView(self.layout)
 
+    def oriented(self, shape: Sequence[int]) -> tuple[int, ...]:
+        """The stored ``shape`` with the fan-out dim first: dims 0 and 1 swapped for ``in_out``, a
+        table's entries as one dim; (out, in, *k) as it is."""
+        shape = tuple(shape)
+        if self.layout == "in_out" and len(shape) >= 2:
+            return (shape[1], shape[0], *shape[2:])
+        if self.layout == "table" and len(shape) >= 2:
+            return (math.prod(shape[:-1]), shape[-1])
+        return shape
+
     def shape(self, shape: Sequence[int]) -> tuple[int, int]:
         """(fan_out, fan_in) of one block of a tensor of ``shape``."""
-        shape = tuple(shape)
         if not self.is_matrix or len(shape) < 2:
             raise ValueError(f"a tensor of shape {list(shape)} (layout {self.layout!r}) is not a matrix")
-        if self.layout == "table":
-            rows, cols = math.prod(shape[:-1]), shape[-1]
-        elif self.layout == "in_out":
-            rows, cols = shape[1], shape[0] * math.prod(shape[2:])
-        else:
-            rows, cols = shape[0], math.prod(shape[1:])
+        oriented = self.oriented(shape)
+        rows, cols = oriented[0], math.prod(oriented[1:])
         if rows % self.blocks:
             raise ValueError(f"a tensor of shape {list(shape)} has {rows} rows, not {self.blocks} equal blocks")
         return rows // self.blocks, cols
+
+    def row_dims(self, ndim: int) -> int | tuple[int, ...]:
+        """The dims of a stored ``ndim``-D tensor that make up one row of its matrix (what the
+        sphere constraint normalizes): Linear (out, in) -1; conv (out, in, *k) each filter;
+        HF ``Conv1D`` (in, out) each column; a table (1, N, d) each entry; a vector all of it."""
+        if not self.is_matrix or ndim < 2:
+            return -1 if ndim <= 1 else tuple(range(ndim))
+        if self.layout == "table" or (ndim == 2 and self.layout == "out_in"):
+            return -1
+        if self.layout == "in_out":
+            return (0, *range(2, ndim)) if ndim > 2 else 0
+        return tuple(range(1, ndim))
 
     def to_matrix(self, t: Tensor) -> Tensor:
         """``t`` as its matrix (a view of ``t`` where strides allow, else a copy): shape
@@ -107,25 +124,26 @@ class MatrixView:
 
 
 DEFAULT_VIEW = MatrixView()
+VECTOR_VIEW = MatrixView("vector")
 
 
 def default_view(t: Tensor | Sequence[int]) -> MatrixView:
     """The view of a tensor nothing is known about: ``out_in`` with two or more non-singleton
     dims (what torch.optim.Muon and the SinkGD paper assume), else ``vector``."""
     shape = tuple(t.shape) if isinstance(t, Tensor) else tuple(t)
-    return DEFAULT_VIEW if len(shape) >= 2 and sum(d > 1 for d in shape) >= 2 else MatrixView("vector")
+    return DEFAULT_VIEW if len(shape) >= 2 and sum(d > 1 for d in shape) >= 2 else VECTOR_VIEW
 
 
-def group_views(group: Mapping[str, Any], params: Sequence[Tensor]) -> list[MatrixView]:
+def group_views(
+    group: Mapping[str, Any], params: Sequence[Tensor], inferred: Mapping[int, MatrixView] | None = None
+) -> list[MatrixView]:
     """The matrix view of each of ``params`` (a subset of ``group["params"]``) from the group's
-    ``matrix_views`` codes (set by the policy builder); ``out_in`` for groups without them, for
-    >= 2-D tensors, as torch's own optimizers read them."""
+    ``matrix_views`` codes (set by the policy builder). For groups without them: ``inferred``
+    (``{id(param): view}``, e.g. from :func:`~lightning_optlab.policy.describe_parameters`), else
+    ``out_in`` for >= 2-D tensors, as torch's own optimizers read them."""
     codes = group.get("matrix_views")
     if not codes:
-        return [DEFAULT_VIEW if p.ndim >= 2 else MatrixView("vector") for p in params]
+        inferred = inferred or {}
+        return [inferred.get(id(p)) or (DEFAULT_VIEW if p.ndim >= 2 else VECTOR_VIEW) for p in params]
     by_id = {id(p): c for p, c in zip(group["params"], codes)}
     return [MatrixView.parse(by_id.get(id(p))) for p in params]
-
-
-def all_default(views: Sequence[MatrixView]) -> bool:
-    return all(v == DEFAULT_VIEW for v in views)

@@ -72,7 +72,7 @@ import torch
 from torch import Tensor
 
 from .functional import compute_dtype, muon_momentum, ns_split_world, orthogonalize, resolve_ns_dtype, upcast
-from .matrix import group_views
+from .matrix import DEFAULT_VIEW, MatrixView, group_views
 
 # Hyperparameters the pre-computed direction depends on (lr, weight_decay and adjust_lr_fn are
 # applied at step time and may change freely in between).
@@ -83,14 +83,16 @@ def _direction_key(group: dict) -> tuple:
     return tuple(str(group[k]) for k in _DIRECTION_KEYS)
 
 
-def muon_direction(group: dict, param: Tensor, grad: Tensor, buffer: Tensor | None) -> Tensor:
-    """Muon's orthogonalized direction for one parameter (as its matrix view, compute dtype), by
-    the same ops as :func:`~.functional.muon_update`, without touching ``buffer``."""
+def muon_direction(
+    group: dict, param: Tensor, grad: Tensor, buffer: Tensor | None, view: MatrixView = DEFAULT_VIEW
+) -> Tensor:
+    """Muon's orthogonalized direction for one parameter (as its matrix ``view``, compute dtype),
+    by the same ops as :func:`~.functional.muon_update`, without touching ``buffer``."""
     g = upcast(grad)
     buf = upcast(buffer) if buffer is not None else torch.zeros_like(g)  # the step's fresh buffer
     direction = muon_momentum([g], [buf], group["momentum"], group["nesterov"], update_buffers=False)[0]
     return orthogonalize(
-        [group_views(group, [param])[0].to_matrix(direction)], steps=group["ns_steps"], coefficients=group["ns_coefficients"],
+        [view.to_matrix(direction)], steps=group["ns_steps"], coefficients=group["ns_coefficients"],
         eps=group["eps"], dtype=resolve_ns_dtype(group["ns_dtype"], param.device),
         out_dtype=compute_dtype(param.dtype), split=False,
     )[0]
@@ -156,6 +158,7 @@ class MuonOverlap:
         self._armed = False
         self._handles: dict[Tensor, Any] = {}
         self._group_of: dict[Tensor, dict] = {}
+        self._view_of: dict[Tensor, MatrixView] = {}
         self._pending: dict[Tensor, _Pending] = {}
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self._refresh()
@@ -164,13 +167,14 @@ class MuonOverlap:
     def _refresh(self) -> None:
         """Attach to the current muon groups (``load_state_dict`` replaces the group dicts, so
         this runs at every :meth:`arm`) and hook parameters not hooked yet."""
-        self._group_of = {}
+        self._group_of, self._view_of = {}, {}
         for group in self.optimizer.param_groups:
             if group.get("algorithm") != "muon":
                 continue
             group.setdefault("_runtime", {})["muon_overlap"] = self  # read by muon_step
-            for p in group["params"]:
+            for p, view in zip(group["params"], group_views(group, group["params"])):
                 self._group_of[p] = group
+                self._view_of[p] = view
                 if p not in self._handles and p.requires_grad:
                     self._handles[p] = p.register_post_accumulate_grad_hook(self._on_grad)
 
@@ -223,7 +227,7 @@ class MuonOverlap:
             side.wait_stream(main)
             # (autocast off: the step, which this must equal, runs outside any autocast region)
             with torch.cuda.stream(side), torch.autocast("cuda", enabled=False):
-                direction = muon_direction(group, param, grad, buffer)
+                direction = muon_direction(group, param, grad, buffer, self._view_of[param])
             # If the step never comes (refused, skipped) the gradient may be freed on the main
             # stream while the side stream still reads it: tell the allocator.
             grad.record_stream(side)
@@ -231,7 +235,7 @@ class MuonOverlap:
                 buffer.record_stream(side)
         else:
             with torch.autocast(grad.device.type, enabled=False):
-                direction = muon_direction(group, param, grad, buffer)
+                direction = muon_direction(group, param, grad, buffer, self._view_of[param])
         self._pending[param] = _Pending(grad, grad._version, _direction_key(group), direction)
 
     # ------------------------------------------------------------------------ the step

@@ -67,14 +67,13 @@ def check_sinkhorn_tanh(hp: Mapping[str, Any]) -> None:
     check_cuda_graph_setting(hp["cuda_graph"])
 
 
-def _sinkgd_body(params: list, stacks: list, lr: Any, group: dict) -> None:
-    sinkgd_stacks_step_(params, stacks, lr, group["weight_decay"], group["sinkhorn_iterations"], group["eps"],
-                        group_views(group, params))
+def _sinkgd_body(params: list, stacks: list, lr: Any, group: dict, views: list) -> None:
+    sinkgd_stacks_step_(params, stacks, lr, group["weight_decay"], group["sinkhorn_iterations"], group["eps"], views)
 
 
-def _sinkhorn_tanh_body(params: list, stacks: list, lr: Any, group: dict) -> None:
+def _sinkhorn_tanh_body(params: list, stacks: list, lr: Any, group: dict, views: list) -> None:
     sinkhorn_tanh_stacks_step_(params, stacks, lr, group["weight_decay"], group["tau"], group["n_iter"], group["eps"],
-                               group_views(group, params))
+                               views)
 
 
 def sinkgd_step(group: dict, params: list, grads: list, states: list) -> None:
@@ -89,7 +88,8 @@ def sinkgd_step(group: dict, params: list, grads: list, states: list) -> None:
     if graph_eligible("sinkgd", group, params):
         graph_for("sinkgd", group, params, _SINKGD_GRAPH_KEYS, _sinkgd_body).step(grads, group)
         return
-    _sinkgd_body(params, stack_by_shape(grads, group_views(group, params)), float(group["lr"]), group)
+    views = group_views(group, params)
+    _sinkgd_body(params, stack_by_shape(grads, views), float(group["lr"]), group, views)
 
 
 def sinkhorn_tanh_step(group: dict, params: list, grads: list, states: list) -> None:
@@ -97,7 +97,8 @@ def sinkhorn_tanh_step(group: dict, params: list, grads: list, states: list) -> 
     if graph_eligible("sinkhorn_tanh", group, params):
         graph_for("sinkhorn_tanh", group, params, _SINKHORN_TANH_GRAPH_KEYS, _sinkhorn_tanh_body).step(grads, group)
         return
-    _sinkhorn_tanh_body(params, stack_by_shape(grads, group_views(group, params)), float(group["lr"]), group)
+    views = group_views(group, params)
+    _sinkhorn_tanh_body(params, stack_by_shape(grads, views), float(group["lr"]), group, views)
 
 
 SINKGD_RULE = register_rule(

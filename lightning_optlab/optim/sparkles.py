@@ -221,10 +221,8 @@ def _sparkles_lane(group: dict, params: list, grads: list, states: list, device,
     views = group_views(group, params)
     for i, g in enumerate(grads):
         kind, shape = work_shape(g, views[i])
-        # step 2 decides on the stored shape with the output channel first (HF Conv1D swapped)
-        oriented = tuple(g.shape)
-        if kind == "matrix" and views[i].layout == "in_out":
-            oriented = (oriented[1], oriented[0], *oriented[2:])
+        # step 2 decides on the shape with the output channel first (HF Conv1D's dims swapped)
+        oriented = views[i].oriented(g.shape) if kind == "matrix" else tuple(g.shape)
         mode = _normalization_mode(oriented, group["normalization"], group["normalize_channels"])
         buckets[(kind, shape, mode, g.numel() > 1)].append(i)
     directions: list[Tensor] = [None] * len(grads)  # type: ignore[list-item]

@@ -46,7 +46,7 @@ class StatelessGraph:
         self.key = self._key(group)
         self.body = body
         device = params[0].device
-        views = group_views(group, params)
+        self.views = views = group_views(group, params)
         buckets: dict[tuple, list[int]] = {}
         for i, p in enumerate(params):
             kind, shape = work_shape(p, views[i])
@@ -82,7 +82,7 @@ class StatelessGraph:
         )
 
     def _run(self, group: dict) -> None:
-        self.body(self.params, self.stacks, self.lr, group)
+        self.body(self.params, self.stacks, self.lr, group, self.views)
 
     def step(self, grads: list[torch.Tensor], group: dict) -> None:
         torch._foreach_copy_(self.grad_views, grads)

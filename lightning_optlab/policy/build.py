@@ -12,10 +12,10 @@ from typing import Any, Mapping
 
 from torch import nn
 
+from ..optim.matrix import MatrixView
 from ..optim.modular import ModularOptimizer
 from ..optim.registry import get_rule
 from .roles import ParamInfo, describe_parameters
-from ..optim.matrix import MatrixView
 from .rules import CONSTRAINT_MIN_NDIM, Policy, Rule
 
 

@@ -43,7 +43,7 @@ from typing import Iterator, Mapping
 import torch
 from torch import nn
 
-from ..optim.matrix import DEFAULT_VIEW, MatrixView, default_view
+from ..optim.matrix import DEFAULT_VIEW, VECTOR_VIEW, MatrixView, default_view
 
 ROLES = ("embedding", "hidden", "output", "bias", "norm")
 
@@ -170,13 +170,10 @@ def _owned_parameters(model: nn.Module) -> Iterator[tuple[str, torch.Tensor, str
 
 
 def _bare_view_and_role(local: str, param: torch.Tensor) -> tuple[MatrixView, str]:
-    """A parameter no known layer type explains: a table, a vector, or a user's own matrix."""
-    shape = tuple(param.shape)
-    non_singleton = sum(d > 1 for d in shape)
-    table = (param.ndim >= 3 and shape[0] == 1) or bool(_TABLE_NAME.search(local))
-    if table and param.ndim >= 1:
-        return (MatrixView("table") if non_singleton >= 2 else MatrixView("vector")), "embedding"
+    """A >= 2-D parameter no known layer type explains: a table, a vector, or a user's own matrix."""
     view = default_view(param)
+    if (param.ndim >= 3 and param.shape[0] == 1) or _TABLE_NAME.search(local):
+        return (MatrixView("table") if view.is_matrix else VECTOR_VIEW), "embedding"
     return view, ("hidden" if view.is_matrix else "bias")
 
 
@@ -242,7 +239,7 @@ def describe_parameters(
         elif view is not None:
             role = "embedding" if key == input_weight else "output" if key == output_weight else "hidden"
         elif local.startswith("bias") or param.ndim < 2:
-            view, role = MatrixView("vector"), "bias"
+            view, role = VECTOR_VIEW, "bias"
         else:
             view, role = _bare_view_and_role(local, param)
         role = next((r for pat, r in overrides.items() if fnmatch.fnmatchcase(name, pat)), role)
