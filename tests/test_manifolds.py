@@ -117,7 +117,7 @@ def test_stiefel_distance_batched_and_list():
 def test_stiefel_retract_near_manifold_matches_exact(shape):
     W = near_manifold(*shape, step=0.05)
     assert dist64(W) > 1e-2  # genuinely off the manifold
-    R = stiefel_retract(W)  # default 5 steps
+    R = stiefel_retract(W)  # default: to float32's tolerance
     assert R.dtype == torch.float32 and R.shape == W.shape
     assert (R.double() - polar64(W)).abs().max().item() < 1e-3
     assert dist64(R) < 1e-5
@@ -153,10 +153,12 @@ def test_muon_quintic_is_not_a_retraction():
 
 def test_batched_stack_equals_one_at_a_time():
     stack = torch.stack([near_manifold(40, 24, seed=s) for s in range(4)])
-    R = stiefel_retract(stack)
+    R = stiefel_retract(stack, steps=5)
     assert R.shape == stack.shape
     for i in range(4):
-        assert torch.allclose(R[i], stiefel_retract(stack[i]), atol=1e-6)
+        assert torch.allclose(R[i], stiefel_retract(stack[i], steps=5), atol=1e-6)
+    # to tolerance, the stack runs until its slowest matrix is there
+    assert all(dist64(r) <= 1e-5 for r in stiefel_retract(stack))
 
 
 def test_list_groups_shapes_and_flattens_kernels():
@@ -216,7 +218,7 @@ def test_ill_conditioned_follows_the_scalar_iteration():
 def test_rank_deficient_creates_no_null_space_directions():
     nonzero = torch.linspace(0.7, 1.3, 6)
     W, U, V = with_singular_values(40, 24, torch.cat([nonzero, torch.zeros(18)]), seed=5)
-    R = stiefel_retract(W.float()).double()  # default 5 steps
+    R = stiefel_retract(W.float(), steps=5).double()  # a truncated iteration, asked for
     s = torch.linalg.svdvals(R)
     assert (s[:6] - 1).abs().max().item() < 1e-3
     assert s[6:].max().item() < 1e-5  # zero singular values stay (numerically) zero
@@ -227,8 +229,24 @@ def test_rank_deficient_creates_no_null_space_directions():
     # the partial isometry U_r V_r^T, at distance sqrt(#zeros / k) from the manifold
     assert (R - Ur @ Vr.T).abs().max().item() < 1e-3
     assert stiefel_distance(R).item() == pytest.approx(math.sqrt(18 / 24), abs=1e-3)
-    Z = stiefel_retract(torch.zeros(5, 3))
+    Z = stiefel_retract(torch.zeros(5, 3), steps=5)
     assert torch.equal(Z, torch.zeros(5, 3))
+
+
+def test_default_retraction_reaches_the_manifold_from_a_far_start_or_says_it_did_not():
+    torch.manual_seed(0)
+    W = torch.randn(64, 32)  # singular values spread over ~[2, 14]: far from 1
+    assert dist64(stiefel_retract(W, steps=5)) > 1e-2  # five fixed iterations are not enough
+    R = stiefel_retract(W)
+    assert dist64(R) <= 1e-5
+    assert (R.double() - polar64(W)).abs().max().item() < 1e-4
+    assert dist64(stiefel_retract(W.double())) <= 1e-10
+    # rank 6 of 24: the zero singular values stay zero, so the manifold is out of reach
+    W, _, _ = with_singular_values(40, 24, torch.cat([torch.ones(6), torch.zeros(18)]), seed=5)
+    with pytest.raises(ValueError, match=r"Stiefel distance of 0\.866.*stiefel_retract_exact"):
+        stiefel_retract(W.float())
+    with pytest.raises(ValueError, match="stiefel_retract_exact"):
+        stiefel_retract([torch.randn(8, 4), torch.zeros(5, 3)])
 
 
 def test_tf32_setting_is_restored():

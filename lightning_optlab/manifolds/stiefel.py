@@ -920,9 +920,15 @@ def _per_parameter(
     return out  # type: ignore[return-value]
 
 
+# The default retraction: to the dtype's tolerance in at most this many iterations, which
+# brings relative singular values down to ~1e-4 to 1 (1.5x per step, then quadratic).
+DEFAULT_TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+DEFAULT_MAX_STEPS = 30
+
+
 def stiefel_retract(
     W: torch.Tensor | Sequence[torch.Tensor],
-    steps: int = 5,
+    steps: int | None = None,
     tol: float | None = None,
     *,
     schedule: str | None = None,
@@ -931,21 +937,35 @@ def stiefel_retract(
     """Nearest matrix with orthonormal columns (tall) or rows (wide), by Newton-Schulz.
 
     ``W``: a matrix or a stack (..., m, n), or a list of parameters (conv kernels flattened to
-    (out, in*k*k); equal shapes batched together). ``steps``: iterations (the maximum when
-    ``tol`` is given); ``tol``: the target Stiefel distance. ``schedule``: ``"fixed"`` (default
-    without ``tol``: exactly ``steps``), ``"check"`` (default with ``tol``: stop once every
-    distance is ``<= tol``, one host sync per iteration) or ``"predict"`` (one host sync for the
-    whole call -- all shape groups of a list together -- then the step count proven to reach
-    ``tol``; for weights one optimizer step off the manifold, usually 1 or 2). ``precision``:
+    (out, in*k*k); equal shapes batched together).
+
+    With the defaults the result is on the manifold: iterations run until every Stiefel distance
+    is ``<= tol`` (1e-5 in float32, 1e-10 in float64), at most 30, and an input they cannot
+    bring there (rank-deficient, or a condition number beyond ~1e4) raises ``ValueError`` with
+    the distance reached; :func:`stiefel_retract_exact` handles those. ``steps`` alone runs
+    exactly that many iterations (a truncated iteration: :func:`stiefel_distance` says how far
+    it is); ``steps`` with ``tol`` is the maximum. ``schedule``: ``"check"`` (stop at ``tol``,
+    one host sync per iteration), ``"fixed"`` (exactly ``steps``) or ``"predict"`` (one host
+    sync for the whole call, then the step count proven to reach ``tol``). ``precision``:
     ``"auto"`` | ``"fp32"`` | ``"mixed"`` (bf16 matmuls where the accuracy allows; see
     :func:`polar_newton_schulz`). Returns new tensor(s) of the input shape(s) and dtype(s).
-    Agrees with :func:`stiefel_retract_exact` on well-conditioned inputs; see the module
-    docstring for ill-conditioned and rank-deficient ones.
     """
+    to_tolerance = steps is None and schedule in (None, "check")
+    if to_tolerance:
+        steps = DEFAULT_MAX_STEPS
+        if tol is None:
+            first = W[0] if isinstance(W, (list, tuple)) and W else W
+            dtype = compute_dtype(first.dtype) if isinstance(first, torch.Tensor) else torch.float32
+            tol = DEFAULT_TOL[dtype]
+    elif steps is None:
+        steps = DEFAULT_MAX_STEPS
     schedule = _check_schedule(steps, tol, schedule, precision)
 
     def run(X: torch.Tensor) -> torch.Tensor:
-        return polar_newton_schulz(X, steps=steps, tol=tol, schedule=schedule, precision=precision).polar
+        result = polar_newton_schulz(X, steps=steps, tol=tol, schedule=schedule, precision=precision)
+        if to_tolerance and result.steps == steps:
+            _require_reached(result.polar, tol, steps)
+        return result.polar
 
     if isinstance(W, (list, tuple)):
         if schedule == "predict":
@@ -953,6 +973,18 @@ def stiefel_retract(
         return _per_parameter(W, run, reshape_back=True)
     _check_tensor(W)
     return run(W.to(compute_dtype(W.dtype))).to(W.dtype)
+
+
+def _require_reached(X: torch.Tensor, tol: float, steps: int) -> None:
+    with full_fp32_matmul():
+        small = X.mT @ X if X.size(-2) > X.size(-1) else X @ X.mT
+        worst = _gram_distance(small.reshape(-1, *small.shape[-2:])).max().item()
+    if not worst <= tol:
+        raise ValueError(
+            f"stiefel_retract: {steps} Newton-Schulz iterations left a Stiefel distance of "
+            f"{worst:.3g} (tol {tol:g}): the input is rank-deficient or too ill-conditioned for "
+            "the iteration. Use stiefel_retract_exact (SVD), or pass a larger steps with tol."
+        )
 
 
 def _per_parameter_buckets(Ws, steps, tol, precision) -> list[torch.Tensor]:

@@ -24,7 +24,7 @@ from typing import Any, Iterable
 import torch
 
 from .functional import nonfinite_flag, require_finite_grads
-from .registry import GROUP_META_KEYS, get_rule, resolve_hyperparameters
+from .registry import GROUP_META_KEYS, available_rules, get_rule, resolve_hyperparameters
 
 
 class ModularOptimizer(torch.optim.Optimizer):
@@ -92,6 +92,14 @@ class ModularOptimizer(torch.optim.Optimizer):
             params = [p for _, p in params]
         names = group.get("param_names")
         for i, p in enumerate(params):
+            if p.is_complex() and not rule.complex_params:
+                who = repr(names[i]) if names else f"parameter #{i}"
+                takes = ", ".join(n for n in available_rules() if get_rule(n).complex_params)
+                raise ValueError(
+                    f"{label}: optimizer {rule.name!r} is not defined on complex parameters, but "
+                    f"{who} is {str(p.dtype).replace('torch.', '')}. Route it to a rule that is "
+                    f"({takes}), or store it as real and imaginary parts (torch.view_as_real)."
+                )
             if p.ndim < rule.min_ndim:
                 who = repr(names[i]) if names else f"parameter #{i}"
                 raise ValueError(

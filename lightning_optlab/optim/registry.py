@@ -66,6 +66,9 @@ class UpdateRule:
     # ModularOptimizer calls it while its NaN/Inf check is in flight, so after the check's
     # host sync only kernel launches remain and the GPU is not left waiting for Python.
     prepare: PrepareFn | None = None
+    # True when the rule is defined on complex parameters (torch's element-wise rules, which
+    # treat a complex entry as two reals); the others refuse them when the group is built.
+    complex_params: bool = False
 
 
 _RULES: dict[str, UpdateRule] = {}

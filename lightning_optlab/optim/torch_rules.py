@@ -186,6 +186,7 @@ _ADAM_DEFAULTS = dict(
 register_rule(
     UpdateRule(
         name="adam",
+        complex_params=True,
         step=adam_step,
         defaults=_ADAM_DEFAULTS,
         summary="Adam (torch.optim.Adam's functional core; L2-coupled weight decay)",
@@ -196,6 +197,7 @@ register_rule(
 register_rule(
     UpdateRule(
         name="adamw",
+        complex_params=True,
         step=adamw_step,
         defaults={**_ADAM_DEFAULTS, "weight_decay": 1e-2},
         summary="AdamW (torch.optim.AdamW's functional core; decoupled weight decay)",
@@ -206,6 +208,7 @@ register_rule(
 register_rule(
     UpdateRule(
         name="sgd",
+        complex_params=True,
         step=sgd_step,
         defaults=dict(
             lr=1e-3,
@@ -224,6 +227,7 @@ register_rule(
 register_rule(
     UpdateRule(
         name="rmsprop",
+        complex_params=True,
         step=rmsprop_step,
         defaults=dict(
             lr=1e-2,

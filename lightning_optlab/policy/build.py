@@ -8,6 +8,7 @@ multiplied by ``lr_scale``), ``constraint``, and, for the callbacks, ``param_nam
 from __future__ import annotations
 
 import difflib
+from dataclasses import replace
 from typing import Any, Mapping
 
 from torch import nn
@@ -52,7 +53,10 @@ def assign_rules(
                 f"claimed by earlier rule(s) {', '.join(policy.rules[j].label(j) for j in earlier)} "
                 "(the first matching rule wins). Move it up, narrow the earlier rule, or set optional: true."
             )
-        raise ValueError(f"{rule.describe(i)} claims no parameter. {_suggest(rule.match, infos)}")
+        raise ValueError(
+            f"{rule.describe(i)} claims no parameter. "
+            f"{_why_unclaimed(model, rule, infos, owner, policy, roles) or _suggest(rule.match, infos)}"
+        )
 
     left = [info for info, o in zip(infos, owner) if o is None]
     if left:
@@ -63,6 +67,41 @@ def assign_rules(
             "for them, e.g. a last catch-all rule {match: {}, optimizer: adamw}, or freeze them."
         )
     return policy, infos, owner  # type: ignore[return-value]
+
+
+def _why_unclaimed(
+    model: nn.Module,
+    rule: Rule,
+    infos: list[ParamInfo],
+    owner: list[int | None],
+    policy: Policy,
+    roles: Mapping[str, str] | None,
+) -> str | None:
+    """The reason a rule that matches no trainable parameter still names real ones: the tensors
+    it matches are frozen, or they are other names of a tied tensor claimed under its first name."""
+    for info, o in zip(infos, owner):
+        for alias in info.tied:
+            module_name = alias.rpartition(".")[0]
+            as_alias = replace(
+                info, name=alias, module_name=module_name, module=model.get_submodule(module_name)
+            )
+            if rule.matches(as_alias):
+                claimed_by = f" by {policy.rules[o].label(o)}" if o is not None else ""
+                return (
+                    f"{alias} is tied to {info.name} (one tensor), which is claimed as {info.name} "
+                    f"(role {info.role}){claimed_by}. Match {info.name} (or its role) instead."
+                )
+    frozen = [
+        x.name for x in describe_parameters(model, roles, include_frozen=True)
+        if not x.param.requires_grad and rule.matches(x)
+    ]
+    if frozen:
+        more = f" and {len(frozen) - 5} more" if len(frozen) > 5 else ""
+        return (
+            f"Every parameter it matches is frozen (requires_grad=False): {', '.join(frozen[:5])}{more}. "
+            "Unfreeze them before the optimizer is built, or set optional: true."
+        )
+    return None
 
 
 def _suggest(match: Mapping[str, Any], infos: list[ParamInfo]) -> str:
@@ -78,9 +117,9 @@ def _suggest(match: Mapping[str, Any], infos: list[ParamInfo]) -> str:
     present_modules = sorted({type(x.module).__name__ for x in infos})
     present_ndims = sorted({x.ndim for x in infos})
     hints.append(
-        f"this model has roles {present_roles}, module types {present_modules}, ndims {present_ndims}"
+        f"This model has roles {present_roles}, module types {present_modules}, ndims {present_ndims}"
     )
-    return "; ".join(hints) + ". Fix the match, or set optional: true if the rule is meant for other models."
+    return ". ".join(h[0].upper() + h[1:] for h in hints) + ". Fix the match, or set optional: true if the rule is meant for other models."
 
 
 def _check_shapes(policy: Policy, infos: list[ParamInfo], owner: list[int]) -> None:
@@ -105,6 +144,12 @@ def _check_shapes(policy: Policy, infos: list[ParamInfo], owner: list[int]) -> N
                 f"{rule.describe(i)} puts constraint {rule.constraint!r} on {info.name} of shape "
                 f"{list(info.shape)}, which needs at least {CONSTRAINT_MIN_NDIM[rule.constraint]} "
                 "dimensions. Narrow the rule's match (e.g. ndim: '>=2') or drop the constraint."
+            )
+        if rule.constraint and info.param.is_complex():
+            raise ValueError(
+                f"{rule.describe(i)} puts constraint {rule.constraint!r} on {info.name}, a complex "
+                "tensor; the sphere and Stiefel retractions are defined on real ones. Narrow the "
+                "rule's match or drop the constraint."
             )
         if rule.constraint == "stiefel" and not info.view.is_matrix:
             raise ValueError(

@@ -178,12 +178,13 @@ def _bare_view_and_role(local: str, param: torch.Tensor) -> tuple[MatrixView, st
 
 
 def describe_parameters(
-    model: nn.Module, roles: Mapping[str, str] | None = None
+    model: nn.Module, roles: Mapping[str, str] | None = None, include_frozen: bool = False
 ) -> list[ParamInfo]:
     """Trainable parameters of ``model`` in registration order, each with its role and view.
 
     A parameter shared by several modules (tied weights) appears once, under its first name, with
-    its other names in ``tied``. Frozen parameters (``requires_grad=False``) are left out.
+    its other names in ``tied``. Frozen parameters (``requires_grad=False``) are left out unless
+    ``include_frozen`` (the policy check uses them to say why a rule claims nothing).
     """
     overrides: dict[str, str] = {}
     hook = getattr(model, "optlab_roles", None)
@@ -228,7 +229,7 @@ def describe_parameters(
 
     infos = []
     for key, (name, param, module_name, module) in owners.items():
-        if not param.requires_grad:
+        if not param.requires_grad and not include_frozen:
             continue
         local = name.rpartition(".")[2]
         view = views.get(key)

@@ -29,10 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import yaml
-
 from ..optim.registry import get_rule, resolve_hyperparameters
 from .roles import ROLES, ParamInfo
+from .yaml_text import load_yaml, read_yaml_file
 
 MATCH_KEYS = ("role", "name", "regex", "module", "ndim")
 CONSTRAINTS = ("sphere", "stiefel")
@@ -140,7 +139,10 @@ class Rule:
 
     def validate(self, index: int) -> None:
         where = self.describe(index)
-        get_rule(self.optimizer)  # unknown names list the known ones
+        try:
+            get_rule(self.optimizer)  # unknown names list the known ones
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{where}: {err}") from None
         if not isinstance(self.match, Mapping):
             raise ValueError(f"{where}: 'match' must be a mapping, got {self.match!r}")
         unknown = [k for k in self.match if k not in MATCH_KEYS]
@@ -257,26 +259,20 @@ class Policy:
     @classmethod
     def from_yaml(cls, source: str | Path) -> "Policy":
         """Read a policy from a YAML file path, or from YAML text."""
-        text, origin = str(source), "policy YAML text"
-        path = Path(source)
+        text = str(source)
         looks_like_path = isinstance(source, Path) or (
             "\n" not in text and text.strip().endswith((".yaml", ".yml"))
         )
-        if looks_like_path:
-            if not path.is_file():
-                raise FileNotFoundError(f"policy file {str(path)!r} does not exist")
-            text, origin = path.read_text(), f"policy file {str(path)!r}"
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise ValueError(f"{origin} is not valid YAML{at}: {getattr(err, 'problem', err)}") from None
+        data = read_yaml_file(source) if looks_like_path else load_yaml(text, "policy YAML text")
+        origin = f"policy file {str(source)!r}" if looks_like_path else "policy YAML text"
         if isinstance(data, Mapping) and "policy" in data and "rules" not in data:
             data = data["policy"]
         if not isinstance(data, (Mapping, list)):
             raise ValueError(f"{origin}: expected {{rules: [...]}} or a list of rules, got {data!r}")
-        return cls.coerce(data)
+        try:
+            return cls.coerce(data)
+        except ValueError as err:
+            raise ValueError(f"{origin}: {err}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return {"rules": [r.to_dict() for r in self.rules]}
