@@ -36,7 +36,7 @@ def test_core_install_is_what_the_plugin_needs_and_the_examples_are_an_extra():
     assert '".[examples]"' in setup_commands()[0]  # the main job has its offline data
     license_text = (ROOT / "LICENSE").read_text()
     assert "Apache License" in license_text and "Version 2.0, January 2004" in license_text
-    assert project["license"] == {"text": "Apache-2.0"}
+    assert project["license"] == "Apache-2.0" and project["license-files"] == ["LICENSE"]
 
 
 def test_quickstart_monitor_draws_curves():
