@@ -1,17 +1,36 @@
-"""Update rules and optimizers: plain torch, no lightning import."""
+"""Update rules and optimizers: plain torch, no lightning import.
 
-from . import torch_rules  # noqa: F401  (registers sgd, adam, adamw, rmsprop)
+The built-in rules are the modules in ``BUILTIN_RULE_MODULES``, imported here in that order; each
+registers its rules (``register_rule``) and, where it has one, its standalone class. A new rule is
+one such module: add its name to the list, or import it before building a policy.
+"""
+
+import importlib
+
 from .functional import optimizer_state_bytes, optimizer_state_bytes_by_group
 from .modular import ModularOptimizer
-from .muon import Muon  # registers muon
-from .registry import UpdateRule, available_rules, get_rule, register_rule, resolve_hyperparameters
+from .registry import (
+    UpdateRule,
+    available_rules,
+    get_rule,
+    register_rule,
+    resolve_hyperparameters,
+    standalone_optimizer,
+)
 from .rule_optimizer import RuleOptimizer
-from .sinkgd import SinkGD, SinkhornTanh  # registers sinkgd, sinkhorn_tanh
-from .sparkles import SPARKLES  # registers sparkles
-from .spam import AdamWSPAM  # registers adamw_spam
+
+BUILTIN_RULE_MODULES = ("torch_rules", "muon", "sinkgd", "spam", "sparkles")
+for _module in BUILTIN_RULE_MODULES:
+    importlib.import_module(f"{__name__}.{_module}")
+
+from .muon import Muon  # noqa: E402
+from .sinkgd import SinkGD, SinkhornTanh  # noqa: E402
+from .sparkles import SPARKLES  # noqa: E402
+from .spam import AdamWSPAM  # noqa: E402
 
 __all__ = [
     "AdamWSPAM",
+    "BUILTIN_RULE_MODULES",
     "ModularOptimizer",
     "Muon",
     "RuleOptimizer",
@@ -25,4 +44,5 @@ __all__ = [
     "optimizer_state_bytes_by_group",
     "register_rule",
     "resolve_hyperparameters",
+    "standalone_optimizer",
 ]

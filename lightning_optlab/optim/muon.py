@@ -186,6 +186,7 @@ def muon_prepare(group: dict, params: list, grads: list, states: list):
 MUON_RULE = register_rule(
     UpdateRule(
         name="muon",
+        example=dict(lr=0.02, weight_decay=0.01),
         step=muon_step,
         defaults=MUON_DEFAULTS,
         min_ndim=2,

@@ -69,10 +69,26 @@ class UpdateRule:
     # True when the rule is defined on complex parameters (torch's element-wise rules, which
     # treat a complex entry as two reals); the others refuse them when the group is built.
     complex_params: bool = False
+    # Hyperparameters that run every code path of the rule within a few steps on small
+    # tensors (resets, clips, kicks): the contract tests over ``available_rules()`` use them.
+    example: Mapping[str, Any] = field(default_factory=dict)
 
 
 _RULES: dict[str, UpdateRule] = {}
 _ALIASES: dict[str, str] = {}
+_STANDALONE: dict[str, type] = {}
+
+
+def register_standalone(rule_name: str, cls: type) -> None:
+    """Record ``cls`` as the plain-PyTorch optimizer class of ``rule_name`` (RuleOptimizer
+    subclasses do this when they are defined)."""
+    _STANDALONE[rule_name] = cls
+
+
+def standalone_optimizer(name: str) -> type | None:
+    """The package's standalone ``torch.optim.Optimizer`` class for a rule (``Muon`` for
+    ``muon``), or None where the rule is torch's own (use ``torch.optim.*``)."""
+    return _STANDALONE.get(get_rule(name).name)
 
 
 def register_rule(rule: UpdateRule) -> UpdateRule:

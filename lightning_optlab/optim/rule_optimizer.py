@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any, ClassVar, Iterable
 
 from .modular import ModularOptimizer
-from .registry import resolve_hyperparameters
+from .registry import register_standalone, resolve_hyperparameters
 
 
 class RuleOptimizer(ModularOptimizer):
@@ -24,6 +24,11 @@ class RuleOptimizer(ModularOptimizer):
     """
 
     rule_name: ClassVar[str]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "rule_name" in cls.__dict__:
+            register_standalone(cls.rule_name, cls)
 
     def __init__(self, params: Iterable[Any], **hyperparameters: Any) -> None:
         super().__init__(params, algorithm=self.rule_name, **hyperparameters)

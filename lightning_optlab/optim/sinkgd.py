@@ -104,6 +104,7 @@ def sinkhorn_tanh_step(group: dict, params: list, grads: list, states: list) -> 
 SINKGD_RULE = register_rule(
     UpdateRule(
         name="sinkgd",
+        example=dict(lr=0.01, weight_decay=0.01),
         step=sinkgd_step,
         defaults=SINKGD_DEFAULTS,
         summary="SinkGD (arXiv 2502.06742): stateless alternating row/column l2 normalization",
@@ -114,6 +115,7 @@ SINKGD_RULE = register_rule(
 SINKHORN_TANH_RULE = register_rule(
     UpdateRule(
         name="sinkhorn_tanh",
+        example=dict(lr=0.01),
         step=sinkhorn_tanh_step,
         defaults=SINKHORN_TANH_DEFAULTS,
         summary="Sinkhorn-like SinkGD: (row, column, tanh(g/tau))^n_iter, RMS restored; stateless",

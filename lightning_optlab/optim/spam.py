@@ -185,6 +185,7 @@ def adamw_spam_prepare(group: dict, params: list, grads: list, states: list):
 ADAMW_SPAM_RULE = register_rule(
     UpdateRule(
         name="adamw_spam",
+        example=dict(lr=0.01, reset_interval=3, warmup_steps=2, spike_clip_delay=1, spike_threshold=4.0),
         step=adamw_spam_step,
         defaults=ADAMW_SPAM_DEFAULTS,
         summary="AdamW + SPAM: spike-aware clipping, momentum reset every reset_interval with cosine warm-up",

@@ -330,6 +330,7 @@ def _sparkles_lane(group: dict, params: list, grads: list, states: list, device,
 SPARKLES_RULE = register_rule(
     UpdateRule(
         name="sparkles",
+        example=dict(lr=0.01, stochastic_threshold=1e3, weight_decay=0.01, clip_gradients=True),
         step=sparkles_step,
         defaults=SPARKLES_DEFAULTS,
         summary="SPARKLES: centralize -> std-normalize -> momentum amplification -> adaptive step "

@@ -186,6 +186,7 @@ _ADAM_DEFAULTS = dict(
 register_rule(
     UpdateRule(
         name="adam",
+        example=dict(lr=0.01, weight_decay=0.01, amsgrad=True),
         complex_params=True,
         step=adam_step,
         defaults=_ADAM_DEFAULTS,
@@ -197,6 +198,7 @@ register_rule(
 register_rule(
     UpdateRule(
         name="adamw",
+        example=dict(lr=0.01, weight_decay=0.01, amsgrad=True),
         complex_params=True,
         step=adamw_step,
         defaults={**_ADAM_DEFAULTS, "weight_decay": 1e-2},
@@ -208,6 +210,7 @@ register_rule(
 register_rule(
     UpdateRule(
         name="sgd",
+        example=dict(lr=0.01, momentum=0.9, nesterov=True, weight_decay=0.01),
         complex_params=True,
         step=sgd_step,
         defaults=dict(
@@ -227,6 +230,7 @@ register_rule(
 register_rule(
     UpdateRule(
         name="rmsprop",
+        example=dict(lr=0.01, momentum=0.5, centered=True, weight_decay=0.01),
         complex_params=True,
         step=rmsprop_step,
         defaults=dict(
