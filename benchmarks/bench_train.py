@@ -28,12 +28,7 @@ of what is left, as Lightning's ``max_time``; a run cut short is marked). Valida
 (data loading, logging, optimizer included; validation excluded), measured from step
 ``--throughput-skip`` on, with CUDA synchronised at the measuring points.
 
-``--muon-overlap`` adds :class:`lightning_optlab.callbacks.MuonBackwardOverlap` to every run (Muon's
-Newton-Schulz work during backward; it does not attach while gradients are clipped, so combine it
-with ``--no-clip``, which sets ``gradient_clip_val=None`` for every run). Each run's record says
-whether it attached (``muon_overlap``: reason, overlapped / plain group steps). Defaults unchanged::
-
-    PYTHONPATH=. python benchmarks/bench_train.py --out $OUT/train_overlap --rules adamw,muon --no-clip --muon-overlap
+``--no-clip`` sets ``gradient_clip_val=None`` for every run.
 
 ``--lr RULE=VALUE`` sets the effective lr of the named policy's main rule(s) (the rules using that
 optimizer; ``lr_scale`` reset to 1); ``--lr-sweep RULE=V1,V2,...`` runs the policy once per lr.
@@ -176,8 +171,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-workers", type=int, default=None, help="DataLoader workers (default 2 on CUDA, 0 on CPU)")
     p.add_argument("--cache-dir", default=None, help="TextDataModule cache directory")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--muon-overlap", action="store_true",
-                   help="add the MuonBackwardOverlap callback to every run (needs --no-clip to attach)")
     p.add_argument("--no-clip", action="store_true", help="gradient_clip_val=None for every run (default 1.0)")
     p.add_argument("--commit", default=None, help="git commit to record (default: git rev-parse HEAD)")
     args = p.parse_args(argv)
@@ -278,12 +271,6 @@ def run_one(args, label: str, rule: str, lr: float | None, max_time_s: float | N
     )
     recorder = make_recorder(device, args.throughput_skip)
     callbacks: list[Any] = [recorder]
-    overlap = None
-    if args.muon_overlap:
-        from lightning_optlab.callbacks import MuonBackwardOverlap
-
-        overlap = MuonBackwardOverlap()
-        callbacks.append(overlap)
     trainer = pl.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",
         devices=[device.index or 0] if device.type == "cuda" else 1,
@@ -298,9 +285,6 @@ def run_one(args, label: str, rule: str, lr: float | None, max_time_s: float | N
     trainer.fit(model, datamodule=data)
     rec["wall_s"] = time.perf_counter() - t0
     rec["gradient_clip_val"] = None if args.no_clip else 1.0
-    if overlap is not None:
-        rec["muon_overlap"] = {"attached": overlap.reason is None, "reason": overlap.reason,
-                               "overlapped_steps": overlap.overlapped_steps, "plain_steps": overlap.plain_steps}
     steps, tokens = int(trainer.global_step), int(model.tokens_seen)
     rec.update(steps=steps, tokens=tokens, tokens_per_step=args.batch_size * T,
                stopped_early=steps < args.max_steps, points=recorder.points)

@@ -32,7 +32,7 @@ START, END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
 
 def variant(data: dict[str, Any]) -> str:
     """What distinguishes results of one kind: the measured sections (ops), or the policies,
-    clipping and Muon overlap of the runs (train). The report keeps the newest of each."""
+    clipping of the runs (train). The report keeps the newest of each."""
     from benchmarks.bench_ops import SECTIONS
     from benchmarks.bench_train import RULES
 
@@ -45,8 +45,6 @@ def variant(data: dict[str, Any]) -> str:
         parts.append(str(s["rules"]))
     if s.get("no_clip"):
         parts.append("no clipping")
-    if s.get("muon_overlap"):
-        parts.append("Muon overlapped with backward")
     return ", ".join(parts)
 
 

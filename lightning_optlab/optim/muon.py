@@ -111,9 +111,7 @@ def muon_step(group: dict, params: list, grads: list, states: list) -> None:
 
     Hot path: momentum is two foreach kernels, Newton-Schulz one stacked call per shape (split
     across ranks under DDP), weight decay one foreach kernel and the update one foreach kernel
-    per shape -- no per-parameter kernels for fp32 weights. With a
-    :class:`~.muon_overlap.MuonOverlap` attached and armed, the Newton-Schulz directions were
-    computed during backward and only momentum, weight decay and the update run here.
+    per shape -- no per-parameter kernels for fp32 weights.
     """
     _refuse_sharded(params, group)
     for p, state in zip(params, states):
@@ -124,10 +122,7 @@ def muon_step(group: dict, params: list, grads: list, states: list) -> None:
             )
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-    # Directions orthogonalized during backward (opt-in, see .muon_overlap), or None: plain step.
-    overlap = group.get("_runtime", {}).get("muon_overlap")
-    directions = overlap.take(group, params, grads) if overlap is not None else None
-    if directions is None and graph_eligible(group, params, ns_split_world(group["ns_split"])):
+    if graph_eligible(group, params, ns_split_world(group["ns_split"])):
         graph_for(group, params).step(grads, states, group)
         return
     buffers = [state["momentum_buffer"] for state in states]
@@ -136,23 +131,19 @@ def muon_step(group: dict, params: list, grads: list, states: list) -> None:
     dtype = None if group["ns_dtype"] in (None, "auto") else resolve_ns_dtype(group["ns_dtype"], params[0].device)
     weights = [upcast(p) for p in params]
     views = group_views(group, params)
-    if directions is not None:  # only the momentum blend is left (muon_update's own kernel)
-        torch._foreach_lerp_(work, [upcast(g) for g in grads], 1 - group["momentum"])
-        updates = directions
-    else:
-        updates = muon_update(
-            grads,
-            work,
-            momentum=group["momentum"],
-            nesterov=group["nesterov"],
-            ns_steps=group["ns_steps"],
-            ns_coefficients=group["ns_coefficients"],
-            eps=group["eps"],
-            ns_dtype=dtype,
-            out_dtype=weights[0].dtype,
-            split=group["ns_split"],
-            views=views,
-        )
+    updates = muon_update(
+        grads,
+        work,
+        momentum=group["momentum"],
+        nesterov=group["nesterov"],
+        ns_steps=group["ns_steps"],
+        ns_coefficients=group["ns_coefficients"],
+        eps=group["eps"],
+        ns_dtype=dtype,
+        out_dtype=weights[0].dtype,
+        split=group["ns_split"],
+        views=views,
+    )
     lr, wd = group["lr"], group["weight_decay"]
     if wd != 0:
         torch._foreach_mul_(weights, 1 - lr * wd)
@@ -173,7 +164,7 @@ def muon_prepare(group: dict, params: list, grads: list, states: list):
     """With the CUDA graph: copy the gradients into its static stacks while the optimizer's
     NaN/Inf check is in flight (no weight or state value changes); the replay is left. Else
     None (the plain step runs after the check)."""
-    if group.get("_runtime", {}).get("muon_overlap") is not None or not all(states):
+    if not all(states):
         return None
     if not graph_eligible(group, params, ns_split_world(group["ns_split"])):
         return None

@@ -1,8 +1,8 @@
 """Muon's step with its heavy part replayed as one CUDA graph.
 
 Eagerly, a Muon step over a transformer's hidden matrices is ~150 small kernel launches
-(momentum, stacking, five Newton-Schulz iterations per shape, casts, updates); on an H100 the
-GPU then waits on Python. Here each shape bucket keeps its gradients and momentum buffers
+(momentum, stacking, five Newton-Schulz iterations per shape, casts, updates), and on a fast
+GPU the device then waits on Python. Here each shape bucket keeps its gradients and momentum buffers
 *stacked* in static ``(B, m, n)`` float32 tensors (the per-parameter ``momentum_buffer`` state
 entries are views into them, so ``state_dict`` is unchanged) and its Newton-Schulz input in a
 static bf16 stack. Per step the host copies the gradients in (one foreach copy), writes the lr
@@ -15,10 +15,7 @@ written by ``lerp`` straight into the bf16 stack (the cast is the store),
 the shape-scaled update added to each weight from the bf16 result (``addcmul_`` with a device
 scalar: no float32 update tensors).
 
-Measured on an H100 (42M GPT, 24 hidden matrices, bench_ops at f8ddde9, 2026-11-24): 2.16 ms
-per step without the optimizer's NaN/Inf check, 2.39 ms with it, against 3.67 / 3.95 ms for the
-previous graph (gradients and an fp32 look-ahead stacked, transposed copies, a pow2 prescale
-pass, fp32 update tensors, all buckets on one stream) and 8-15 ms for torch.optim.Muon.
+Its cost against the eager step and torch.optim.Muon is in ``docs/benchmarks.md`` (bench_ops).
 
 It is exact with respect to the eager path up to float rounding (lr*wd and lr*scale are device
 scalars), and used only where that holds: fp32 weights on one CUDA device, no split of the NS
