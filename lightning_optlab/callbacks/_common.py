@@ -178,9 +178,8 @@ class BackgroundWorker:
 
     ``threads``: CPU threads of the worker's torch ops (``torch.set_num_threads`` is per thread,
     so the training thread keeps its own); default half of the process's intra-op threads. Why:
-    with all of them, the snapshot SVDs of the 42M GPT under GPU training took 12.5 s on a 16-core
-    H100 host (every later snapshot skipped), 4.9 s with 8 threads and 5.8 s with 4 (2026-11-24):
-    the training process's own threads (loader workers, the launch thread) need the rest.
+    with all of them the worker competes with the training process's own threads (loader
+    workers, the launch thread) and a snapshot takes longer, not shorter.
     """
 
     def __init__(self, name: str, threads: int | None = None):
@@ -277,8 +276,7 @@ def histogram_stats(values: Any, bins: int = 64) -> dict[str, Any]:
 
     Worker threads build these so the training thread only writes them: TensorBoard's
     ``add_histogram`` bins 'tensorflow'-style and builds the summary on the caller's thread
-    (~0.4 ms per histogram on a 2-core box against ~0.1 ms for the raw write; a snapshot of a
-    GPT logs ~100 of them)."""
+    (several times the raw write, and a snapshot of a GPT logs ~100 of them)."""
     v = np.asarray(values, dtype=np.float64).ravel()
     counts, edges = np.histogram(v, bins=bins)
     return {"min": float(v.min()), "max": float(v.max()), "num": int(v.size), "sum": float(v.sum()),
@@ -291,9 +289,9 @@ def tensorboard_summary(scalars: dict[str, float], histograms: dict[str, dict[st
     built in a worker thread; None without the ``tensorboard`` package.
 
     Why: ``TensorBoardLogger.log_metrics`` writes one event per scalar and torch's SummaryWriter
-    flushes to disk from the calling thread whenever 10 events are queued; a GPT snapshot's ~600
-    scalars and ~100 histograms then held a training step for ~100 ms on the H100 host
-    (2026-11-24). One merged event costs the training thread one enqueue."""
+    flushes to disk from the calling thread whenever 10 events are queued, so a GPT snapshot's
+    ~600 scalars and ~100 histograms would hold a training step for dozens of flushes. One
+    merged event costs the training thread one enqueue."""
     try:
         from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
     except ImportError:  # pragma: no cover - tensorboard ships with lightning's TensorBoardLogger
@@ -445,9 +443,9 @@ class BackgroundAnalysis(Callback):
     """What every callback that computes off the training thread shares: snapshot at a hook,
     compute in a :class:`BackgroundWorker`, log the results from the training thread at a later
     hook under the step they belong to, flush before the loggers close, and never make a step
-    wait on the worker. CUDA tensors are copied to pinned host memory and computed on the CPU:
-    on an H100 (42M GPT, 2026-11-24) GPU work from a worker thread slowed the training steps it
-    overlapped 3-10x, the CPU path not measurably. A snapshot taken while the previous one is
+    wait on the worker. CUDA tensors are copied to pinned host memory and computed on the CPU,
+    because GPU work launched from a worker thread slows the training steps it overlaps several
+    times over. A snapshot taken while the previous one is
     still computing is skipped and counted in ``skipped``, unless ``wait_if_busy`` asks for the
     exact cadence."""
 

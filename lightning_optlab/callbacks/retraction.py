@@ -46,10 +46,8 @@ fallback, continued where more are needed), so the logged count is the count app
 least 1, also for a bucket that was already within ``tol`` -- and on CUDA everything before the
 sync is one replayed CUDA graph (``cuda_graph="auto"``). Cost per step: one pass to split each
 weight into bf16 H + L, two bf16 Gram products and one bf16 update product per matrix (plus
-k x k products), one graph launch and one host sync. Measured on an H100 for the 24 hidden matrices of the 42M
-GPT one Muon step (lr 0.02, distance 0.028) off the manifold (bench_ops, 2026-11-24):
-1.21-1.65 ms over four runs, 6.7-9.2% of forward+backward (the target is 5%; the stacked
-out-of-place path took 3.0-5.5 ms), one iteration per bucket, distance after 5.8e-5. With
+k x k products), one graph launch and one host sync; one Muon step off the manifold usually
+needs one iteration per bucket (its cost: ``docs/benchmarks.md``, bench_ops' retraction rows). With
 ``precision="auto"`` the matmuls of float32 weights on CUDA are bf16 with float32 accumulation,
 the Gram matrices that set the accuracy are formed to float32 accuracy (split bf16), so the
 float32 guarantee holds; ``tol="auto"`` is 5e-4 for float32/64 weights and 1e-2 for bf16/fp16

@@ -71,155 +71,68 @@ def render_spectrum_image(title: str, s: np.ndarray, width_px: int = 320, height
 class SpectralMonitor(BackgroundAnalysis):
     r"""Log singular-spectrum figures of weight and gradient matrices to TensorBoard.
 
-    Every ``every_n_steps`` optimizer steps, in ``on_before_optimizer_step`` (where Lightning has
-    finished gradient accumulation and unscaled AMP gradients), the monitor snapshots every
-    tracked matrix (weights: their current value, i.e. after the previous step and its
-    retraction; gradients: the accumulated, unscaled ``.grad`` about to be applied): on CUDA by
-    default as the float64 Gram matrix of its small side, formed on the GPU and copied to host
-    memory asynchronously; otherwise as a copy. A background thread computes the spectra on the
-    CPU (eigendecompositions of the Grams, or SVDs) and the figures; the results are logged from
-    the training thread at a later hook, under the step they were taken at. The training step
-    never waits for an SVD or an eigendecomposition.
+    Every ``every_n_steps`` optimizer steps, in ``on_before_optimizer_step`` (after gradient
+    accumulation and AMP unscaling), the monitor snapshots every tracked matrix -- the weights as
+    they are before the step, the gradients about to be applied -- and a background thread
+    computes the full singular spectrum of each and its figures: effective rank, stable rank,
+    condition number, top-k concentration, spectral norm (:mod:`lightning_optlab.spectral`).
+    The results are logged from the training thread at a later hook, under the step they were
+    taken at; the step never waits for a decomposition. Conv kernels and stored-transposed
+    weights are read through their matrix view; vectors are not tracked.
 
-    What is exact and what is sampled:
+    How the spectrum is computed (``method``):
 
-    * exact: each figure is computed from the full singular spectrum of every tracked matrix,
-      from the tensor as it was at that step (an exact copy, or with ``"gram_host"`` its Gram
-      matrix formed before the optimizer step; one batched call per distinct shape). Conv
-      kernels are flattened to ``(out, in*kh*kw)``. How the spectrum is computed (``method``):
+    * ``"gram_host"`` (CUDA default): the Gram matrix of the small side (``k x k``,
+      ``k = min(m, n)``) formed in float64 on the training stream, batched per shape, copied
+      asynchronously to reused pinned host buffers (``k^2`` float64 values per matrix), and
+      decomposed by ``eigvalsh`` on the CPU in ``gram_dtype``. Why: an eigendecomposition of the
+      Gram is far cheaper than an SVD of the matrix, and decomposing on the GPU competes with
+      training. Singular values are exact to about ``5e-8 * sigma_max``; the condition number is
+      exact up to ~2e7 and a lower bound beyond (:func:`~lightning_optlab.spectral.singular_values_gram`).
+      ``gram_dtype="float32"`` raises that floor to ~1e-3 * sigma_max (condition numbers of
+      spectra spanning ~1e4 read ``inf``) for a cheaper CPU decomposition.
+    * ``"svd"`` (CPU default): ``torch.linalg.svdvals`` in float32 on copies (CUDA tensors are
+      copied whole to pinned host memory): the reference.
+    * ``"gram"``: formed and decomposed where the tensors live, in the worker, on a
+      lowest-priority CUDA stream (a device copy of the tracked tensors while in flight).
 
-      - ``"gram_host"``: the Gram matrix of each matrix's small side (``W W^T`` or ``W^T W``,
-        ``k x k`` with ``k = min(m, n)``) formed in float64 where the tensor lives, then
-        ``eigvalsh`` on the CPU in ``gram_dtype`` (float64 by default); singular values =
-        square roots of the eigenvalues clamped >= 0 (see "On CUDA" below). Precision as
-        ``"gram"`` in float64: singular values exact to about ``5e-8 * sigma_max``, below that
-        noise; every figure is unaffected in practice except the condition number, which is
-        exact up to ~2e7 and beyond that a rough lower bound (or ``inf``). See
-        :func:`~lightning_optlab.spectral.singular_values_gram`.
-      - ``"svd"``: ``torch.linalg.svdvals`` in float32 on a CPU thread (the reference; slow for
-        big matrices: CUDA tensors are copied to pinned host memory whole).
-      - ``"gram"``: as ``"gram_host"`` but formed and decomposed in ``gram_dtype`` entirely where
-        the tensors live, in the worker thread (on CUDA: on a side stream, see below).
-      - ``"auto"`` (default): ``"gram_host"`` for CUDA tensors, ``"svd"`` for CPU tensors.
+    Sampling: if the worker has not finished a snapshot when the next is due, that one is skipped
+    (``spectral/skipped_snapshots``, with a warning) unless ``wait_if_busy``; matrices with a
+    missing or non-finite gradient are left out (``spectral/gradients/nonfinite_matrices``).
+    At fit end the snapshot in flight is waited for and logged. Only global rank zero measures.
+    Cost per model size: ``docs/benchmarks.md`` (bench_ops, ``spectral_monitor``).
 
-      ``gram_dtype="float32"`` (opt-in) decomposes in float32: with ``"gram_host"`` the Gram is
-      still formed in float64 and rounded, which does not help: the floor is the float32 one,
-      ~1e-3 * sigma_max. Measured on this project's 2-core CPU box (2026-11-24), 768 x 768 Grams
-      of 768 x 3072 matrices: float32 ``eigvalsh`` 26-28 ms vs 45-51 ms in float64; spectral
-      norm, stable rank and top-5 concentration within 1e-6 / 2e-6 / 7e-4 (relative), effective
-      rank within 0.5% on decaying spectra (exact for a random matrix), and the condition number
-      ``inf`` for every spectrum spanning ~1e4 or more (gradients do). Not the default for that
-      reason; good enough when condition numbers are not read and the CPU is the bottleneck.
-
-      Why ``"gram_host"`` is the CUDA default (H100 host with 16 CPU cores, 42M byte-level GPT,
-      measured 2026-11-24 on its 48 hidden matrices, 24 weights + 24 gradients, each with small
-      side 768; by default the monitor also tracks the embeddings and the head, 6 more matrices
-      with small side 768 or 256, about 5% more work):
-
-      * the training stream carries the float64 Gram products, batched per shape, 3.6 ms of GPU
-        time; the non-blocking copies of the Grams to reused pinned host buffers (226 MB, 4.3 ms)
-        run on a side stream (the copy engine), off the training stream's path. The training
-        thread only enqueues them; it never waits for the GPU.
-      * the worker thread waits on a CUDA event for the copies, then runs ``eigvalsh`` of the 48
-        float64 Grams on the CPU: 2.1 s on one CPU thread, 1.7 s on 8 (the default is 2, see
-        ``worker_threads``), inside the ~2.2 s of 100 steps, so the default cadence keeps up. Shorter
-        cadences on that model skip snapshots (counted, see below).
-      * what it replaced: float32 SVDs of the whole matrices on a CPU thread (pinned copies of
-        every weight and gradient) needed ~5 s per snapshot under training with 8 threads
-        (12.5 s with all 16), so at every 100 steps snapshots were skipped and a fit waited
-        seconds at its end; and the on-GPU ``"gram"`` path, though on a lowest-priority stream,
-        slowed every training step it overlapped 3x (fp32 Gram) to 10x (fp64 Gram + eigvalsh).
-        A single CPU ``eigvalsh`` of a 768 x 768 Gram (57 ms float64 on a 2-core box) is far
-        cheaper than ``svdvals`` of the matrix (163 ms for 3072 x 768, 71 ms for 768 x 768).
-      * end to end (``benchmarks/bench_ops.py``, section ``spectral_monitor``, H100, 2026-11-24:
-        400-step fits of the 42M GPT at ~22 ms a step, with and without the monitor at every 100
-        steps, two interleaved pairs): a snapshot step 6-7 ms longer (the Grams); each snapshot's
-        ~600 scalars and ~100 histograms reach TensorBoard as one merged event (one enqueue; one
-        event per scalar had held a step ~100 ms); the rest is the worker's CPU load. Overhead
-        0.75-0.96% with 2-4 worker threads in one series of runs, 2.4-7.4% in others, 11.9%
-        with 8 threads (see ``worker_threads``): the 1% target is met only some of the time on
-        that host, and a slow snapshot can be skipped. Raise ``every_n_steps`` (the cost is per
-        snapshot) or narrow ``include`` where that matters.
-
-    * sampled in time: only every ``every_n_steps``-th step is measured. If the worker has not
-      finished the previous snapshot when the next one is due, that snapshot is skipped (counted
-      in ``spectral/skipped_snapshots``, with a warning) unless ``wait_if_busy=True``.
-    * matrices whose gradient is missing or non-finite (an AMP overflow step) are left out of that
-      snapshot (counted in ``spectral/gradients/nonfinite_matrices``).
-
-    On CUDA with ``"gram_host"`` (default): at the snapshot step the training thread stacks the
-    tracked matrices per shape in float64 (at most ``GRAM_STACK_ELEMENTS`` elements per stack:
-    bounded transient GPU memory), forms their Gram matrices and enqueues their copies to pinned
-    host buffers (reused across snapshots), all on the training stream, which orders them before
-    the optimizer step that overwrites the weights; then records an event. The worker waits on
-    that event (the worker only) and decomposes on the CPU. Host memory: ``k^2`` float64 values
-    per tracked matrix (~240 MB for the 54 of the 42M GPT). With CPU tensors and ``"gram_host"`` the Grams
-    are formed on the CPU in the training thread and decomposed in the worker.
-
-    On CUDA with ``"gram"`` (opt-in; it competes with training for the GPU, see above): at the
-    snapshot step the matrices are cloned on the GPU (one device copy, enqueued on the training
-    stream); the worker thread then runs the Gram products and ``eigvalsh`` on a separate CUDA
-    stream of the lowest priority, which waits on an event of the copy (GPU-side), and copies
-    the spectra (a few KB) back; any host synchronisation blocks the worker, never the training
-    thread. GPU memory: one copy of the tracked tensors while a snapshot is in flight.
-
-    With ``"svd"`` on CUDA the tracked tensors are copied whole to pinned host memory
-    asynchronously (one buffer per matrix, reused; host memory: one copy of the tracked weights
-    and gradients) and the SVDs run on CPU; the worker waits on a CUDA event, never the training
-    thread.
-
-    With every method, if a snapshot's CPU work takes longer than ``every_n_steps`` steps,
-    snapshots are skipped (see above): narrow ``include`` or raise ``every_n_steps``
-    (``worker_seconds`` has the worker time of each logged snapshot). At the end of the fit the
-    results of the snapshot in flight are waited for (woken as soon as they are ready) and
-    logged. Only global rank zero measures (under DDP the weights and the all-reduced gradients
-    are the same on every rank; sharded strategies are not supported).
-
-    Tags (``{kind}`` is ``weights`` or ``gradients``; ``{metric}`` is ``effective_rank``,
+    Tags (``{kind}``: ``weights`` or ``gradients``; ``{metric}``: ``effective_rank``,
     ``stable_rank``, ``condition_number``, ``top{k}_concentration``, ``spectral_norm``):
 
     * ``spectral/{kind}/component/{input|hidden|output}/{metric}``: mean over the component's
-      matrices (components from each parameter's role: embedding -> input, hidden, output);
-      the condition number is averaged geometrically.
-    * ``spectral/{kind}/group/{param group name}/{metric}``: the same per param group (one per
-      policy rule, i.e. per role/optimizer assignment).
+      matrices (from each parameter's role); the condition number averaged geometrically.
+    * ``spectral/{kind}/group/{param group name}/{metric}``: the same per param group.
     * ``spectral/{kind}/matrix/{parameter name}/{metric}``: per matrix (``log_per_matrix``).
-    * histogram ``spectral/{kind}/spectrum/{parameter name}``: the full singular spectrum.
-    * image ``spectral/{kind}/spectrum_plot/{parameter name}``: log-scale spectrum plot, every
-      ``image_every_n_steps`` steps.
-    * ``spectral/skipped_snapshots``, ``spectral/gradients/nonfinite_matrices``.
+    * histogram ``spectral/{kind}/spectrum/{parameter name}``; image
+      ``spectral/{kind}/spectrum_plot/{parameter name}`` every ``image_every_n_steps``.
 
     Args:
-        every_n_steps: measure every this many optimizer steps (at ``trainer.global_step``
-            divisible by it, starting at 0).
+        every_n_steps: measure at every ``trainer.global_step`` divisible by it (0 included).
         weights: measure weights.
         gradients: measure gradients.
         top_k: ``k`` of the top-k concentration.
         topk_power: 1 = share of the singular values, 2 = share of the energy.
-        log_per_matrix: also log the scalars of each matrix (not only component/group means).
+        log_per_matrix: also log the scalars of each matrix.
         histograms: log each full spectrum as a histogram.
-        image_every_n_steps: log spectrum plots every this many steps (a multiple of
+        image_every_n_steps: spectrum plots every this many steps (a multiple of
             ``every_n_steps``); ``"auto"`` = 10 x ``every_n_steps`` when matplotlib is
-            installed, none otherwise; ``None`` (default) = never. Opt-in because the plots are
-            rendered one figure per matrix in the worker thread (Python, under the GIL): on the
-            42M GPT (54 matrices) one snapshot with plots kept the worker busy for ~20 s, so
-            every later snapshot was skipped (H100, 2026-11-24).
-        include: parameter name globs to track (default: every parameter with >= 2 dims).
+            installed; ``None`` (default) = never (one figure per matrix is drawn under the GIL,
+            slow enough to skip snapshots on large models).
+        include: parameter name globs to track (default: every matrix).
         exclude: parameter name globs to leave out.
-        wait_if_busy: wait for the previous snapshot instead of skipping one (exact cadence,
-            but the wait lands on the training step; for tests and short studies).
-        method: ``"auto"`` | ``"gram_host"`` | ``"svd"`` | ``"gram"`` (how spectra are
-            computed, see above).
-        gram_dtype: ``"float64"`` (default) or ``"float32"``: the dtype ``eigvalsh`` runs in
-            with ``"gram_host"`` (the Gram is formed in float64), and of the whole ``"gram"``
-            method. float32: see above.
+        wait_if_busy: wait for the previous snapshot instead of skipping (exact cadence; the
+            wait lands on the training step).
+        method: ``"auto"`` | ``"gram_host"`` | ``"svd"`` | ``"gram"``.
+        gram_dtype: ``"float64"`` (default) or ``"float32"``.
         worker_threads: CPU threads of the worker's decompositions (default 3; ``None``: half of
-            the process's). LAPACK's ``eigvalsh`` of 768 x 768 Grams hardly scales (48 of them:
-            2.1 s on one thread, 1.7 s on 8, H100 host), while busy worker threads slow the
-            training thread: measured at every 100 steps on the 42M GPT (2026-11-24), 11.9% of
-            training with 8 threads; 0.75%, 0.92% and 0.96% with 3, 2 and 4 threads in one
-            series of runs, but 2.4-7.4% (one snapshot skipped) with 2 in others -- the host's
-            fit-to-fit noise is ~2%.
+            the process's). More threads hardly speed LAPACK's ``eigvalsh`` at these sizes and
+            slow the training thread.
 
     Example::
 
@@ -421,7 +334,7 @@ class SpectralMonitor(BackgroundAnalysis):
     def _side_stream(self, device: torch.device):
         """One lowest-priority CUDA stream per device for a snapshot's side work: the ``"gram"``
         computations, or the ``"gram_host"`` Grams' device-to-host copies (the copy engine runs
-        them while the training stream goes on: ~4 ms per snapshot of the 42M GPT off its path)."""
+        them while the training stream goes on, off its path)."""
         if device not in self._streams:  # priority 0 is CUDA's lowest (lower number = higher)
             self._streams[device] = torch.cuda.Stream(device=device, priority=0)
         return self._streams[device]

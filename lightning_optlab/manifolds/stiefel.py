@@ -42,9 +42,9 @@ row and column spaces of W: in exact arithmetic zero singular values stay exactl
 direction of the null space is created; the result is the partial isometry ``U_r V_r^T`` of the
 nonzero part (for enough steps), at Stiefel distance ``sqrt(#zero singular values / k)``.
 In floating point the null space receives rounding noise (~1e-7 relative in float32) that the
-iteration amplifies by 1.5x per step. Measured in float32 (64 x 128, rank 8): the largest "zero"
-singular value is 3e-7 after 5 iterations, 2e-6 after 10, 1e-4 after 20, 7e-3 after 30, 0.4 after
-40, and 1.0 after 50, i.e. beyond ~35 iterations arbitrary directions *are* created. A zero matrix is returned as zero. The SVD
+iteration amplifies by 1.5x per step, so beyond ~35 float32 iterations arbitrary directions *are*
+created; the default :func:`stiefel_retract` stops at 30 and says the manifold was not reached.
+A zero matrix is returned as zero. The SVD
 reference instead completes U and V with an arbitrary orthonormal basis of the null space, so it
 is on the manifold but not unique.
 
@@ -59,8 +59,7 @@ distance after t steps (rigorously in exact arithmetic: max|e| is bounded by the
 of E, and the per-eigenvalue error map is bounded by a monotone polynomial), and
 :func:`choose_steps` picks the smallest t whose bound plus the rounding floors is <= ``tol``. One
 host sync reads the moments of all stacks together; the iterations themselves run without one.
-Measured on CPU (float32, tol 1e-3): a 768 x 2304 matrix at distance 0.025 takes 1 step (reaches
-2e-5), at 0.08 1 step (8e-4: the bound is tight), at 0.27 4 steps.
+A weight one optimizer step off the manifold (distance a few 1e-2) takes one step at tol 1e-3.
 
 Mixed precision (``precision="mixed"``, the ``"auto"`` choice for float32 on CUDA). Newton
 iterations correct their own rounding errors, except those of the last step, which are set by
@@ -69,37 +68,26 @@ So every product runs on bf16 operands with float32 accumulation (``torch.bmm(..
 out_dtype=torch.float32)``): the update products (E is small, so their relative error 2^-9 is an
 absolute error ~2^-9 * distance), and the Gram matrices, which, when ``tol`` < 1e-2, are formed
 from the split X = H + L (H = bf16(X), L = bf16(X - H)) as H H^T + H L^T + L H^T: two bf16 products,
-error ~1e-5, where one float32 product (no TF32) would cost ~8x more on an H100. For a looser
+error ~1e-5, at a fraction of the cost of one full float32 product (no TF32). For a looser
 ``tol`` (bf16 weights) one bf16 Gram product is used. On CPU ``"mixed"`` is emulated exactly
 (bf16-rounded operands, float32 products) for testing; ``"auto"`` picks ``"fp32"`` there.
 
 In place, every step (:class:`StiefelRetractor`, :func:`stiefel_retract_`; what
-ManifoldRetraction runs). Measured on an H100 (42M GPT, 24 hidden matrices, distance ~0.03 after
-a Muon step) the out-of-place path cost 5.5 ms of GPU time and 4.4 ms of CPU time per call: ~600
-kernel launches (stacking, dtype copies, adds) and several full-size float32 passes per bucket.
-The in-place retractor does the same mathematics with a fixed, launch-free structure: it builds
-H = bf16(X) and L = bf16(X - H) straight from the parameters (no float32 stack), forms the Gram
-matrix, E, E^2, E^4 (k x k) and the moments, and -- speculatively, before the one host sync --
-the first corrected iteration as ONE product per matrix accumulated into the parameter in place
-(``addmm`` with a float32 output where torch offers it; the operands are the same bf16 P and H
-the out-of-place path used, so the rounding floors above are unchanged). After the sync the bound
-decides per bucket: one iteration proven enough (the usual case, decided on the bucket's worst
-statistics, which is sound because the bound is monotone), more iterations (continued from the
-speculative iterate), or undo and the "check" fallback. On CUDA the part before the sync is a
-captured CUDA graph replayed every step. That version measured 1.73 ms per call (1.59 ms of GPU
-kernels) on the H100: GPU-bound, ~45 kernels per bucket, a third of them k x k elementwise.
-Since then the k x k work is ~12 kernels per bucket: the products accumulate straight into one
-float32 buffer W = (E/2, (E/2)^2, (E/2)^4) (``baddbmm`` with a float32 output and alpha/beta:
-G = -H H^T/4 - H L^T/2, E/2 = G + G^T + I/2, exactly symmetric, the one transposed read left),
-the three statistics come from one reduction over W (powers of 2 are exact), P is one kernel whose
-store is the bf16 cast; and on CUDA each bucket runs on its own stream (parallel branches of the
-graph), so memory-bound loads overlap other buckets' GEMMs. Measured on the H100 (2026-11-24):
-1.21-1.65 ms per call over four runs (1.34 ms in the dedicated check; eager 2.87 ms). What
-remains per call is the load (one foreach cast X -> H, one X - H per matrix), two Gram GEMMs, the
-k x k products and one update GEMM per matrix: ~240 GFLOP of bf16 and ~1 GB of traffic for the
-42M GPT's 24 hidden matrices. One bf16 Gram product instead of two would mis-measure the distance
-by ~1.6e-3 (per-entry error ~2^-9/sqrt(n), times sqrt(k)), above the 5e-4 / 1e-3 targets, and its
-error would enter the update as-is; so the float32-grade split stays.
+ManifoldRetraction runs). The same mathematics with a fixed, launch-free structure: H = bf16(X)
+and L = bf16(X - H) are built straight from the parameters (no float32 stack); the Gram matrix,
+E, E^2, E^4 (k x k) and the moments are formed into one float32 buffer W = (E/2, (E/2)^2,
+(E/2)^4) (``baddbmm`` with a float32 output: G = -H H^T/4 - H L^T/2, E/2 = G + G^T + I/2,
+exactly symmetric), the three statistics come from one reduction over W (powers of 2 are exact);
+and -- speculatively, before the one host sync -- the first corrected iteration is ONE product
+per matrix accumulated into the parameter in place (the same bf16 operands as the out-of-place
+path, so the rounding floors above are unchanged). After the sync the bound decides per bucket:
+one iteration proven enough (the usual case, decided on the bucket's worst statistics, sound
+because the bound is monotone), more iterations (continued from the speculative iterate), or
+undo and the "check" fallback. On CUDA the part before the sync is one captured CUDA graph with
+a branch per bucket, so memory-bound loads overlap other buckets' GEMMs. One bf16 Gram product
+instead of the split two would mis-measure the distance by ~1.6e-3 (per-entry error
+~2^-9/sqrt(n), times sqrt(k)), above the 5e-4 / 1e-3 targets, so the float32-grade split stays.
+Its cost: ``docs/benchmarks.md`` (bench_ops' retraction rows).
 
 Conventions. A tensor argument of shape (..., m, n) is a matrix or a stack of matrices (leading
 dims batched, as in ``torch.linalg``). A list/tuple argument holds *parameters*: each is flattened

@@ -91,9 +91,9 @@ def nonfinite_flag(grads: Sequence[Tensor]) -> Tensor:
     non-finite check (one kernel per device and dtype, multiplying by exactly 1.0). No host sync:
     ``bool()`` of it is the one sync of the step (``ModularOptimizer.step``).
 
-    Why not a read-only max-norm (:func:`finite_flags`, which would skip the write-back): on an
-    H100 host it cost 0.61 ms of CPU for the 80 tensors of a 42M GPT (per-tensor results to
-    stack) against 0.16 ms, and the AdamW step with it took 1.74 ms against 0.88 ms (2026-11-24).
+    Why not a read-only max-norm (:func:`finite_flags`, which would skip the write-back): its
+    per-tensor results must be stacked on the host, which measured several times slower
+    (``docs/benchmarks.md``, bench_ops).
     """
     by_key: dict[tuple, list[Tensor]] = defaultdict(list)
     for g in _as_real(grads):

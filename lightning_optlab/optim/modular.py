@@ -37,10 +37,8 @@ class ModularOptimizer(torch.optim.Optimizer):
         check_finite: refuse a step whose gradients hold NaN/Inf (``FloatingPointError`` naming
             the parameters, before any weight or state changes). It costs one fused check and one
             host sync per step; the rules' preparations (``UpdateRule.prepare``) run while the
-            check is in flight, so after the sync only kernel launches are left. Measured on an
-            H100 for a 42M model (2026-11-24): the ``adamw`` step 0.84-0.88 ms with it, 0.53 ms
-            without (``torch.optim.AdamW(fused=True)``: 0.53 ms); Muon 2.3-2.4 vs 2.15 ms.
-            ``False`` trades that guard for speed: a NaN gradient is then written into the
+            check is in flight, so after the sync only kernel launches are left (its cost:
+            ``docs/benchmarks.md``, bench_ops' ``check_finite`` rows). ``False`` trades that guard for speed: a NaN gradient is then written into the
             weights, as with torch's optimizers.
         **hyperparameters: defaults for groups of ``algorithm`` (e.g. ``lr``).
     """

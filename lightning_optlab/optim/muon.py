@@ -9,16 +9,15 @@ with different roundings. The differences are on purpose:
 
 * same-shaped matrices of a group are orthogonalized in one stacked call;
 * the ``a X`` term of each iteration is folded into the small ``k x k`` product, so the big
-  product is a plain matmul (no epilogue read of ``X``: 19% less Newton-Schulz time on an H100).
-  In bf16 that rounds ``a + B_ii`` once more: measured against the float64 iteration, 1.2% vs
-  torch's 1.0% relative error on 768 x 3072 Gaussian matrices on an H100, 2-3% vs 1% on small
-  matrices on CPU; torch.optim.Muon's own bf16 error is of the same order;
+  product is a plain matmul (no epilogue read of ``X``). In bf16 that rounds ``a + B_ii`` once
+  more; the error against the float64 iteration stays of the order of torch.optim.Muon's own
+  bf16 error (``tests/test_muon.py``);
 * each tensor is read as its matrix view (:mod:`.matrix`; from the policy's ``matrix_views``):
   conv kernels (ndim > 2) flattened to (out, in * kh * kw) -- torch refuses them --, HF
   ``Conv1D`` weights stored (in, out) transposed, packed projections optionally as their blocks;
   the shape scaling uses that view, so a layer gets the same update however it is stored;
 * the Newton-Schulz dtype follows the device (bf16 on CUDA, fp32 on CPU where bf16 matmuls are
-  emulated and ~50x slower) unless ``ns_dtype`` says otherwise;
+  emulated and far slower) unless ``ns_dtype`` says otherwise;
 * bf16/fp16 weights are updated in fp32 and cast back once.
 
 Parameters with fewer than 2 dimensions are refused: route biases, norms and scalars to

@@ -16,9 +16,8 @@ Both keep no state at all (``state_dict()['state']`` is empty). Math in fp32, re
 to the parameter dtype. ``cuda_graph`` (default False): with ``"auto"`` (or True) the group step
 on CUDA with fp32 weights is replayed as one CUDA graph (:mod:`.stateless_graph`), which keeps a
 float32 stack of the gradients and the graph's pool of intermediates between steps -- workspace,
-not state, but memory all the same: measured on an H100 (42M GPT hidden matrices, 2026-11-24)
-sinkgd 1.81 ms per step with the graph and +4.8 bytes per parameter kept, 2.86 ms without and
-nothing kept (fused AdamW: 0.49 ms); sinkhorn_tanh 3.84 vs 4.09 ms (+4.0 B/param). SinkGD is
+not state, but memory all the same (about 4-5 bytes per parameter; step times with and without
+it in ``docs/benchmarks.md``). SinkGD is
 chosen for its SGD-like memory, so the default keeps that; ask for the graph where speed matters
 more. A NaN/Inf gradient raises
 ``FloatingPointError`` before anything is changed (see :mod:`.functional`).

@@ -35,8 +35,7 @@ training work: an update below half a bf16 ulp (~0.4% of the weight) is lost eve
 round-to-nearest but accumulates in expectation under stochastic rounding. fp32 weights are
 unaffected.
 
-**Batched, without host syncs** (issue 8: the per-parameter loop measured 47x
-``torch.optim.AdamW(fused=True)`` on a GPU). The group runs in lanes of one device and one
+**Batched, without host syncs** (a per-parameter loop is launch-bound on a GPU). The group runs in lanes of one device and one
 compute dtype; in a lane, steps 1-2 run on stacks of same-shaped gradients
 (:func:`.functional.stack_by_shape`'s layout, bucketed also by how step 2 reduces the original
 shape), steps 3-6 as foreach kernels over all the lane's tensors, bf16/fp16 weights and moments
