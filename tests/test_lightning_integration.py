@@ -218,7 +218,8 @@ def test_a_malformed_cli_policy_fails_before_training(tmp_path):
 
 def test_plain_torch_layers_do_not_import_lightning():
     code = (
-        "import sys; import lightning_optlab, lightning_optlab.optim, lightning_optlab.policy; "
+        "import sys; import lightning_optlab, lightning_optlab.optim, lightning_optlab.policy, "
+        "lightning_optlab.manifolds, lightning_optlab.spectral, lightning_optlab.schedules; "
         "assert not any(m == 'lightning' or m.startswith(('lightning.', 'pytorch_lightning')) for m in sys.modules), "
         "sorted(m for m in sys.modules if m.startswith('lightning'))"
     )
