@@ -9,7 +9,6 @@ import torch
 
 from lightning_optlab.optim import AdamWSPAM, ModularOptimizer, SPARKLES
 from lightning_optlab.optim.functional import mix_seed, stochastic_round_to_bf16
-from lightning_optlab.optim.sparkles import _stochastic_round_to_bf16_
 
 SHAPES = [(9, 4), (4, 9), (6, 6), (7,), (5, 3, 2, 2)]
 
@@ -405,15 +404,22 @@ def test_sparkles_mixed_shapes_resume_equals_uninterrupted_run_with_kicks():
     assert sum(int(opt.state[p]["kicks"]) for p in params) >= 5
 
 
-def test_in_place_stochastic_rounding_is_the_reference_rounding():
+def test_stochastic_rounding_is_the_bit_formula_with_the_same_draw():
+    """Against numpy: add the 16 random low bits the generator draws, truncate; infinities and
+    NaNs (including a NaN whose payload sits in the low bits alone) stay what they are."""
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(5000, generator=gen) * torch.logspace(-30, 30, 5000)
     x[:6] = torch.tensor([float("inf"), -float("inf"), float("nan"), 3.4e38, -0.0, 1.0])
-    payload_nan = torch.tensor([0x7F800001], dtype=torch.int32).view(torch.float32)  # NaN, low payload only
+    payload_nan = torch.tensor([0x7F800001], dtype=torch.int32).view(torch.float32)
     x = torch.cat([x, payload_nan])
-    expected = stochastic_round_to_bf16(x, torch.Generator().manual_seed(9))
-    got = _stochastic_round_to_bf16_(x.clone(), torch.Generator().manual_seed(9))
-    assert got.dtype == torch.bfloat16
-    assert torch.equal(got.isnan(), expected.isnan()) and got[-1].isnan()
+    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, generator=torch.Generator().manual_seed(9))
+    bits = (x.numpy().view(np.uint32).astype(np.uint64) + noise.numpy().astype(np.uint64)) & 0xFFFF0000
+    expected = torch.from_numpy((bits & 0xFFFFFFFF).astype(np.uint32).view(np.float32)).to(torch.bfloat16)
+    expected[x.isnan()] = float("nan")
+    before = x.clone()
+    got = stochastic_round_to_bf16(x, torch.Generator().manual_seed(9))
+    assert got.dtype == torch.bfloat16 and got[-1].isnan() and got[0] == float("inf") and got[1] == -float("inf")
+    assert torch.equal(got.isnan(), expected.isnan())
     ok = ~expected.isnan()
     assert torch.equal(got[ok], expected[ok])
+    assert torch.equal(x.view(torch.int32), before.view(torch.int32))  # the input is left alone

@@ -651,10 +651,20 @@ def sinkhorn_tanh_update(
 # device (the graph's, so a scheduler's new lr needs no recapture). The stacks are consumed.
 
 
-def _decay_factor(lr: float | Tensor, weight_decay: float) -> float | Tensor | None:
+def decay_factor(lr: float | Tensor, weight_decay: float) -> float | Tensor | None:
+    """Decoupled weight decay's factor ``1 - lr * wd`` (None when ``wd`` is 0); ``lr`` may be a
+    device scalar (a CUDA graph's, so a scheduler's new lr needs no recapture)."""
     if weight_decay == 0:
         return None
     return 1 - lr * weight_decay
+
+
+def decoupled_weight_decay_(weights: Sequence[Tensor], lr: float | Tensor, weight_decay: float) -> None:
+    """``p <- p * (1 - lr * wd)`` for every weight, one foreach kernel (AdamW's decay, applied
+    before the update as torch.optim.AdamW and torch.optim.Muon do)."""
+    factor = decay_factor(lr, weight_decay)
+    if factor is not None and weights:
+        torch._foreach_mul_(list(weights), factor)
 
 
 def add_stacked_updates_(
@@ -722,7 +732,7 @@ def sinkgd_stacks_step_(
     for kind, idx, G in stacks:
         if kind != "matrix":
             updates.append((idx, sinkgd_stack_(G, kind, iterations, eps), neg_lr))
-    add_stacked_updates_(params, updates, _decay_factor(lr, weight_decay), views)
+    add_stacked_updates_(params, updates, decay_factor(lr, weight_decay), views)
 
 
 def sinkhorn_tanh_stacks_step_(
@@ -743,7 +753,7 @@ def sinkhorn_tanh_stacks_step_(
     for kind, idx, G in stacks:
         factor = sinkhorn_tanh_factor_(G, kind, tau, n_iter, eps)
         updates.append((idx, G, neg_lr if factor is None else factor.mul_(neg_lr)))
-    add_stacked_updates_(params, updates, _decay_factor(lr, weight_decay), views)
+    add_stacked_updates_(params, updates, decay_factor(lr, weight_decay), views)
 
 
 def spam_warmup_factor(steps_since_reset: int, warmup_steps: int, resets: int) -> float:
@@ -787,21 +797,25 @@ def seeded_generator(device: torch.device, seed: int) -> torch.Generator:
     return gen
 
 
-def stochastic_round_to_bf16(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """fp32 ``x`` rounded to bf16 up or down at random, with P(up) = the remainder's fraction.
+def stochastic_round_to_bf16_(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """A contiguous fp32 ``x`` (consumed) rounded to bf16 up or down at random, with P(up) = the
+    remainder's fraction: unbiased (E[result] = x), so many updates smaller than half a bf16 ulp
+    still move a bf16 weight on average, where round-to-nearest would drop every one of them.
 
-    Unbiased (E[result] = x), so many updates smaller than half a bf16 ulp still move a bf16
-    weight on average, where round-to-nearest would drop every one of them. Implemented on
-    the bits: add 16 random low bits to the fp32 pattern and truncate them.
+    On the bits, in place: add 16 random low bits to the fp32 pattern and truncate them. That
+    cannot change an infinity or a quiet NaN (their low 16 bits are zero, nothing carries); only a
+    NaN whose payload sits in the low 16 bits alone could turn into an infinity, so NaNs are put
+    back explicitly.
     """
-    x = x.float().contiguous()
-    noise = torch.randint(
-        0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator
-    )
-    bits = (x.view(torch.int32) + noise) & -65536
-    rounded = bits.view(torch.float32)
-    # Non-finite values are left to ordinary rounding (adding noise to their bits could turn inf to NaN).
-    return torch.where(torch.isfinite(x), rounded, x).to(torch.bfloat16)
+    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator)
+    nan = x.isnan()
+    x.view(torch.int32).add_(noise).bitwise_and_(-65536)
+    return x.masked_fill_(nan, float("nan")).to(torch.bfloat16)
+
+
+def stochastic_round_to_bf16(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """:func:`stochastic_round_to_bf16_` of a float32 copy of ``x`` (``x`` is left alone)."""
+    return stochastic_round_to_bf16_(x.to(torch.float32, memory_format=torch.contiguous_format, copy=True), generator)
 
 
 # ---------------------------------------------------------------------------------------------

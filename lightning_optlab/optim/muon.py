@@ -35,6 +35,7 @@ import torch
 from .cuda_graph import check_cuda_graph_setting
 from .functional import (
     ADJUST_LR_FNS,
+    decoupled_weight_decay_,
     muon_lr_scale,
     muon_update,
     ns_split_world,
@@ -143,9 +144,8 @@ def muon_step(group: dict, params: list, grads: list, states: list) -> None:
         split=group["ns_split"],
         views=views,
     )
-    lr, wd = group["lr"], group["weight_decay"]
-    if wd != 0:
-        torch._foreach_mul_(weights, 1 - lr * wd)
+    lr = group["lr"]
+    decoupled_weight_decay_(weights, lr, group["weight_decay"])
     by_shape: dict[tuple, list[int]] = {}
     for i, u in enumerate(updates):
         by_shape.setdefault(tuple(u.shape[-2:]), []).append(i)

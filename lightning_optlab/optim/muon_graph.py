@@ -33,7 +33,7 @@ import torch
 
 from . import cuda_graph
 from .cuda_graph import CapturedStep
-from .functional import muon_lr_scale, resolve_ns_dtype
+from .functional import decoupled_weight_decay_, muon_lr_scale, resolve_ns_dtype
 from .matrix import group_views
 from .newton_schulz import frobenius_normalize_, quintic_iterations
 
@@ -114,8 +114,7 @@ class MuonGraph:
         normalization overlap another's matmuls, and the small buckets' matmuls fill the SMs
         the big ones leave idle."""
         main = torch.cuda.current_stream()
-        if group["weight_decay"] != 0:
-            torch._foreach_mul_(self.params, 1 - self.lr * group["weight_decay"])
+        decoupled_weight_decay_(self.params, self.lr, group["weight_decay"])
         momentum, nesterov = group["momentum"], group["nesterov"]
         steps, coefficients, eps = group["ns_steps"], tuple(group["ns_coefficients"]), group["eps"]
         for (shape, slots), G, buf, X, stream in zip(self.buckets, self.grads, self.buffers, self.inputs, self.streams):

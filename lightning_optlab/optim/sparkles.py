@@ -30,7 +30,7 @@ permutation moves each coordinate's step to another coordinate, and because it a
 
 **Stochastic rounding** (``stochastic_rounding``, on by default): bf16 weights and moments
 are written back from the fp32 math rounded up or down at random in proportion to the
-remainder (:func:`.functional.stochastic_round_to_bf16`). This is what makes full-bf16
+remainder (:func:`.functional.stochastic_round_to_bf16_`). This is what makes full-bf16
 training work: an update below half a bf16 ulp (~0.4% of the weight) is lost every time under
 round-to-nearest but accumulates in expectation under stochastic rounding. fp32 weights are
 unaffected.
@@ -80,6 +80,7 @@ from .functional import (
     from_work,
     mix_seed,
     seeded_generator,
+    stochastic_round_to_bf16_,
     work_shape,
 )
 from .matrix import group_views
@@ -153,20 +154,6 @@ def _std_normalize_stack_(G: Tensor, alpha: float, mode: str, eps: float) -> Non
     dims = (-1,) if mode == "channel" else tuple(range(1, G.ndim))
     factor = G.std(dim=dims, keepdim=True).add_(eps).reciprocal_().mul_(alpha).add_(1 - alpha)
     G.mul_(factor)
-
-
-def _stochastic_round_to_bf16_(x: Tensor, generator: torch.Generator) -> Tensor:
-    """:func:`.functional.stochastic_round_to_bf16` of a contiguous fp32 buffer we own, with its
-    bit arithmetic in place (the same random draw, the same result, two passes fewer).
-
-    Adding 16 random low bits cannot change an infinity or a quiet NaN (their low 16 bits are
-    zero, so nothing carries); only a NaN whose payload sits in the low 16 bits alone could turn
-    into an infinity, so NaNs are put back explicitly.
-    """
-    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator)
-    nan = x.isnan()
-    x.view(torch.int32).add_(noise).bitwise_and_(-65536)
-    return x.masked_fill_(nan, float("nan")).to(torch.bfloat16)
 
 
 def _init_states(group: dict, params: list, states: list) -> None:
@@ -318,7 +305,7 @@ def _sparkles_lane(group: dict, params: list, grads: list, states: list, device,
             params[k // 3].dtype == torch.bfloat16 for k in ks
         ):
             gen = seeded_generator(device, mix_seed(group["seed"], states[0]["slot"], steps[0], _ROUNDING_STREAM))
-            flat = _stochastic_round_to_bf16_(flat, gen)
+            flat = stochastic_round_to_bf16_(flat, gen)
         sources = flat.split([targets[k].numel() for k in ks])
         torch._foreach_copy_([targets[k] for k in ks], [s.view(targets[k].shape) for s, k in zip(sources, ks)])
     torch._foreach_copy_([s["prev_grad"] for s in states], list(grads))
