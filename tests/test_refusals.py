@@ -8,13 +8,11 @@ import sys
 import textwrap
 from pathlib import Path
 
-import jsonargparse
 import pytest
 import torch
 from torch import nn
 
 from lightning_optlab import ModularOptimizer, Policy, build_optimizer, build_param_groups
-from lightning_optlab.cli import entry_point
 from lightning_optlab.policy.yaml_text import load_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 )
 def test_policy_yaml_reads_numbers_as_the_cli_config_does(text):
     """jsonargparse (which reads optlab configs) is the reference."""
+    jsonargparse = pytest.importorskip("jsonargparse")
     ours, theirs = load_yaml(text, "t"), jsonargparse.get_loader("yaml")(text)
     assert ours == theirs and type(next(iter(ours.values()))) is type(next(iter(theirs.values())))
 
@@ -203,6 +202,8 @@ data:
 
 
 def run_optlab(monkeypatch, capsys, tmp_path, *args, text=CONFIG):
+    from lightning_optlab.cli import entry_point
+
     config = tmp_path / "run.yaml"
     config.write_text(text)
     monkeypatch.chdir(tmp_path)
@@ -261,6 +262,8 @@ def test_optlab_debug_flag_shows_the_traceback(monkeypatch, capsys, tmp_path):
 
 
 def test_optlab_fit_help_names_the_policy(monkeypatch, capsys, tmp_path):
+    from lightning_optlab.cli import entry_point
+
     monkeypatch.setattr(sys, "argv", ["optlab", "fit", "--help"])
     with pytest.raises(SystemExit) as exit:
         entry_point()
@@ -286,3 +289,26 @@ def test_optlab_error_in_a_subprocess_is_at_most_ten_lines(tmp_path):
     lines = (out.stdout + out.stderr).strip().splitlines()
     assert len(lines) <= 10, lines
     assert any("policy rule #0 (hidden" in line and "lr must be a finite number" in line for line in lines)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_complex_parameters_on_cuda_step_as_torch_does_and_nan_is_refused():
+    ours = ComplexFilter().cuda()
+    theirs = ComplexFilter().cuda()
+    theirs.load_state_dict(ours.state_dict())
+    opt = build_optimizer(ours, [{"match": {}, "optimizer": "adamw", "lr": 1e-2}])
+    ref = torch.optim.AdamW(theirs.parameters(), lr=1e-2)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    for _ in range(3):
+        for a, b in zip(ours.parameters(), theirs.parameters()):
+            grad = torch.randn(a.shape, dtype=a.dtype, device="cuda", generator=g)
+            a.grad, b.grad = grad.clone(), grad.clone()
+        opt.step()
+        ref.step()
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    before = [p.detach().clone() for p in ours.parameters()]
+    ours.kernel.grad[0, 0] = complex(float("inf"), 0.0)
+    with pytest.raises(FloatingPointError, match="'kernel'"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, ours.parameters()))
