@@ -539,3 +539,67 @@ def test_bucket_statistics_and_update_match_float64(low, shape):
         # rounding of L, ~2^-18 each), against ~1e-3 for one bf16 product
         assert (b.W[0, j].double() - E / 2).abs().max().item() <= (1e-5 if low else 1e-6)
     assert all(torch.equal(X, W) for X, W in zip(Xs, Ws))  # apply=False leaves X alone
+
+
+def test_retraction_plan_without_lightning_puts_a_policy_model_on_its_manifolds():
+    """The planner the callback runs, used as a plain function: the policy's constraints found in
+    the param groups, bucketed by shape, retracted to the float64 polar factor / unit rows."""
+    from lightning_optlab.manifolds import find_targets, plan_retractions
+    from lightning_optlab.manifolds import stiefel as stiefel_module
+    from lightning_optlab.policy import build_optimizer
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.Tanh(), torch.nn.Linear(32, 32),
+                                torch.nn.Tanh(), torch.nn.Linear(32, 32), torch.nn.Tanh(), torch.nn.Linear(32, 5))
+    opt = build_optimizer(model, [
+        {"name": "input", "match": {"role": "embedding"}, "optimizer": "adamw", "constraint": "sphere"},
+        {"name": "hidden", "match": {"role": "hidden"}, "optimizer": "sgd", "constraint": "stiefel",
+         "constraint_options": {"tol": 1e-4, "steps": 10}},
+        {"name": "rest", "match": {}, "optimizer": "adamw"},
+    ])
+    targets = find_targets(model, [opt], None, {"steps": 5, "tol": "auto", "schedule": "predict", "precision": "auto"})
+    assert [(t.name, t.constraint) for t in targets] == [("0.weight", "sphere"), ("2.weight", "stiefel"), ("4.weight", "stiefel")]
+    plan = plan_retractions(targets)
+    assert [(job.constraint, len(job.targets)) for job in plan.jobs] == [("sphere", 1), ("stiefel", 2)]
+    hidden = [model[2].weight, model[4].weight]
+    for W in hidden:  # one optimizer-step-sized move off the manifold
+        W.data.copy_(polar64(W.detach()).float() + 0.02 * torch.randn_like(W))
+    expected = [polar64(W.detach()) for W in hidden]
+    metrics = plan.retract(measure=True)
+    assert metrics["manifold/stiefel_distance_before/hidden"] > 1e-2
+    for W, P in zip(hidden, expected):
+        assert dist64(W.detach()) <= 1e-4 and (W.detach().double() - P).abs().max() < 1e-4
+    rows = model[0].weight.detach().double().norm(dim=1)
+    assert torch.allclose(rows, torch.ones_like(rows), atol=1e-6)
+    after = plan.distances_after()
+    assert after["manifold/stiefel_distance_after/hidden"] <= 1e-4
+    assert any(id(hidden[0]) in b for k in stiefel_module._RETRACTORS for b in k[0])
+    plan.release()
+    assert not any(id(hidden[0]) in b for k in stiefel_module._RETRACTORS for b in k[0])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_in_place_retractor_graph_equals_eager_on_cuda():
+    """Warm-up, capture, replays: the captured retraction (bucket branches on their own streams)
+    gives the eager one's result every call, and really replays a graph."""
+    gen = torch.Generator().manual_seed(2)
+    shapes = [(96, 32), (96, 32), (64, 48), (48, 64)]
+    base = [torch.linalg.qr(torch.randn(m, n, generator=gen))[0] if m >= n else
+            torch.linalg.qr(torch.randn(n, m, generator=gen))[0].T.contiguous() for m, n in shapes]
+    graph_ps = [b.cuda() for b in base]
+    eager_ps = [b.cuda() for b in base]
+    by_shape = lambda ps: [ps[:2], ps[2:3], ps[3:]]
+    graph = StiefelRetractor(by_shape(graph_ps), steps=5, tol=1e-3, cuda_graph="auto")
+    eager = StiefelRetractor(by_shape(eager_ps), steps=5, tol=1e-3, cuda_graph=False)
+    for step in range(5):
+        noise = torch.Generator().manual_seed(10 + step)
+        for a, b in zip(graph_ps, eager_ps):
+            d = (0.03 * torch.randn(a.shape, generator=noise)).cuda()
+            a.add_(d)
+            b.add_(d)
+        rg, re_ = graph(), eager()
+        assert [r.steps for r in rg] == [r.steps for r in re_]
+        for a, b in zip(graph_ps, eager_ps):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+            assert stiefel_distance(a).item() <= 1e-3
+    assert graph.uses_graph and not eager.uses_graph

@@ -381,7 +381,7 @@ def test_spectral_monitor_method_arguments():
 def test_background_worker_uses_its_own_share_of_cpu_threads():
     """The worker's torch ops run with half the intra-op threads (or the given count); the
     training thread keeps its own count (torch.set_num_threads is per thread)."""
-    from lightning_optlab.callbacks._common import BackgroundWorker
+    from lightning_optlab.callbacks._worker import BackgroundWorker
 
     main_threads = torch.get_num_threads()
     for threads, expected in ((None, max(1, main_threads // 2)), (1, 1)):

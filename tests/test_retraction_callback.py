@@ -373,7 +373,7 @@ def test_errors_name_the_culprit():
         fit_with([ManifoldRetraction({"blocks.*": "stiefel"})])
     with pytest.raises(ValueError, match=r"unknown constraint 'stifel'.*did you mean 'stiefel'"):
         ManifoldRetraction({"blocks.*.weight": "stifel"})
-    with pytest.raises(ValueError, match=r"schedule must be one of predict, check, fixed, got 'predcit'.*did you mean 'predict'"):
+    with pytest.raises(ValueError, match=r"schedule must be one of fixed, check, predict, got 'predcit'.*did you mean 'predict'"):
         ManifoldRetraction(schedule="predcit")
     with pytest.raises(ValueError, match=r"precision must be one of auto, fp32, mixed, got 'bf16'"):
         ManifoldRetraction(precision="bf16")

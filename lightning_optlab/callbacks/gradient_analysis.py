@@ -9,21 +9,16 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from ..spectral.ns import ns_benefit
-from ._common import (
-    BackgroundAnalysis,
-    COMPONENTS,
-    Snapshot,
+from ._logging import log_dir, log_scalars, log_text, mean
+from ._tracking import (
     by_shape,
     check_components,
     check_every_n_steps,
+    COMPONENTS,
     gradient_matrices,
-    log_dir,
-    log_scalars,
-    log_text,
-    mean,
-    side_stream_context,
     tracked_parameters,
 )
+from ._worker import BackgroundAnalysis, side_stream_context, Snapshot
 
 FIGURES = ("effective_rank", "relative_effective_rank", "ns_effective_rank", "benefit_ratio", "information_loss")
 

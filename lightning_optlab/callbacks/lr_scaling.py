@@ -8,7 +8,8 @@ from typing import Any, Mapping, Sequence
 import torch
 from lightning.pytorch.callbacks.callback import Callback
 
-from ._common import check_every_n_steps, group_name, log_scalars
+from ._logging import log_scalars
+from ._tracking import check_every_n_steps, group_name
 
 DEPTH_SCALINGS = ("constant", "inv_sqrt", "linear")
 ADAPTATIONS = (None, "grad_norm", "trust_ratio")

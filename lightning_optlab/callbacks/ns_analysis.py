@@ -8,20 +8,17 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from ..spectral.ns import DEFAULT_NS_STEPS, ns_transformation
-from ._common import (
-    BackgroundAnalysis,
-    VALID_SOURCES,
-    Snapshot,
+from ._logging import log_scalars, mean
+from ._tracking import (
     by_shape,
     check_components,
     check_every_n_steps,
     gradient_matrices,
-    log_scalars,
-    mean,
     sanitize_tag,
-    side_stream_context,
     tracked_parameters,
+    VALID_SOURCES,
 )
+from ._worker import BackgroundAnalysis, side_stream_context, Snapshot
 
 FIGURES = ("cosine", "angle_deg", "information_loss", "orthogonality_error")
 

@@ -11,21 +11,17 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from ..spectral.metrics import gram_of_small_side, singular_values_from_gram, singular_values_stacked, spectrum_metrics
-from ._common import (
-    BackgroundAnalysis,
-    Snapshot,
-    check_every_n_steps,
-    first_optimizer,
+from ._logging import (
     geometric_mean,
     histogram_stats,
     log_image,
     log_merged,
     log_scalars,
     mean,
-    sanitize_tag,
     tensorboard_summary,
-    tracked_parameters,
 )
+from ._tracking import check_every_n_steps, first_optimizer, sanitize_tag, tracked_parameters
+from ._worker import BackgroundAnalysis, Snapshot
 
 KINDS = ("weights", "gradients")
 METHODS = ("auto", "gram_host", "svd", "gram")

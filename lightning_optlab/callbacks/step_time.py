@@ -11,7 +11,8 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from lightning.pytorch.callbacks.callback import Callback
 
-from ._common import check_every_n_steps, log_scalars
+from ._logging import log_scalars
+from ._tracking import check_every_n_steps
 
 # Callback hooks that run inside a training step; the ones a monitor overrides get timed.
 _STEP_HOOKS = (

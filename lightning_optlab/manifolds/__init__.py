@@ -6,7 +6,9 @@
 * :class:`StiefelRetractor` / :func:`stiefel_retract_`: the same retraction in place, for
   parameters retracted every step (buffers and, on CUDA, a graph built once).
 
-``lightning_optlab.callbacks.ManifoldRetraction`` applies them after every optimizer step.
+* :func:`find_targets` / :func:`plan_retractions` / :class:`RetractionPlan`: which parameters
+  carry which constraint, bucketed, and their retraction (what
+  ``lightning_optlab.callbacks.ManifoldRetraction`` runs after every optimizer step).
 """
 
 from .sphere import compute_dtype, sphere_distance, sphere_retract
@@ -22,14 +24,27 @@ from .stiefel import (
     polar_newton_schulz,
     polar_newton_schulz_buckets,
     predicted_distances,
+    release_retractors,
+    retractor_for,
     stiefel_distance,
     stiefel_retract,
     stiefel_retract_,
     stiefel_retract_exact,
 )
 
+from .plan import (  # noqa: E402  (after stiefel: the plan builds on it)
+    CONSTRAINTS,
+    RetractionPlan,
+    find_targets,
+    plan_retractions,
+)
+
 __all__ = [
     "BucketResult",
+    "CONSTRAINTS",
+    "RetractionPlan",
+    "find_targets",
+    "plan_retractions",
     "PolarNS",
     "StiefelRetractor",
     "as_matrix",
@@ -41,6 +56,8 @@ __all__ = [
     "polar_newton_schulz",
     "polar_newton_schulz_buckets",
     "predicted_distances",
+    "release_retractors",
+    "retractor_for",
     "sphere_distance",
     "sphere_retract",
     "stiefel_distance",

@@ -100,12 +100,13 @@ cast back to the input dtype.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, NamedTuple, Sequence
 
 import torch
 
-from ..optim.cuda_graph import check_cuda_graph_setting
+from ..optim.cuda_graph import CapturedStep, bucket_streams, check_cuda_graph_setting, run_branches
 from ..optim.functional import full_fp32_matmul
 from .sphere import compute_dtype
 
@@ -662,14 +663,11 @@ class StiefelRetractor:
         stats_dtype = torch.float64 if any(b.dtype == torch.float64 for b in self.buckets) else torch.float32
         self.stats = torch.zeros((sum(sizes), 3), dtype=stats_dtype, device=self.device)
         self._key = self._current_key()
-        # one CUDA stream per bucket (aligned with self.buckets); the largest bucket is enqueued first
-        self.streams = ([torch.cuda.Stream(self.device) for _ in self.buckets]
-                        if self.device.type == "cuda" and len(self.buckets) > 1 else None)
+        # the largest bucket is enqueued first, each on its own CUDA stream
         self._order = sorted(range(len(self.buckets)),
                              key=lambda i: -len(self.buckets[i].params) * math.prod(self.buckets[i].shape))
-        self._graph: torch.cuda.CUDAGraph | None = None
-        self._warmed_up = False
-        self._graph_failed: str | None = None  # why the graph was given up (for diagnostics)
+        self.streams = bucket_streams(self.device, len(self.buckets))
+        self.captured = CapturedStep(self.device, strict=cuda_graph is True)
 
     # ---------------------------------------------------------------- graph bookkeeping
     def _current_key(self) -> tuple:
@@ -681,8 +679,8 @@ class StiefelRetractor:
         why = None
         if any(b.staged for b in self.buckets):
             why = "a parameter's matrix is not a view of it (non-contiguous storage)"
-        elif self._graph_failed:
-            why = f"capture failed earlier ({self._graph_failed})"
+        elif self.captured.failed:
+            why = f"capture failed earlier ({self.captured.failed})"
         elif torch.cuda.is_current_stream_capturing():
             why = "called inside another CUDA graph capture"
         if why and self.cuda_graph is True:
@@ -692,52 +690,20 @@ class StiefelRetractor:
     @property
     def uses_graph(self) -> bool:
         """Whether the last call replayed a captured graph."""
-        return self._graph is not None
+        return self.captured.graph is not None
 
     def _measure_all(self) -> None:
-        if self.streams is None:
-            for b, rows in zip(self.buckets, self.rows):
-                b.measure(self.stats[rows], apply=self.speculate)
-            return
-        # each bucket on its own stream (forked from and joined into the current one; inside a
-        # capture these become parallel branches of the graph): one bucket's memory-bound load
-        # overlaps another's GEMMs, and the small buckets' kernels fill SMs the big ones leave idle
-        main = torch.cuda.current_stream(self.device)
-        for i in self._order:
-            stream = self.streams[i]
-            stream.wait_stream(main)
-            with torch.cuda.stream(stream):
-                self.buckets[i].measure(self.stats[self.rows[i]], apply=self.speculate)
-        for stream in self.streams:
-            main.wait_stream(stream)
+        run_branches(
+            None if self.streams is None else [self.streams[i] for i in self._order],
+            [functools.partial(self.buckets[i].measure, self.stats[self.rows[i]], apply=self.speculate)
+             for i in self._order],
+        )
 
     def _run_first(self) -> None:
-        if not self._graph_eligible():
+        if self._graph_eligible():
+            self.captured.run(self._measure_all)
+        else:
             self._measure_all()
-            return
-        if self._graph is not None:
-            self._graph.replay()
-            return
-        if not self._warmed_up:  # lazy initialisation (cuBLAS handles, workspaces) outside capture
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                self._measure_all()
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            self._warmed_up = True
-            return
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph):
-                self._measure_all()
-        except Exception as exc:  # capture refused: eager from now on (the body did not run)
-            self._graph_failed = f"{type(exc).__name__}: {exc}"
-            if self.cuda_graph is True:
-                raise
-            self._measure_all()
-            return
-        self._graph = graph
-        graph.replay()
 
     # ---------------------------------------------------------------- the call
     @torch.no_grad()
@@ -797,8 +763,40 @@ def group_by_shape(params: Sequence[torch.Tensor]) -> list[list[int]]:
     return list(groups.values())
 
 
+# The one cache of in-place retractors (their buffers and CUDA graphs), shared by
+# stiefel_retract_ and ManifoldRetraction's plans; keyed by the parameters and the options.
 _RETRACTORS: dict[tuple, StiefelRetractor] = {}
-_MAX_CACHED = 4
+_MAX_CACHED = 8
+
+
+def retractor_for(
+    buckets: Sequence[Sequence[torch.Tensor]],
+    steps: int = 5,
+    tol: float = 1e-3,
+    precision: str = "auto",
+    cuda_graph: bool | str = "auto",
+) -> StiefelRetractor:
+    """The cached :class:`StiefelRetractor` over ``buckets`` (lists of same-shaped parameters on
+    one device) with these options, built on first use; at most 8 sets are kept (oldest dropped;
+    :func:`release_retractors` frees those of given parameters)."""
+    key = (tuple(tuple(id(p) for p in b) for b in buckets), steps, tol, precision, cuda_graph)
+    retractor = _RETRACTORS.get(key)
+    if retractor is None:
+        while len(_RETRACTORS) >= _MAX_CACHED:
+            _RETRACTORS.pop(next(iter(_RETRACTORS)))
+        retractor = _RETRACTORS[key] = StiefelRetractor(buckets, steps, tol, precision, cuda_graph)
+    return retractor
+
+
+def release_retractors(params: Sequence[torch.Tensor] | None = None) -> None:
+    """Drop the cached retractors (buffers, CUDA graphs) that hold any of ``params``; all of
+    them when ``params`` is None."""
+    if params is None:
+        _RETRACTORS.clear()
+        return
+    ids = {id(p) for p in params}
+    for key in [k for k in _RETRACTORS if any(i in ids for b in k[0] for i in b)]:
+        del _RETRACTORS[key]
 
 
 def stiefel_retract_(
@@ -810,34 +808,27 @@ def stiefel_retract_(
     cuda_graph: bool | str = "auto",
 ) -> list[BucketResult]:
     """Retract ``params`` onto the Stiefel manifold IN PLACE with the ``"predict"`` schedule
-    (see :class:`StiefelRetractor`, which this builds once per set of parameters and caches,
-    at most 4 sets; :func:`clear_stiefel_cache` frees them). Returns one :class:`BucketResult`
-    per bucket of :func:`group_by_shape` (per device, one sync each)."""
+    (see :class:`StiefelRetractor`, built once per set of parameters and cached by
+    :func:`retractor_for`). Returns one :class:`BucketResult` per bucket of
+    :func:`group_by_shape` (per device, one sync each)."""
     params = list(params)
     for i, W in enumerate(params):
         _check_tensor(W)
         if not W.is_floating_point():
             raise TypeError(f"stiefel_retract_: parameter #{i} has dtype {W.dtype}, not floating point")
-    groups = group_by_shape(params)
     by_device: dict[torch.device, list[list[int]]] = {}
-    for idx in groups:
+    for idx in group_by_shape(params):
         by_device.setdefault(params[idx[0]].device, []).append(idx)
     results: list[BucketResult] = []
     for idxs in by_device.values():
         buckets = [[params[i] for i in idx] for idx in idxs]
-        key = (tuple(id(p) for b in buckets for p in b), steps, tol, precision, cuda_graph)
-        retractor = _RETRACTORS.get(key)
-        if retractor is None:
-            while len(_RETRACTORS) >= _MAX_CACHED:
-                _RETRACTORS.pop(next(iter(_RETRACTORS)))
-            retractor = _RETRACTORS[key] = StiefelRetractor(buckets, steps, tol, precision, cuda_graph)
-        results.extend(retractor())
+        results.extend(retractor_for(buckets, steps, tol, precision, cuda_graph)())
     return results
 
 
 def clear_stiefel_cache() -> None:
-    """Drop the retractors (and their CUDA graphs and buffers) cached by :func:`stiefel_retract_`."""
-    _RETRACTORS.clear()
+    """Drop every cached retractor (and its CUDA graphs and buffers)."""
+    release_retractors()
 
 
 def polar_newton_schulz_buckets(

@@ -11,6 +11,9 @@ from typing import Any, Callable, Sequence
 import torch
 
 CUDA_GRAPH_SETTINGS = ("auto", True, False)
+# Where the fast paths run. Off CUDA their CapturedStep runs eagerly, so a test that adds "cpu"
+# here runs the fast paths' buffers and bodies on CPU against the plain step.
+FAST_PATH_DEVICES = ("cuda",)
 
 
 def check_cuda_graph_setting(value: Any, where: str = "") -> None:
@@ -29,12 +32,11 @@ def graph_eligible(rule: str, group: dict, params: Sequence[torch.Tensor], also_
     if setting is False:
         return False
     eligible = (
-        torch.cuda.is_available()
-        and len(params) > 0
+        len(params) > 0
         and len(params) == len(group["params"])
-        and all(p.is_cuda and p.dtype == torch.float32 and p.is_contiguous() for p in params)
+        and all(p.device.type in FAST_PATH_DEVICES and p.dtype == torch.float32 and p.is_contiguous() for p in params)
         and len({p.device for p in params}) == 1
-        and not torch.cuda.is_current_stream_capturing()
+        and not (params[0].is_cuda and torch.cuda.is_current_stream_capturing())
     )
     if setting is True and not eligible:
         raise RuntimeError(
@@ -58,27 +60,77 @@ def cached_graph(group: dict, slot: str, params: Sequence[torch.Tensor], build: 
 
 
 class CapturedStep:
-    """``run(body)``: eager on the first call, captured and replayed on the second, replayed
-    after that. ``body`` must read and write only tensors that stay at the same addresses."""
+    """The one capture mechanism: ``run(body)`` runs ``body`` eagerly on the first call (on a
+    side stream: the warm-up CUDA graphs need, so cuBLAS handles, workspaces and the caching
+    allocator settle outside the capture), captures it on the second and replays it after that.
+    ``body`` must read and write only tensors that stay at the same addresses.
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
+    Off CUDA, or once a capture has failed (``failed`` says why; with ``strict`` the error is
+    raised instead), ``body`` runs eagerly every call: the same specification on the same
+    buffers, which is how CPU tests exercise the fast paths' layouts.
+    """
+
+    def __init__(self, device: torch.device, strict: bool = False) -> None:
+        self.device = torch.device(device)
+        self.strict = strict
         self.graph: torch.cuda.CUDAGraph | None = None
         self.warmed_up = False
+        self.failed: str | None = None
+
+    @property
+    def capturable(self) -> bool:
+        return self.device.type == "cuda" and self.failed is None
 
     def run(self, body: Callable[[], None]) -> None:
         if self.graph is not None:
             self.graph.replay()
             return
-        if not self.warmed_up:
+        if not self.capturable:
             body()
+            return
+        main = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(main)
+        if not self.warmed_up:
+            with torch.cuda.stream(side):
+                body()
+            main.wait_stream(side)
             self.warmed_up = True
             return
         graph = torch.cuda.CUDAGraph()
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.graph(graph, stream=side):
+        try:
+            with torch.cuda.graph(graph, stream=side):
+                body()
+        except Exception as exc:  # capture refused: eager from now on (the body did not run)
+            self.failed = f"{type(exc).__name__}: {exc}"
+            if self.strict:
+                raise
+            main.wait_stream(side)
             body()
-        torch.cuda.current_stream().wait_stream(side)
+            return
+        main.wait_stream(side)
         self.graph = graph
         graph.replay()  # capturing does not run the step
+
+
+def bucket_streams(device: torch.device, n: int) -> list[torch.cuda.Stream] | None:
+    """One CUDA stream per bucket of a fast path (None off CUDA or for a single bucket)."""
+    device = torch.device(device)
+    return [torch.cuda.Stream(device) for _ in range(n)] if device.type == "cuda" and n > 1 else None
+
+
+def run_branches(streams: list[torch.cuda.Stream] | None, bodies: Sequence[Callable[[], None]]) -> None:
+    """Run ``bodies`` each on its own stream, forked from and joined into the current one (inside
+    a capture: parallel branches of the graph), so one bucket's memory-bound work overlaps
+    another's matmuls; in order on the current stream when ``streams`` is None."""
+    if streams is None:
+        for body in bodies:
+            body()
+        return
+    main = torch.cuda.current_stream()
+    for stream, body in zip(streams, bodies):
+        stream.wait_stream(main)
+        with torch.cuda.stream(stream):
+            body()
+    for stream in streams:
+        main.wait_stream(stream)

@@ -27,12 +27,13 @@ warm-up); capture happens on the second.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 
 from . import cuda_graph
-from .cuda_graph import CapturedStep
+from .cuda_graph import CapturedStep, bucket_streams, run_branches
 from .functional import decoupled_weight_decay_, muon_lr_scale, resolve_ns_dtype
 from .matrix import group_views
 from .newton_schulz import frobenius_normalize_, quintic_iterations
@@ -76,7 +77,7 @@ class MuonGraph:
             for i, start in slots:
                 self.grad_views[i] = self._param_view(g, i, start)
                 self.buffer_views[i] = self._param_view(b, i, start)
-        self.streams = [torch.cuda.Stream(device) for _ in self.buckets]
+        self.streams = bucket_streams(device, len(self.buckets))
         self.lr = torch.zeros((), device=device)
         self.captured = CapturedStep(device)
 
@@ -113,24 +114,25 @@ class MuonGraph:
         Each shape bucket runs on its own stream, so one bucket's memory-bound momentum and
         normalization overlap another's matmuls, and the small buckets' matmuls fill the SMs
         the big ones leave idle."""
-        main = torch.cuda.current_stream()
         decoupled_weight_decay_(self.params, self.lr, group["weight_decay"])
         momentum, nesterov = group["momentum"], group["nesterov"]
         steps, coefficients, eps = group["ns_steps"], tuple(group["ns_coefficients"]), group["eps"]
-        for (shape, slots), G, buf, X, stream in zip(self.buckets, self.grads, self.buffers, self.inputs, self.streams):
-            stream.wait_stream(main)
-            with torch.cuda.stream(stream):
-                buf.lerp_(G, 1 - momentum)
-                if nesterov:
-                    torch.lerp(G, buf, momentum, out=X)  # fp32 look-ahead, rounded once on the store
-                else:
-                    X.copy_(buf)
-                ortho = quintic_iterations(frobenius_normalize_(X, eps), steps, coefficients)
-                step = self.lr * -muon_lr_scale(*shape, group["adjust_lr_fn"])
-                for i, start in slots:
-                    self.params[i].addcmul_(self._param_view(ortho, i, start), step)
-        for stream in self.streams:
-            main.wait_stream(stream)
+
+        def bucket(shape, slots, G, buf, X) -> None:
+            buf.lerp_(G, 1 - momentum)
+            if nesterov:
+                torch.lerp(G, buf, momentum, out=X)  # fp32 look-ahead, rounded once on the store
+            else:
+                X.copy_(buf)
+            ortho = quintic_iterations(frobenius_normalize_(X, eps), steps, coefficients)
+            step = self.lr * -muon_lr_scale(*shape, group["adjust_lr_fn"])
+            for i, start in slots:
+                self.params[i].addcmul_(self._param_view(ortho, i, start), step)
+
+        run_branches(self.streams, [
+            functools.partial(bucket, shape, slots, G, buf, X)
+            for (shape, slots), G, buf, X in zip(self.buckets, self.grads, self.buffers, self.inputs)
+        ])
 
     def load(self, grads: list[torch.Tensor], states: list[dict]) -> None:
         """Copy the gradients into the static stacks (changes no weight and no state value)."""

@@ -29,14 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from ..manifolds.plan import CONSTRAINT_MIN_NDIM, CONSTRAINTS
 from ..optim.registry import get_rule, resolve_hyperparameters
 from .roles import ROLES, ParamInfo
 from .yaml_text import load_yaml, read_yaml_file
 
 MATCH_KEYS = ("role", "name", "regex", "module", "ndim")
-CONSTRAINTS = ("sphere", "stiefel")
-# The smallest parameter rank each constraint applies to (conv kernels are flattened to 2-D).
-CONSTRAINT_MIN_NDIM = {"sphere": 1, "stiefel": 2}
 _RULE_FIELDS = (
     "match",
     "optimizer",
