@@ -113,16 +113,16 @@ def test_batched_orthogonalization_equals_per_matrix():
 
 
 def test_same_shaped_matrices_go_through_one_stacked_call(monkeypatch):
-    import lightning_optlab.optim.functional as F
+    import lightning_optlab.optim.muon as muon_module
 
     calls = []
-    real = F.newton_schulz
+    real = muon_module.newton_schulz_
 
-    def spy(G, **kw):
-        calls.append(tuple(G.shape))
-        return real(G, **kw)
+    def spy(X, **kw):
+        calls.append(tuple(X.shape))
+        return real(X, **kw)
 
-    monkeypatch.setattr(F, "newton_schulz", spy)
+    monkeypatch.setattr(muon_module, "newton_schulz_", spy)
     params = make_params([(8, 4), (8, 4), (8, 4), (4, 8), (3, 2, 2, 2)])
     opt = Muon(params)
     for p, g in zip(params, grads_for(0, [tuple(p.shape) for p in params])):

@@ -297,51 +297,24 @@ def resolve_ns_dtype(name: str | torch.dtype | None, device: torch.device) -> to
 # Rule updates (directions; the group steps in muon.py, sinkgd.py, spam.py, sparkles.py apply them)
 
 
-def muon_momentum(
-    grads32: Sequence[Tensor], momentum_buffers: Sequence[Tensor], momentum: float, nesterov: bool,
-    update_buffers: bool = True,
-) -> list[Tensor]:
-    """Muon's momentum directions: ``buf <- lerp(buf, g, 1 - momentum)`` (two foreach kernels
-    over the group), then the nesterov look-ahead ``lerp(g, buf, momentum)`` or ``buf``.
-    ``update_buffers=False`` blends into new tensors and leaves the buffers (the optimizer
-    state) as they are -- the same kernel, so the same bits."""
-    if update_buffers:
-        torch._foreach_lerp_(list(momentum_buffers), list(grads32), 1 - momentum)
-        blended = list(momentum_buffers)
-    else:
-        blended = torch._foreach_lerp(list(momentum_buffers), list(grads32), 1 - momentum)
-    return torch._foreach_lerp(list(grads32), blended, momentum) if nesterov else blended
+def muon_lookahead_(G: Tensor, buf: Tensor, momentum: float, nesterov: bool, out: Tensor) -> Tensor:
+    """Muon's momentum on one stack of matrices: ``buf <- lerp(buf, G, 1 - momentum)`` in place,
+    then ``out <- lerp(G, buf, momentum)`` (nesterov) or ``buf``, stored in ``out``'s dtype (the
+    Newton-Schulz input, rounded once). The eager step and the CUDA graph both run this."""
+    buf.lerp_(G, 1 - momentum)
+    if nesterov:
+        return torch.lerp(G, buf, momentum, out=out)
+    return out.copy_(buf)
 
 
-def muon_update(
-    grads: Sequence[Tensor],
-    momentum_buffers: Sequence[Tensor],
-    *,
-    momentum: float,
-    nesterov: bool,
-    ns_steps: int,
-    ns_coefficients: Sequence[float] = NS_COEFFICIENTS,
-    eps: float = 1e-7,
-    ns_dtype: torch.dtype | None = None,
-    out_dtype: torch.dtype | None = None,
-    split: bool | str | None = None,
-    views: Sequence[MatrixView] | None = None,
-) -> list[Tensor]:
-    """Muon's orthogonalized directions, shaped as the matrices ``view.to_matrix(grad)``.
-
-    ``momentum_buffers`` (compute dtype, as returned by :func:`upcast`) are updated in place by
-    ``buf <- momentum * buf + (1 - momentum) * g``; the direction is the nesterov look-ahead
-    ``(1 - momentum) * g + momentum * buf`` (or ``buf``), read as its matrix (``views``, default
-    (out, fan_in)) and orthogonalized by the quintic Newton-Schulz iteration, same-shaped
-    matrices batched. Momentum runs as two foreach kernels over the whole group. The shape
-    scaling (:func:`muon_lr_scale`) is applied by the caller, on the learning rate.
-    """
-    directions = muon_momentum([upcast(g) for g in grads], momentum_buffers, momentum, nesterov)
-    views = views or [DEFAULT_VIEW] * len(directions)
-    return orthogonalize(
-        [v.to_matrix(d) for v, d in zip(views, directions)], steps=ns_steps, coefficients=ns_coefficients,
-        eps=eps, dtype=ns_dtype, out_dtype=out_dtype, split=split,
-    )
+def matrix_buckets(shapes: Sequence[Sequence[int]], views: Sequence[MatrixView]) -> list[tuple[tuple[int, int], list[tuple[int, int]]]]:
+    """Parameters grouped by the shape of their matrices: ``[((m, n), [(index, first slot)])]``,
+    a split projection taking ``blocks`` consecutive slots of its bucket's stack."""
+    buckets: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for i, (shape, view) in enumerate(zip(shapes, views)):
+        slots = buckets.setdefault(view.shape(shape), [])
+        slots.append((i, sum(views[k].blocks for k, _ in slots)))
+    return list(buckets.items())
 
 
 # Stacks: same-shaped tensors of a group in one (B, ...) tensor, so a rule runs a handful of

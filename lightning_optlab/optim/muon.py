@@ -35,9 +35,11 @@ import torch
 from .cuda_graph import check_cuda_graph_setting
 from .functional import (
     ADJUST_LR_FNS,
+    _newton_schulz_split,
     decoupled_weight_decay_,
+    matrix_buckets,
+    muon_lookahead_,
     muon_lr_scale,
-    muon_update,
     ns_split_world,
     resolve_ns_dtype,
     store_,
@@ -45,7 +47,7 @@ from .functional import (
 )
 from .matrix import group_views
 from .muon_graph import graph_eligible, graph_for
-from .newton_schulz import NS_COEFFICIENTS
+from .newton_schulz import NS_COEFFICIENTS, newton_schulz_
 from .registry import UpdateRule, check_common, register_rule
 from .rule_optimizer import RuleOptimizer
 
@@ -107,12 +109,11 @@ def _refuse_sharded(params: list, group: dict) -> None:
 
 
 def muon_step(group: dict, params: list, grads: list, states: list) -> None:
-    """One Muon step over a param group (shared by ModularOptimizer and :class:`Muon`).
-
-    Hot path: momentum is two foreach kernels, Newton-Schulz one stacked call per shape (split
-    across ranks under DDP), weight decay one foreach kernel and the update one foreach kernel
-    per shape -- no per-parameter kernels for fp32 weights.
-    """
+    """One Muon step over a param group (shared by ModularOptimizer and :class:`Muon`):
+    decoupled weight decay, then per matrix shape the momentum look-ahead on the stacked
+    gradients and buffers, Newton-Schulz on the stack, and the shape-scaled update (one foreach
+    kernel per shape). Where it is exact, the same specification replays as a CUDA graph on
+    static stacks (:mod:`.muon_graph`)."""
     _refuse_sharded(params, group)
     for p, state in zip(params, states):
         if p.ndim < 2:
@@ -125,35 +126,34 @@ def muon_step(group: dict, params: list, grads: list, states: list) -> None:
     if graph_eligible(group, params, ns_split_world(group["ns_split"])):
         graph_for(group, params).step(grads, states, group)
         return
+    # The same specification as the CUDA graph (.muon_graph), on stacks built for this step:
+    # per matrix shape, the look-ahead (muon_lookahead_) into the Newton-Schulz dtype, the
+    # iteration (newton_schulz_, split across ranks under DDP), the shape-scaled update.
     buffers = [state["momentum_buffer"] for state in states]
-    work = [upcast(b) for b in buffers]  # the buffers themselves for fp32 (updated in place)
-    # None lets orthogonalize pick per device (bf16 on CUDA, fp32 on CPU).
-    dtype = None if group["ns_dtype"] in (None, "auto") else resolve_ns_dtype(group["ns_dtype"], params[0].device)
+    work = [upcast(b) for b in buffers]  # the buffers themselves for fp32
     weights = [upcast(p) for p in params]
     views = group_views(group, params)
-    updates = muon_update(
-        grads,
-        work,
-        momentum=group["momentum"],
-        nesterov=group["nesterov"],
-        ns_steps=group["ns_steps"],
-        ns_coefficients=group["ns_coefficients"],
-        eps=group["eps"],
-        ns_dtype=dtype,
-        out_dtype=weights[0].dtype,
-        split=group["ns_split"],
-        views=views,
-    )
+    device = params[0].device
+    dtype = resolve_ns_dtype(group["ns_dtype"], device)
+    world = ns_split_world(group["ns_split"])
     lr = group["lr"]
     decoupled_weight_decay_(weights, lr, group["weight_decay"])
-    by_shape: dict[tuple, list[int]] = {}
-    for i, u in enumerate(updates):
-        by_shape.setdefault(tuple(u.shape[-2:]), []).append(i)
-    for (rows, cols), idx in by_shape.items():
+    for shape, slots in matrix_buckets([p.shape for p in params], views):
+        def stacked(tensors):
+            return torch.cat([views[i].to_matrix(upcast(tensors[i])).reshape(-1, *shape) for i, _ in slots])
+
+        G, buf = stacked(grads), stacked(work)
+        X = muon_lookahead_(G, buf, group["momentum"], group["nesterov"], out=torch.empty(G.shape, dtype=dtype, device=device))
+        for i, start in slots:  # the blended momentum back into each parameter's buffer
+            work[i].copy_(views[i].from_matrix(buf[start : start + views[i].blocks], params[i].shape))
+        ns = dict(steps=group["ns_steps"], coefficients=tuple(group["ns_coefficients"]), eps=group["eps"])
+        ortho = _newton_schulz_split(X, world, dtype=dtype, **ns) if world else newton_schulz_(X, **ns)
+        ortho = ortho.to(weights[0].dtype)
+        scale = -lr * muon_lr_scale(*shape, group["adjust_lr_fn"])
         torch._foreach_add_(
-            [weights[i] for i in idx],
-            [views[i].from_matrix(updates[i], params[i].shape) for i in idx],
-            alpha=-lr * muon_lr_scale(rows, cols, group["adjust_lr_fn"]),
+            [weights[i] for i, _ in slots],
+            [views[i].from_matrix(ortho[start : start + views[i].blocks], params[i].shape) for i, start in slots],
+            alpha=scale,
         )
     for target, value in zip(params + buffers, weights + work):
         store_(target, value)  # casts back bf16/fp16 weights and buffers; no-op for fp32

@@ -34,9 +34,15 @@ import torch
 
 from . import cuda_graph
 from .cuda_graph import CapturedStep, bucket_streams, run_branches
-from .functional import decoupled_weight_decay_, muon_lr_scale, resolve_ns_dtype
+from .functional import (
+    decoupled_weight_decay_,
+    matrix_buckets,
+    muon_lookahead_,
+    muon_lr_scale,
+    resolve_ns_dtype,
+)
 from .matrix import group_views
-from .newton_schulz import frobenius_normalize_, quintic_iterations
+from .newton_schulz import newton_schulz_
 
 _KEYS = ("momentum", "nesterov", "weight_decay", "ns_steps", "ns_coefficients", "eps", "adjust_lr_fn", "ns_dtype")
 
@@ -60,11 +66,7 @@ class MuonGraph:
         # Each parameter's matrix view (blocks of a split projection take consecutive slots);
         # the per-parameter views of the stacks are plain strided views in the stored layout.
         self.views = group_views(group, params)
-        buckets: dict[tuple[int, int], list[tuple[int, int]]] = {}
-        for i, (p, v) in enumerate(zip(params, self.views)):
-            slots = buckets.setdefault(v.shape(p.shape), [])
-            slots.append((i, sum(self.views[k].blocks for k, _ in slots)))
-        self.buckets = list(buckets.items())
+        self.buckets = matrix_buckets([p.shape for p in params], self.views)
         self.grads = [
             torch.zeros((sum(self.views[i].blocks for i, _ in slots), *shape), device=device)
             for shape, slots in self.buckets
@@ -119,12 +121,7 @@ class MuonGraph:
         steps, coefficients, eps = group["ns_steps"], tuple(group["ns_coefficients"]), group["eps"]
 
         def bucket(shape, slots, G, buf, X) -> None:
-            buf.lerp_(G, 1 - momentum)
-            if nesterov:
-                torch.lerp(G, buf, momentum, out=X)  # fp32 look-ahead, rounded once on the store
-            else:
-                X.copy_(buf)
-            ortho = quintic_iterations(frobenius_normalize_(X, eps), steps, coefficients)
+            ortho = newton_schulz_(muon_lookahead_(G, buf, momentum, nesterov, out=X), steps, coefficients, eps)
             step = self.lr * -muon_lr_scale(*shape, group["adjust_lr_fn"])
             for i, start in slots:
                 self.params[i].addcmul_(self._param_view(ortho, i, start), step)

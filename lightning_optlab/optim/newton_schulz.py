@@ -79,6 +79,15 @@ def quintic_iterations(
     return X
 
 
+def newton_schulz_(
+    X: torch.Tensor, steps: int, coefficients: tuple[float, float, float] = NS_COEFFICIENTS, eps: float = 1e-7
+) -> torch.Tensor:
+    """The quintic iteration on a (B, m, n) or (m, n) ``X`` already in the Newton-Schulz dtype,
+    which it consumes: :func:`frobenius_normalize_` in place, then :func:`quintic_iterations`.
+    :func:`newton_schulz` is this on a copy; Muon's steps call it on their look-ahead stacks."""
+    return quintic_iterations(frobenius_normalize_(X, eps), steps, coefficients)
+
+
 def newton_schulz(
     G: torch.Tensor,
     steps: int = 5,
@@ -100,8 +109,7 @@ def newton_schulz(
     shape = G.shape
     X = G.reshape(-1, *shape[-2:]) if G.ndim > 3 else G
     work = torch.empty(X.shape, dtype=dtype or ns_dtype(G.device), device=G.device)
-    X = frobenius_normalize_(work.copy_(X), eps)
-    return quintic_iterations(X, steps, coefficients).reshape(shape)
+    return newton_schulz_(work.copy_(X), steps, coefficients, eps).reshape(shape)
 
 
 def polar_exact(G: torch.Tensor) -> torch.Tensor:
