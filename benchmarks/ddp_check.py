@@ -23,7 +23,7 @@ import torch
 
 from lightning_optlab.data import TextDataModule
 from lightning_optlab.models import GPT
-from lightning_optlab.optim import functional
+from lightning_optlab.optim import muon as muon_module
 
 POLICY = {"rules": [
     {"match": {"role": "hidden"}, "optimizer": "muon", "lr": 0.02},
@@ -42,13 +42,13 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     split_calls: list[int] = []
-    original = functional._newton_schulz_split
+    original = muon_module.newton_schulz_split
 
     def counting(stack, world, **kw):
         split_calls.append(int(stack.shape[0]))
         return original(stack, world, **kw)
 
-    functional._newton_schulz_split = counting
+    muon_module.newton_schulz_split = counting
     pl.seed_everything(0)
     model = GPT(size=args.size, policy=POLICY)
     trainer = pl.Trainer(

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lightning_optlab.optim import ModularOptimizer, Muon
-from lightning_optlab.optim.functional import orthogonalize
+from lightning_optlab.optim.newton_schulz import orthogonalize
 from lightning_optlab.optim.newton_schulz import newton_schulz
 
 A, B, C = 3.4445, -4.7750, 2.0315

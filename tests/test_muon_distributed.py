@@ -8,7 +8,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lightning_optlab.optim import Muon, functional
+import lightning_optlab.optim.newton_schulz as ns_module
+from lightning_optlab.optim import Muon
 
 SHAPES = [(8, 6), (8, 6), (8, 6), (5, 7), (5, 7), (4, 3, 3, 3)]
 
@@ -35,13 +36,13 @@ def _worker(rank, world, port, out_dir):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         orthogonalized = []
-        original = functional.newton_schulz
+        original = ns_module.newton_schulz
 
         def counting(stack, **kw):
             orthogonalized.append(stack.shape[0])
             return original(stack, **kw)
 
-        functional.newton_schulz = counting
+        ns_module.newton_schulz = counting
         params, grads = make_params_and_grads()
         result = run_steps(params, grads)
         torch.save({"params": result, "per_call": orthogonalized}, os.path.join(out_dir, f"rank{rank}.pt"))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lightning_optlab.optim import ModularOptimizer, SinkGD, SinkhornTanh, optimizer_state_bytes
-from lightning_optlab.optim.functional import sinkgd_update, sinkhorn_tanh_update
+from lightning_optlab.optim.sinkgd import sinkgd_update, sinkhorn_tanh_update
 
 SHAPES = [(9, 4), (4, 9), (6, 6), (7,), (5, 3, 2, 2), ()]
 

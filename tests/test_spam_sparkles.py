@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lightning_optlab.optim import AdamWSPAM, ModularOptimizer, SPARKLES
-from lightning_optlab.optim.functional import mix_seed, stochastic_round_to_bf16
+from lightning_optlab.optim.steps import mix_seed, stochastic_round_to_bf16
 
 SHAPES = [(9, 4), (4, 9), (6, 6), (7,), (5, 3, 2, 2)]
 

@@ -107,7 +107,7 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 
 from ..optim.cuda_graph import CapturedStep, bucket_streams, check_cuda_graph_setting, run_branches
-from ..optim.functional import full_fp32_matmul
+from ..optim.steps import full_fp32_matmul
 from .sphere import compute_dtype
 
 SCALE_LIMIT = 1.5  # iterate unscaled when the spectral bound is below this (basin: s < sqrt(3))

@@ -7,7 +7,7 @@ one such module: add its name to the list, or import it before building a policy
 
 import importlib
 
-from .functional import optimizer_state_bytes, optimizer_state_bytes_by_group
+from .memory import optimizer_state_bytes, optimizer_state_bytes_by_group
 from .modular import ModularOptimizer
 from .registry import (
     UpdateRule,

@@ -23,7 +23,7 @@ from typing import Any, Iterable
 
 import torch
 
-from .functional import nonfinite_flag, require_finite_grads
+from .guard import nonfinite_flag, require_finite_grads
 from .registry import GROUP_META_KEYS, available_rules, get_rule, resolve_hyperparameters
 
 
@@ -131,7 +131,7 @@ class ModularOptimizer(torch.optim.Optimizer):
         if not work:
             return loss
         # NaN/Inf policy: refuse the whole step before any weight or state changes, with one
-        # reduction and one host sync for all groups (see functional.require_finite_grads).
+        # reduction and one host sync for all groups (see guard.require_finite_grads).
         # The check is launched first; the rules' preparations (which change nothing) run while
         # it is in flight, so after the sync only kernel launches are left.
         flag = nonfinite_flag([g for _, _, grads in work for g in grads]) if self.check_finite else None

@@ -22,7 +22,7 @@ with different roundings. The differences are on purpose:
 
 Parameters with fewer than 2 dimensions are refused: route biases, norms and scalars to
 another rule (``{match: {ndim: [0, 1]}, optimizer: adamw}``). A NaN/Inf gradient raises
-``FloatingPointError`` before anything is changed (see :mod:`.functional`).
+``FloatingPointError`` before anything is changed (see :mod:`.guard`).
 """
 
 from __future__ import annotations
@@ -33,15 +33,13 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from .cuda_graph import check_cuda_graph_setting
-from .functional import (
+from .newton_schulz import newton_schulz_split, ns_split_world, resolve_ns_dtype
+from .stacks import matrix_buckets
+from .steps import (
     ADJUST_LR_FNS,
-    _newton_schulz_split,
     decoupled_weight_decay_,
-    matrix_buckets,
     muon_lookahead_,
     muon_lr_scale,
-    ns_split_world,
-    resolve_ns_dtype,
     store_,
     upcast,
 )
@@ -147,7 +145,7 @@ def muon_step(group: dict, params: list, grads: list, states: list) -> None:
         for i, start in slots:  # the blended momentum back into each parameter's buffer
             work[i].copy_(views[i].from_matrix(buf[start : start + views[i].blocks], params[i].shape))
         ns = dict(steps=group["ns_steps"], coefficients=tuple(group["ns_coefficients"]), eps=group["eps"])
-        ortho = _newton_schulz_split(X, world, dtype=dtype, **ns) if world else newton_schulz_(X, **ns)
+        ortho = newton_schulz_split(X, world, dtype=dtype, **ns) if world else newton_schulz_(X, **ns)
         ortho = ortho.to(weights[0].dtype)
         scale = -lr * muon_lr_scale(*shape, group["adjust_lr_fn"])
         torch._foreach_add_(

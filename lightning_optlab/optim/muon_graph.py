@@ -34,13 +34,9 @@ import torch
 
 from . import cuda_graph
 from .cuda_graph import CapturedStep, bucket_streams, run_branches
-from .functional import (
-    decoupled_weight_decay_,
-    matrix_buckets,
-    muon_lookahead_,
-    muon_lr_scale,
-    resolve_ns_dtype,
-)
+from .newton_schulz import resolve_ns_dtype
+from .stacks import matrix_buckets
+from .steps import decoupled_weight_decay_, muon_lookahead_, muon_lr_scale
 from .matrix import group_views
 from .newton_schulz import newton_schulz_
 

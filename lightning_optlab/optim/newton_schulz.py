@@ -12,7 +12,11 @@ own static buffers: :func:`frobenius_normalize_` and :func:`quintic_iterations`.
 
 from __future__ import annotations
 
+from collections import defaultdict
+from typing import Sequence
+
 import torch
+from torch import Tensor
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
@@ -116,3 +120,93 @@ def polar_exact(G: torch.Tensor) -> torch.Tensor:
     """Exact polar factor U V^T by SVD (float64-capable reference)."""
     U, _, Vh = torch.linalg.svd(G, full_matrices=False)
     return U @ Vh
+
+
+def ns_split_world(split: bool | str | None) -> tuple[int, int] | None:
+    """(rank, world) when Newton-Schulz work should be split across ranks, else None.
+
+    ``"auto"`` splits whenever a process group with more than one rank is initialized: under
+    DDP every rank holds the same averaged gradients and momenta, so each rank can
+    orthogonalize a share of the matrices and all-gather the results (identical bits on every
+    rank). Pass ``False`` where ranks hold different gradients on purpose (local SGD).
+    """
+    if split is False or split is None or split == "off":
+        return None
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        if split is True:
+            raise RuntimeError("ns_split=True needs an initialized torch.distributed process group")
+        return None
+    world = dist.get_world_size()
+    return (dist.get_rank(), world) if world > 1 else None
+
+
+def newton_schulz_split(stack: Tensor, world: tuple[int, int], **ns_kwargs) -> Tensor:
+    """Each rank orthogonalizes its slice of ``stack`` (padded to a multiple of the world size);
+    an all-gather assembles the whole, so every rank ends with the same result."""
+    import torch.distributed as dist
+
+    rank, size = world
+    count = stack.shape[0]
+    per_rank = -(-count // size)
+    if per_rank * size > count:
+        stack = torch.cat([stack, stack.new_zeros((per_rank * size - count, *stack.shape[1:]))])
+    mine = newton_schulz(stack[rank * per_rank : (rank + 1) * per_rank], **ns_kwargs).contiguous()
+    gathered = mine.new_empty((per_rank * size, *mine.shape[1:]))
+    dist.all_gather_into_tensor(gathered, mine)
+    return gathered[:count]
+
+
+def orthogonalize(
+    matrices: Sequence[Tensor],
+    steps: int = 5,
+    coefficients: Sequence[float] = NS_COEFFICIENTS,
+    eps: float = 1e-7,
+    dtype: torch.dtype | None = None,
+    out_dtype: torch.dtype | None = None,
+    split: bool | str | None = None,
+) -> list[Tensor]:
+    """Newton-Schulz polar factor of each matrix; same-shaped matrices in ONE stacked call.
+
+    Each entry is a matrix (m, n) or a batch of them (b, m, n), e.g. a packed projection split
+    into its blocks (:meth:`~.matrix.MatrixView.to_matrix`). Matrices are bucketed by
+    (device, shape), each bucket stacked into a ``(B, m, n)`` tensor and orthogonalized together
+    (a few large batched matmuls instead of B small ones); each result has its entry's shape.
+    ``dtype`` defaults to :func:`ns_dtype` of the device (bf16 on CUDA, fp32 on CPU);
+    ``out_dtype`` casts each bucket's result once (default: leave it in ``dtype``); ``split``
+    shares the buckets' matrices out across ranks (see :func:`ns_split_world`).
+    """
+    buckets: dict[tuple, list[int]] = defaultdict(list)
+    for i, m in enumerate(matrices):
+        if m.ndim not in (2, 3):
+            raise ValueError(f"orthogonalize expects matrices or batches of them, got shape {tuple(m.shape)}")
+        buckets[(m.device, tuple(m.shape[-2:]))].append(i)
+    out: list[Tensor | None] = [None] * len(matrices)
+    world = ns_split_world(split)
+    for (device, shape), idx in buckets.items():
+        parts = [matrices[i].reshape(-1, *shape) for i in idx]
+        stack = parts[0] if len(parts) == 1 else torch.cat(parts)  # newton_schulz leaves it as is
+        kwargs = dict(steps=steps, coefficients=tuple(float(c) for c in coefficients), eps=eps,
+                      dtype=dtype or ns_dtype(device))
+        ortho = newton_schulz_split(stack, world, **kwargs) if world else newton_schulz(stack, **kwargs)
+        if out_dtype is not None:
+            ortho = ortho.to(out_dtype)
+        start = 0
+        for i, part in zip(idx, parts):
+            count = part.shape[0]
+            out[i] = ortho[start : start + count].reshape(matrices[i].shape)
+            start += count
+    return out  # type: ignore[return-value]
+
+
+def resolve_ns_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """``"auto"``/None -> :func:`ns_dtype` of the device; ``"bfloat16"``/``"float32"``/... or a torch dtype."""
+    if name is None or name == "auto":
+        return ns_dtype(device)
+    if isinstance(name, torch.dtype):
+        return name
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"ns_dtype must be 'auto' or a floating dtype name like 'bfloat16', got {name!r}")
+    return dtype

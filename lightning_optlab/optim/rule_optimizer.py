@@ -4,7 +4,7 @@ The standalone classes (``Muon``, ``SinkGD``, ``SinkhornTanh``, ``AdamWSPAM``, `
 subclasses that only name their rule. A RuleOptimizer is a :class:`ModularOptimizer` whose every
 group uses that rule, so the step loop, the hyperparameter validation (unknown names, bad values,
 too-small parameters), the checkpoint checks and the NaN/Inf policy
-(:func:`.functional.require_finite_grads`) are the same code in both.
+(:func:`.guard.require_finite_grads`) are the same code in both.
 """
 
 from __future__ import annotations

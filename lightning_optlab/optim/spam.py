@@ -19,7 +19,7 @@ Per step t of a parameter:
 
 Math in fp32 (bf16/fp16 weights and state are upcast and cast back); state tensors keep the
 parameter dtype like torch's AdamW. ``reset_interval: 0`` disables resets. A NaN/Inf gradient
-raises ``FloatingPointError`` before anything is changed (see :mod:`.functional`).
+raises ``FloatingPointError`` before anything is changed (see :mod:`.guard`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torch
 from torch.optim import adamw as _adamw
 from torch.optim.optimizer import _get_scalar_dtype
 
-from .functional import fused_by_default, spam_warmup_factor, spike_clip_foreach, upcast
+from .steps import fused_by_default, spam_warmup_factor, spike_clip_foreach, upcast
 from .registry import UpdateRule, check_common, register_rule
 from .rule_optimizer import RuleOptimizer
 

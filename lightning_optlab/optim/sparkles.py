@@ -30,14 +30,14 @@ permutation moves each coordinate's step to another coordinate, and because it a
 
 **Stochastic rounding** (``stochastic_rounding``, on by default): bf16 weights and moments
 are written back from the fp32 math rounded up or down at random in proportion to the
-remainder (:func:`.functional.stochastic_round_to_bf16_`). This is what makes full-bf16
+remainder (:func:`.steps.stochastic_round_to_bf16_`). This is what makes full-bf16
 training work: an update below half a bf16 ulp (~0.4% of the weight) is lost every time under
 round-to-nearest but accumulates in expectation under stochastic rounding. fp32 weights are
 unaffected.
 
 **Batched, without host syncs** (a per-parameter loop is launch-bound on a GPU). The group runs in lanes of one device and one
 compute dtype; in a lane, steps 1-2 run on stacks of same-shaped gradients
-(:func:`.functional.stack_by_shape`'s layout, bucketed also by how step 2 reduces the original
+(:func:`.stacks.stack_by_shape`'s layout, bucketed also by how step 2 reduces the original
 shape), steps 3-6 as foreach kernels over all the lane's tensors, bf16/fp16 weights and moments
 go through one flat fp32 buffer (upcast once, rounded and written back once), and whether a
 parameter stalled is decided on the device: the noise is drawn for the whole lane and
@@ -62,7 +62,7 @@ the next step turns the counter back into int64, exact while the count is repres
 that dtype (fp32: 2^24; bf16: 256).
 
 A NaN/Inf gradient raises ``FloatingPointError`` before anything is changed (see
-:mod:`.functional`).
+:mod:`.guard`).
 """
 
 from __future__ import annotations
@@ -74,14 +74,14 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import Tensor
 
-from .functional import (
-    as_work,
+from .stacks import as_work, from_work, work_shape
+from .steps import (
+    centralize_,
     compute_dtype,
-    from_work,
     mix_seed,
     seeded_generator,
+    std_normalize_,
     stochastic_round_to_bf16_,
-    work_shape,
 )
 from .matrix import group_views
 from .registry import UpdateRule, check_common, register_rule
@@ -140,20 +140,6 @@ def _normalization_mode(shape: tuple, normalization: float, channelwise: bool) -
     if len(shape) >= 2 and channelwise and all(d > 1 for d in shape[1:]):
         return "channel"
     return "global" if math.prod(shape) > 2 else None
-
-
-def _centralize_stack_(G: Tensor, alpha: float) -> None:
-    """Step 1 on a stack (B, out, fan_in) or (B, n): mean over the last dim = per output channel
-    for matrices (conv kernels flattened), global for vectors. In place."""
-    G.sub_(G.mean(dim=-1, keepdim=True).mul_(alpha))
-
-
-def _std_normalize_stack_(G: Tensor, alpha: float, mode: str, eps: float) -> None:
-    """Step 2 on a stack: ``g <- (1 - a) g + a g / (std + eps)``, as one multiply by the per-item
-    (or per-row) factor ``(1 - a) + a / (std + eps)``; std unbiased. In place."""
-    dims = (-1,) if mode == "channel" else tuple(range(1, G.ndim))
-    factor = G.std(dim=dims, keepdim=True).add_(eps).reciprocal_().mul_(alpha).add_(1 - alpha)
-    G.mul_(factor)
 
 
 def _init_states(group: dict, params: list, states: list) -> None:
@@ -226,9 +212,9 @@ def _sparkles_lane(group: dict, params: list, grads: list, states: list, device,
             if not all(may_kick[i] for i in idx):
                 stalled &= torch.tensor([may_kick[i] for i in idx], device=device)
         if group["centralization"] != 0 and multi:
-            _centralize_stack_(G, group["centralization"])
+            centralize_(G, group["centralization"])
         if mode is not None:
-            _std_normalize_stack_(G, group["normalization"], mode, eps)
+            std_normalize_(G, group["normalization"], mode, eps)
         for j, i in enumerate(idx):
             directions[i] = from_work(grads[i], G[j], views[i])
         stacks.append((idx, G, stalled))

@@ -2,10 +2,10 @@
 
 Eagerly, such a step is ~180 kernel launches from Python (matvecs, foreach vector ops, per-shape
 prescales, per-weight updates) and a fast GPU waits on the host. Here the group keeps one
-static float32 stack per shape bucket (:func:`.functional.stack_by_shape`'s layout); per step the
+static float32 stack per shape bucket (:func:`.stacks.stack_by_shape`'s layout); per step the
 host copies the gradients into it (one foreach copy), writes the lr into a device scalar (so LR
 schedulers need no recapture) and replays the captured body: the rule's own group-step function
-(:func:`.functional.sinkgd_stacks_step_` / :func:`.functional.sinkhorn_tanh_stacks_step_`), the
+(:func:`.sinkgd.sinkgd_stacks_step_` / :func:`.sinkgd.sinkhorn_tanh_stacks_step_`), the
 very function the eager step runs on fresh stacks. Its intermediates (squares, scale vectors)
 live in the graph's private memory pool; nothing is kept between steps but the stacks and the
 pool, and no state is written (``state_dict()['state']`` stays empty). No host sync.
@@ -28,7 +28,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .cuda_graph import CapturedStep, cached_graph
-from .functional import compute_dtype, from_work, work_shape
+from .stacks import from_work, work_shape
+from .steps import compute_dtype
 from .matrix import group_views
 
 

@@ -18,7 +18,7 @@ from torch.optim import rmsprop as _rmsprop
 from torch.optim import sgd as _sgd
 from torch.optim.optimizer import _get_scalar_dtype
 
-from .functional import fused_by_default
+from .steps import fused_by_default
 from .registry import UpdateRule, check_common, register_rule
 
 
