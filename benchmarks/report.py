@@ -87,7 +87,7 @@ def _meta_lines(data: dict[str, Any]) -> list[str]:
 def _checks_table(checks: list[dict[str, Any]]) -> str:
     rows = [[c["what"], c["value"], f"{c['op']} {c['target']:g} {c['unit']}".strip(), _result(c["passed"])]
             for c in checks]
-    return markdown_table(["target (issue 8)", "measured", "target", "result"], rows)
+    return markdown_table(["target", "measured", "target", "result"], rows)
 
 
 def ops_section(data: dict[str, Any]) -> list[str]:
@@ -106,9 +106,19 @@ def ops_section(data: dict[str, Any]) -> list[str]:
             f"{data.get('settings', {}).get('repeats')} repeats after {data.get('settings', {}).get('warmup')} "
             "warm-up calls (CUDA events on GPU). Ratio = ours / peer on the same tensors.", ""]
     rows = summary_rows(r)
-    out += [markdown_table(["figure", "ours (ms)", "peer", "peer (ms) / value", "ratio", "NS floor (ms)"], rows), ""]
+    out += [markdown_table(["figure", "ours (ms)", "peer", "peer (ms) / value", "ratio", "floor (ms)"], rows), ""]
     out += ["### Targets", "", _checks_table(data.get("checks", [])), ""]
     floors = r.get("floors", {})
+    rules_with_floor = [(label, rec) for label, rec in r.get("rules", {}).items() if rec.get("traffic_floor_ms")]
+    if rules_with_floor and floors.get("copy_bandwidth_gb_s"):
+        out += ["### Memory-traffic floors", "",
+                f"Floor = bytes a rule must read and write per parameter x parameters / the measured copy "
+                f"bandwidth ({fmt(floors['copy_bandwidth_gb_s'])} GB/s, read + write). Muon's floor in the "
+                "table above is its Newton-Schulz FLOPs; its traffic is listed for reference.", "",
+                markdown_table(["rule", "bytes / param", "floor (ms)", "ours (ms)", "ours / floor"],
+                               [[label, rec.get("traffic_bytes_per_param"), rec.get("traffic_floor_ms"),
+                                 (rec.get("ours") or {}).get("median_ms"), rec.get("traffic_floor_ratio")]
+                                for label, rec in rules_with_floor]), ""]
     if "ns_flops" in floors:
         out += ["### Newton-Schulz floor", "",
                 f"{floors['ns_steps']} quintic iterations on the hidden matrices: "

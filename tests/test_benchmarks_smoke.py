@@ -42,6 +42,14 @@ def test_bench_ops_writes_every_section(results, capsys):
     # The floor counts 5 x (4 m^2 n + 2 m^3) FLOPs per hidden matrix (m <= n).
     expected = sum(5 * (4 * min(s) ** 2 * max(s) + 2 * min(s) ** 3) for s in r["floors"]["hidden_shapes"])
     assert r["floors"]["ns_flops"] == pytest.approx(expected)
+    # the memory-traffic floor: bytes per parameter x parameters of the scope / copy bandwidth
+    bandwidth = r["floors"]["copy_bandwidth_gb_s"] * 1e9
+    assert bandwidth > 0
+    adamw = r["rules"]["adamw (all)"]
+    assert adamw["traffic_bytes_per_param"] == 28  # p r/w, g r, m r/w, v r/w in fp32
+    numel = r["model"]["parameters"]
+    assert adamw["traffic_floor_ms"] == pytest.approx(28 * numel / bandwidth * 1e3, rel=1e-9)
+    assert adamw["traffic_floor_ratio"] == pytest.approx(adamw["ours"]["median_ms"] / adamw["traffic_floor_ms"])
     st = r["stiefel"]
     assert st["distance_before_max"] > 1e-3  # the muon step moved the weights off the manifold
     assert st["fixed_5"]["batched"]["distance_after_max"] < 1e-4  # and the retraction put them back
