@@ -132,7 +132,7 @@ def explain_main(args: list[str]) -> str:
     view, role, rule, optimizer and constraint (:func:`lightning_optlab.explain`)."""
     from .policy import explain
 
-    if not any(a == "--config" or a.startswith("--config=") for a in args):
+    if not _config_paths(args):
         raise SystemExit("usage: optlab explain --config FILE [--model.init_args.KEY=VALUE ...]")
     cli = main(args, run=False)
     model = cli.model
@@ -145,8 +145,7 @@ def explain_main(args: list[str]) -> str:
     return explain(model, policy)
 
 
-class ConfigError(Exception):
-    """A bad config or policy, with the one sentence the user needs."""
+SUBCOMMANDS = tuple(LightningCLI.subcommands())
 
 
 def _config_paths(argv: list[str]) -> list[str]:
@@ -159,16 +158,18 @@ def _config_paths(argv: list[str]) -> list[str]:
     return paths
 
 
-def _check_config_files(argv: list[str]) -> None:
-    """Each ``--config`` file exists and parses, else the error names it (jsonargparse's own
-    message says ``"<unicode string>", line 3`` after a page of usage)."""
+def _config_file_problem(argv: list[str]) -> str | None:
+    """Why a ``--config`` file could not be read (missing, or not YAML, with the line), naming
+    the file; None when every one reads. Asked only after the parser failed: its own message
+    says ``"<unicode string>", line 3`` without the file."""
     from .policy.yaml_text import read_yaml_file
 
     for path in _config_paths(argv):
         try:
             read_yaml_file(path, what="config file")
         except (FileNotFoundError, ValueError) as err:
-            raise ConfigError(str(err)) from err
+            return str(err)
+    return None
 
 
 def _root_message(err: BaseException) -> str:
@@ -189,11 +190,9 @@ def _root_message(err: BaseException) -> str:
 def _short_error(err: BaseException, argv: list[str]) -> str:
     configs = _config_paths(argv)
     where = f" in {', '.join(repr(c) for c in configs)}" if configs else ""
-    command = argv[0] if argv and argv[0] in ("fit", "validate", "test", "predict") else "fit"
-    if isinstance(err, ConfigError):
-        message = str(err)
-    elif isinstance(err, ArgumentError):  # jsonargparse: 'Parser key "k":' then the reason
-        message = " ".join(line.strip() for line in str(err).splitlines()[:3])
+    command = argv[0] if argv and argv[0] in SUBCOMMANDS else "fit"
+    if isinstance(err, ArgumentError):  # jsonargparse: 'Parser key "k":' then the reason
+        message = _config_file_problem(argv) or " ".join(line.strip() for line in str(err).splitlines()[:3])
     else:
         message = _root_message(err)
     return (
@@ -212,17 +211,16 @@ def entry_point() -> None:
     sys.argv = sys.argv[:1] + argv
     explaining = bool(argv) and argv[0] == "explain"
     try:
-        _check_config_files(argv)
         if explaining:
             sys.argv = sys.argv[:1]  # the arguments go to the parser as args, not twice
             print(explain_main(argv[1:]))
             return
         main()
-    except (ConfigError, ValueError, TypeError, FileNotFoundError, ArgumentError) as err:
+    except (ValueError, TypeError, FileNotFoundError, ArgumentError) as err:
         if debug:
             raise
         # Errors inside training (a non-finite gradient, a shape mismatch) keep their traceback.
-        if not isinstance(err, (ConfigError, ArgumentError)) and not _during_setup(err):
+        if not isinstance(err, ArgumentError) and not _during_setup(err):
             raise
         print(_short_error(err, argv), file=sys.stderr)
         raise SystemExit(2) from None
