@@ -71,6 +71,7 @@ from ..manifolds.plan import (
     Target,
     check_constraint_mapping,
     find_targets,
+    merge_max,
     plan_retractions,
     resolve_options,
 )
@@ -157,11 +158,6 @@ class ManifoldRetraction(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._fit_start_done_in_checkpoint = bool(state_dict.get("fit_start_retracted", False))
 
-    @staticmethod
-    def _merge(metrics: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:
-        value = value.detach().float().reshape(())
-        metrics[key] = value if key not in metrics else torch.maximum(metrics[key], value.to(metrics[key].device))
-
     def _should_log(self, trainer: Trainer) -> bool:
         if not self.log or not trainer.is_global_zero or trainer.log_every_n_steps == 0:
             return False
@@ -190,7 +186,7 @@ class ManifoldRetraction(Callback):
         elapsed = torch.tensor((time.perf_counter() - start) * 1e3)
         metrics.update(plan.distances_after())
         for key, value in metrics.items():
-            self._merge(self._pending, key, value)
+            merge_max(self._pending, key, value)
         # several steps in one batch (manual optimization): their times add up
         self._pending["manifold/time_ms"] = self._pending.get("manifold/time_ms", 0.0) + elapsed
 

@@ -313,7 +313,8 @@ def plan_retractions(targets: Sequence[Target], cuda_graph: bool | str = "auto")
     return RetractionPlan(jobs, cuda_graph)
 
 
-def _merge(metrics: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:
+def merge_max(metrics: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:
+    """``metrics[key]`` = the largest value seen (the logged distance of a role is its worst)."""
     value = value.detach().float().reshape(())
     metrics[key] = value if key not in metrics else torch.maximum(metrics[key], value.to(metrics[key].device))
 
@@ -356,7 +357,7 @@ class RetractionPlan:
                 (t,) = job.targets
                 o = t.options
                 if measure:
-                    _merge(metrics, f"manifold/sphere_distance_before/{t.role}", sphere_distance(t.param, o["radius"], o["dim"]))
+                    merge_max(metrics, f"manifold/sphere_distance_before/{t.role}", sphere_distance(t.param, o["radius"], o["dim"]))
                 t.param.copy_(sphere_retract(t.param, o["radius"], o["dim"], o["eps"]))
                 continue
             if steps is None and job.schedule == "predict":
@@ -394,10 +395,10 @@ class RetractionPlan:
         if not measure:
             return
         for j, t in enumerate(job.targets):
-            _merge(metrics, f"manifold/stiefel_distance_before/{t.role}", distance_before[j])
+            merge_max(metrics, f"manifold/stiefel_distance_before/{t.role}", distance_before[j])
         count = torch.tensor(float(steps_run))
-        _merge(metrics, "manifold/stiefel_steps", count)
-        _merge(metrics, f"manifold/stiefel_steps/{shape}", count)
+        merge_max(metrics, "manifold/stiefel_steps", count)
+        merge_max(metrics, f"manifold/stiefel_steps/{shape}", count)
 
     @torch.no_grad()
     def distances_after(self) -> dict[str, torch.Tensor]:
@@ -408,7 +409,7 @@ class RetractionPlan:
                     d = sphere_distance(t.param, t.options["radius"], t.options["dim"])
                 else:
                     d = stiefel_distance(as_matrix(t.param))
-                _merge(metrics, f"manifold/{job.constraint}_distance_after/{t.role}", d)
+                merge_max(metrics, f"manifold/{job.constraint}_distance_after/{t.role}", d)
         return metrics
 
     def release(self) -> None:

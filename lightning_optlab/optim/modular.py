@@ -38,8 +38,9 @@ class ModularOptimizer(torch.optim.Optimizer):
             the parameters, before any weight or state changes). It costs one fused check and one
             host sync per step; the rules' preparations (``UpdateRule.prepare``) run while the
             check is in flight, so after the sync only kernel launches are left (its cost:
-            ``docs/benchmarks.md``, bench_ops' ``check_finite`` rows). ``False`` trades that guard for speed: a NaN gradient is then written into the
-            weights, as with torch's optimizers.
+            ``docs/benchmarks.md``, bench_ops' ``check_finite`` rows). ``False`` trades that
+            guard for speed: a NaN gradient is then written into the weights, as with torch's
+            optimizers.
         **hyperparameters: defaults for groups of ``algorithm`` (e.g. ``lr``).
     """
 
