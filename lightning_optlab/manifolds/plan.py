@@ -10,6 +10,13 @@ a policy, from a mapping ``{name glob: "sphere" | "stiefel" | {"constraint": ...
 both may be combined where they agree. A Stiefel parameter is retracted through its matrix view
 (one matrix per block of a split packed projection); same-shaped matrices with the same options
 share one bucket, retracted in one batched call.
+
+Example (plain torch, a policy-built optimizer)::
+
+    targets = find_targets(model, [optimizer], None, {"steps": 5, "tol": "auto", "schedule": "predict"})
+    plan = plan_retractions(targets)
+    optimizer.step()
+    plan.retract(measure=False)   # every constrained parameter back on its manifold
 """
 
 from __future__ import annotations
