@@ -135,24 +135,21 @@ def muon_step(group: dict, params: list, grads: list, states: list) -> None:
     dtype = resolve_ns_dtype(group["ns_dtype"], device)
     world = ns_split_world(group["ns_split"])
     lr = group["lr"]
+    ns = dict(steps=group["ns_steps"], coefficients=tuple(group["ns_coefficients"]), eps=group["eps"])
     decoupled_weight_decay_(weights, lr, group["weight_decay"])
     for shape, slots in matrix_buckets([p.shape for p in params], views):
         def stacked(tensors):
             return torch.cat([views[i].to_matrix(upcast(tensors[i])).reshape(-1, *shape) for i, _ in slots])
 
+        def per_parameter(stack):  # a bucket's stack back in each parameter's stored layout
+            return [views[i].from_matrix(stack[start : start + views[i].blocks], params[i].shape) for i, start in slots]
+
         G, buf = stacked(grads), stacked(work)
         X = muon_lookahead_(G, buf, group["momentum"], group["nesterov"], out=torch.empty(G.shape, dtype=dtype, device=device))
-        for i, start in slots:  # the blended momentum back into each parameter's buffer
-            work[i].copy_(views[i].from_matrix(buf[start : start + views[i].blocks], params[i].shape))
-        ns = dict(steps=group["ns_steps"], coefficients=tuple(group["ns_coefficients"]), eps=group["eps"])
+        torch._foreach_copy_([work[i] for i, _ in slots], per_parameter(buf))  # the blended momentum kept
         ortho = newton_schulz_split(X, world, dtype=dtype, **ns) if world else newton_schulz_(X, **ns)
-        ortho = ortho.to(weights[0].dtype)
-        scale = -lr * muon_lr_scale(*shape, group["adjust_lr_fn"])
-        torch._foreach_add_(
-            [weights[i] for i, _ in slots],
-            [views[i].from_matrix(ortho[start : start + views[i].blocks], params[i].shape) for i, start in slots],
-            alpha=scale,
-        )
+        torch._foreach_add_([weights[i] for i, _ in slots], per_parameter(ortho.to(weights[0].dtype)),
+                            alpha=-lr * muon_lr_scale(*shape, group["adjust_lr_fn"]))
     for target, value in zip(params + buffers, weights + work):
         store_(target, value)  # casts back bf16/fp16 weights and buffers; no-op for fp32
 
