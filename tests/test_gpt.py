@@ -117,6 +117,17 @@ def test_default_size_is_the_42m_gpt_counted_on_meta():
     assert model.blocks[0].attn.n_heads == 12
 
 
+@pytest.mark.parametrize("size, dims, count", [
+    ("150m", (1024, 12, 16), 152_729_600), ("680m", (1536, 24, 16), 682_318_848), ("1.2b", (2048, 24, 16), 1_211_748_352),
+])
+def test_sweep_presets_match_the_closed_form_count(size, dims, count):
+    with torch.device("meta"):
+        model = GPT(size=size)
+    d, layers, heads = dims
+    assert (model.d_model, model.n_layers, model.blocks[0].attn.n_heads) == dims
+    assert sum(p.numel() for p in model.parameters()) == _expected_count(256, d, layers, 1024) == count
+
+
 def test_explicit_dims_override_the_preset_and_bad_ones_are_refused():
     with torch.device("meta"):
         model = GPT(size="tiny", d_model=32, n_layers=3, context_length=16)

@@ -372,7 +372,7 @@ def test_spectral_monitor_gram_method_matches_float64_svd(tmp_path):
 
 
 def test_spectral_monitor_method_arguments():
-    with pytest.raises(ValueError, match="method='eig'.*'auto', 'gram_host', 'svd', 'gram'"):
+    with pytest.raises(ValueError, match="method='eig'.*'auto', 'gram_host', 'svd', 'gram', 'lanczos'"):
         SpectralMonitor(method="eig")
     with pytest.raises(ValueError, match="gram_dtype='float16'.*float64"):
         SpectralMonitor(gram_dtype="float16")
@@ -549,13 +549,13 @@ def test_busy_worker_skips_snapshots_and_the_fit_end_logs_the_one_in_flight(tmp_
 
     gate = threading.Event()
     mon = SpectralMonitor(every_n_steps=1, method="gram_host")
-    compute = mon._compute_from_grams
+    compute = mon._groups_from_grams
 
     def held(*args):
         gate.wait(30)  # the worker stays busy until the fit ends
         return compute(*args)
 
-    mon._compute_from_grams = held
+    mon._groups_from_grams = held
 
     class Release(L.Callback):  # runs before the monitor's on_train_end flush
         def on_train_end(self, trainer, pl_module):
@@ -579,10 +579,12 @@ def test_busy_worker_skips_snapshots_and_the_fit_end_logs_the_one_in_flight(tmp_
 
 
 def test_auto_method_picks_gram_host_for_cuda_and_svd_for_cpu():
-    assert SpectralMonitor().resolved_method(cuda=True) == "gram_host"
-    assert SpectralMonitor().resolved_method(cuda=False) == "svd"
+    assert SpectralMonitor().method_for(256, cuda=True) == "gram_host"
+    assert SpectralMonitor().method_for(257, cuda=True) == "lanczos"
+    assert SpectralMonitor(exact_max_k=1024).method_for(768, cuda=True) == "gram_host"
+    assert SpectralMonitor().method_for(4096, cuda=False) == "svd"
     for method in ("gram_host", "svd", "gram"):
-        assert {SpectralMonitor(method=method).resolved_method(c) for c in (True, False)} == {method}
+        assert {SpectralMonitor(method=method).method_for(k, c) for c in (True, False) for k in (8, 4096)} == {method}
 
 
 def test_spectral_monitor_logs_scalars_to_a_non_tensorboard_logger_and_warns_about_histograms(tmp_path):

@@ -12,6 +12,9 @@ preset). Counts are for the defaults (biases on, untied head, ``mlp_ratio`` 4):
 size       d_model  n_layers  n_heads  context  parameters
 =========  =======  ========  =======  =======  ====================================
 ``42m``    768      6         12       1024     43,708,416 (42,527,232 in the blocks)
+``150m``   1024     12        16       1024     152,729,600
+``680m``   1536     24        16       1024     682,318,848
+``1.2b``   2048     24        16       1024     1,211,748,352 (for the benchmarks' size sweeps)
 ``small``  256      4         4        256      3,356,160
 ``tiny``   64       2         4        64       136,960 (for tests and CPU smoke runs)
 =========  =======  ========  =======  =======  ====================================
@@ -42,6 +45,9 @@ VOCAB_SIZE = 256  # bytes
 
 SIZES: dict[str, dict[str, int]] = {
     "42m": dict(d_model=768, n_layers=6, n_heads=12, context_length=1024),
+    "150m": dict(d_model=1024, n_layers=12, n_heads=16, context_length=1024),
+    "680m": dict(d_model=1536, n_layers=24, n_heads=16, context_length=1024),
+    "1.2b": dict(d_model=2048, n_layers=24, n_heads=16, context_length=1024),
     "small": dict(d_model=256, n_layers=4, n_heads=4, context_length=256),
     "tiny": dict(d_model=64, n_layers=2, n_heads=4, context_length=64),
 }
@@ -103,7 +109,8 @@ class GPT(OptLabMixin, LightningModule):
     Args:
         policy: the optimizer policy (see :class:`~lightning_optlab.policy.Policy`).
         scheduler: optional LR schedule spec (as for :class:`~lightning_optlab.models.MLPClassifier`).
-        size: preset, ``42m`` (default, see the module docstring), ``small`` or ``tiny``.
+        size: preset, ``42m`` (default), ``150m``, ``680m``, ``1.2b``, ``small`` or ``tiny`` (see the
+            module docstring).
         d_model, n_layers, n_heads, context_length: override the preset's value when given.
         mlp_ratio: FFN width as a multiple of ``d_model``.
         bias: biases in the Linear and LayerNorm layers.

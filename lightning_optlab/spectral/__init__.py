@@ -18,6 +18,7 @@ from .metrics import (
     topk_concentration,
     topk_concentration_of_spectrum,
 )
+from .lanczos import estimate_singular_values, sketch_matrices, spectrum_from_sketch
 from .ns import DEFAULT_NS_STEPS, ns_benefit, ns_figures, ns_transformation
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "condition_number_of_spectrum",
     "effective_rank",
     "effective_rank_of_spectrum",
+    "estimate_singular_values",
     "gram_of_small_side",
     "ns_benefit",
     "ns_figures",
@@ -36,6 +38,8 @@ __all__ = [
     "singular_values_gram",
     "singular_values_grouped",
     "singular_values_stacked",
+    "sketch_matrices",
+    "spectrum_from_sketch",
     "spectrum_metrics",
     "stable_rank",
     "stable_rank_of_spectrum",
