@@ -460,7 +460,7 @@ def test_gram_host_on_cpu_matches_float64_svd_and_the_svd_path(tmp_path, monkeyp
     worker): spectra and logged figures equal numpy float64 SVDs of the measured tensors within
     the documented floor, and the logged tags and values equal those of method='svd' on the
     same run; one matrix per stack (GRAM_STACK_ELEMENTS=1) gives the same."""
-    import lightning_optlab.callbacks.spectral as spectral_mod
+    import lightning_optlab.callbacks._spectra as spectral_mod
 
     runs = {}
     for method, stack_elements in (("svd", None), ("gram_host", None), ("gram_host", 1)):
@@ -549,13 +549,13 @@ def test_busy_worker_skips_snapshots_and_the_fit_end_logs_the_one_in_flight(tmp_
 
     gate = threading.Event()
     mon = SpectralMonitor(every_n_steps=1, method="gram_host")
-    compute = mon._groups_from_grams
+    compute = mon._engine._groups_from_grams
 
     def held(*args):
         gate.wait(30)  # the worker stays busy until the fit ends
         return compute(*args)
 
-    mon._groups_from_grams = held
+    mon._engine._groups_from_grams = held
 
     class Release(L.Callback):  # runs before the monitor's on_train_end flush
         def on_train_end(self, trainer, pl_module):

@@ -167,7 +167,9 @@ def test_monitor_figures_match_float64_svds_of_the_measured_tensors(tmp_path, mo
     forced on the CPU)."""
     kw = {"method": "lanczos" if method == "mixed" else method}
     if method == "mixed":
-        monkeypatch.setattr(SpectralMonitor, "method_for",
+        from lightning_optlab.callbacks._spectra import SpectrumSnapshots
+
+        monkeypatch.setattr(SpectrumSnapshots, "method_for",
                             lambda self, k, cuda: "gram_host" if k <= self.exact_max_k else "lanczos")
         kw = {"exact_max_k": 64}
     mon = SpectralMonitor(every_n_steps=2, top_k=3, wait_if_busy=True, **kw)
@@ -241,3 +243,90 @@ def test_cuda_monitor_auto_logs_figures_of_the_measured_tensors(tmp_path):
                 got = probe.metrics[step][f"spectral/{kind}/matrix/{name}/{figure}"]
                 assert got == pytest.approx(value, rel=LOOSE[figure] if estimated else 1e-3), (step, kind, name, figure)
     assert seen == {True, False}
+
+
+def test_zero_and_repeated_spectra_are_estimated_without_failing():
+    """A zero gradient (all-zero Gram) and an exactly repeated spectrum (identity rows) in one
+    batch: no solver failure, zeros for the first, all-equal values for the second."""
+    X = torch.zeros(2, 96, 200)
+    X[1, :, :96] = torch.eye(96)
+    s = lanczos.spectrum_from_sketch(lanczos.sketch_matrices(X.clone()))
+    assert torch.all(s[0] == 0)
+    torch.testing.assert_close(s[1], torch.ones(96, dtype=torch.float64), rtol=1e-4, atol=1e-4)
+
+
+def test_ns_figures_from_the_spectrum_equal_a_float64_iteration():
+    """NS acts on singular values as a scalar polynomial: the figures computed from the spectrum
+    equal those of the float64 quintic iteration of the matrix itself, for every step count."""
+    from lightning_optlab.optim.newton_schulz import newton_schulz
+    from lightning_optlab.spectral.ns import (
+        ns_benefit, ns_benefit_of_spectrum, ns_figures, ns_figures_of_spectrum, ns_map_of_spectrum,
+    )
+
+    gen = torch.Generator().manual_seed(0)
+    G = torch.stack([with_spectrum(kind, 40, 70, gen) for kind in ("power_law", "rank_8", "marchenko_pastur")])
+    s = torch.linalg.svdvals(G)
+    mapped = ns_map_of_spectrum(s, (1, 2, 3, 5, 10))
+    for t, o in mapped.items():
+        O = newton_schulz(G, steps=t, dtype=torch.float64, eps=1e-300)
+        # (the polynomial is not monotone: compare as sets of singular values)
+        torch.testing.assert_close(o.sort(-1, descending=True).values, torch.linalg.svdvals(O), rtol=1e-9, atol=1e-9)
+        ref, got = ns_figures(G, O), ns_figures_of_spectrum(s, o)
+        for key in ref:
+            torch.testing.assert_close(got[key], ref[key], rtol=1e-7, atol=1e-6)
+    ref, got = ns_benefit(G, steps=5, dtype=torch.float64), ns_benefit_of_spectrum(s, 5)
+    for key in ref:
+        torch.testing.assert_close(got[key], ref[key].double(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="step counts >= 0"):
+        ns_map_of_spectrum(s, (-1,))
+
+
+class _GradProbe(L.Callback):
+    """After the analyses (wait_if_busy=True): float64 copies of the gradients at each analysed step."""
+
+    def __init__(self, every):
+        self.every, self.grads = every, {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_step % self.every == 0:
+            self.grads[trainer.global_step] = {n: p.grad.detach().double().clone()
+                                              for n, p in pl_module.named_parameters() if p.ndim >= 2}
+
+
+@pytest.mark.parametrize("method", ["auto", "lanczos", "iterate"])
+def test_analyses_from_spectra_match_the_float64_iteration_of_the_measured_gradients(tmp_path, method):
+    """NewtonSchulzAnalysis and ComponentGradientAnalysis computed from the spectra (exact on the
+    CPU with 'auto'; the estimate with 'lanczos') against the float64 quintic iteration and SVDs
+    of the gradients they measured, per matrix and per component."""
+    from lightning_optlab.callbacks import ComponentGradientAnalysis, NewtonSchulzAnalysis
+    from lightning_optlab.optim.newton_schulz import newton_schulz
+    from lightning_optlab.spectral.ns import ns_benefit, ns_figures
+
+    ns = NewtonSchulzAnalysis(every_n_steps=2, steps=(1, 5), components=("hidden",), log_per_matrix=True,
+                              wait_if_busy=True, method=method)
+    comp = ComponentGradientAnalysis(every_n_steps=2, wait_if_busy=True, method=method, filename=None)
+    probe = _GradProbe(2)
+    torch.manual_seed(0)
+    model = GPT(size="tiny", d_model=192, n_layers=1, n_heads=4, context_length=48,
+                policy={"rules": [{"match": {"role": "hidden"}, "optimizer": "muon", "lr": 0.02},
+                                  {"match": {}, "optimizer": "adamw", "lr": 1e-2}]})
+    data = torch.randint(0, 256, (8 * 3, 49), generator=torch.Generator().manual_seed(0))
+    tr = L.Trainer(logger=TensorBoardLogger(str(tmp_path), name="run"), callbacks=[ns, comp, probe], max_steps=3,
+                   enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                   accelerator="cpu", devices=1)
+    tr.fit(model, DataLoader(TensorDataset(data[:, :-1], data[:, 1:]), batch_size=8))
+    assert ns.last_step == 2 and comp.last_step == 2
+    grads = probe.grads[2]
+    tol = {"auto": 1e-4, "lanczos": 3e-2, "iterate": 1e-3}[method]  # iterate: float32 on the CPU
+    hidden = [n for n in grads if n.startswith("blocks.")]
+    for name in hidden:
+        G = grads[name]
+        for s in (1, 5):
+            ref = ns_figures(G, newton_schulz(G, steps=s, dtype=torch.float64))
+            for key in ("cosine", "information_loss", "orthogonality_error"):
+                got = ns.last_metrics[f"ns_analysis/matrix/{name}/steps_{s}/{key}"]
+                assert got == pytest.approx(float(ref[key]), rel=tol, abs=tol * 1e-2), (name, s, key)
+    benefits = [ns_benefit(grads[n], steps=5, dtype=torch.float64) for n in hidden]
+    for key in ("effective_rank", "ns_effective_rank", "benefit_ratio", "information_loss"):
+        ref = float(np.mean([float(b[key]) for b in benefits]))
+        assert comp.last_metrics[f"gradient_analysis/hidden/{key}"] == pytest.approx(ref, rel=tol * 2), key

@@ -8,7 +8,8 @@ from typing import Any, Sequence
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from ..spectral.ns import ns_benefit
+from ..spectral.ns import ns_benefit, ns_benefit_of_spectrum
+from ._spectra import EXACT_MAX_K, METHODS, SpectrumSnapshots
 from ._logging import log_dir, log_scalars, log_text, mean
 from ._tracking import (
     by_shape,
@@ -29,10 +30,14 @@ class ComponentGradientAnalysis(BackgroundAnalysis):
     Every ``every_n_steps`` optimizer steps, in ``on_before_optimizer_step`` (accumulated, unscaled
     gradients), the gradient matrices of each component (``input`` = role embedding, ``hidden``,
     ``output``; roles from the policy's param groups, or
-    :func:`~lightning_optlab.policy.describe_parameters`) are copied on their device and a
-    background thread computes, per matrix, :func:`lightning_optlab.spectral.ns_benefit` with
-    ``ns_steps`` NS steps: effective rank of G and of NS(G), their ratio (the *NS benefit ratio*),
-    effective rank relative to ``min(m, n)``, and the information loss. Component figures are the
+    :func:`~lightning_optlab.policy.describe_parameters`) are measured: per matrix, with
+    ``ns_steps`` NS steps, the effective rank of G and of NS(G), their ratio (the *NS benefit
+    ratio*), effective rank relative to ``min(m, n)``, and the information loss. By default these
+    come from each gradient's singular values (NS maps them one by one, see
+    :class:`NewtonSchulzAnalysis`; spectra taken as :class:`SpectralMonitor` takes them:
+    ``method="auto"``, exact for small matrices, the Lanczos estimate on CUDA above
+    ``exact_max_k``); ``method="iterate"`` runs :func:`lightning_optlab.spectral.ns_benefit` (the
+    iteration and two SVDs per matrix) on copies in the worker. Component figures are the
     mean over its matrices; they are logged at a later hook under their step, and accumulated over
     the run. Only global rank zero measures; an analysis due while the previous one still runs is
     skipped.
@@ -55,8 +60,10 @@ class ComponentGradientAnalysis(BackgroundAnalysis):
         components: components to analyse.
         benefit_threshold: NS benefit ratio from which an orthogonalized rule is recommended.
         filename: name of the Markdown file written to the log dir (``None``: no file).
-        dtype: NS compute dtype (default: Muon's, bf16 on CUDA, fp32 on CPU).
+        dtype: NS compute dtype of ``method="iterate"`` (default: Muon's, bf16 on CUDA, fp32 on CPU).
         wait_if_busy: wait for the previous analysis instead of skipping one.
+        method: ``"auto"`` (default), ``"iterate"``, or a :class:`SpectralMonitor` method.
+        exact_max_k, estimate: as for :class:`SpectralMonitor`.
 
     Example::
 
@@ -75,6 +82,9 @@ class ComponentGradientAnalysis(BackgroundAnalysis):
         filename: str | None = "gradient_recommendations.md",
         dtype: torch.dtype | None = None,
         wait_if_busy: bool = False,
+        method: str = "auto",
+        exact_max_k: int = EXACT_MAX_K,
+        estimate: dict | None = None,
     ) -> None:
         self.every_n_steps = check_every_n_steps("ComponentGradientAnalysis", every_n_steps)
         if not isinstance(ns_steps, int) or ns_steps < 1:
@@ -86,6 +96,11 @@ class ComponentGradientAnalysis(BackgroundAnalysis):
         self.benefit_threshold = float(benefit_threshold)
         self.filename = filename
         self.dtype = dtype
+        if method not in METHODS + ("iterate",):
+            raise ValueError(f"ComponentGradientAnalysis(method={method!r}): use 'iterate' or one of {', '.join(map(repr, METHODS))}")
+        self.method = method
+        self._engine = SpectrumSnapshots("ComponentGradientAnalysis", "auto" if method == "iterate" else method,
+                                         exact_max_k=exact_max_k, estimate=estimate)
         super().__init__(wait_if_busy)
         #: run totals per component: ``{component: {figure: [sum, count]}}``
         self.totals: dict[str, dict[str, list[float]]] = {}
@@ -110,9 +125,14 @@ class ComponentGradientAnalysis(BackgroundAnalysis):
         mats, who, _ = gradient_matrices(self._tracked, optimizer, self.components, "gradient")
         if not mats:
             return
-        if self._worker_free(trainer, step):
-            component_of = {name: tp.component for name, tp in who.items()}
+        if not self._worker_free(trainer, step):
+            return
+        component_of = {name: tp.component for name, tp in who.items()}
+        if self.method == "iterate":
             self._submit(trainer, step, self._compute, Snapshot(mats, to_cpu=True), component_of)
+            return
+        tensors = {("gradients", name): m for name, m in mats.items()}
+        self._submit(trainer, step, self._compute_from_spectra, self._engine.take(tensors, list(tensors)), component_of)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         super().on_train_end(trainer, pl_module)
@@ -138,7 +158,25 @@ class ComponentGradientAnalysis(BackgroundAnalysis):
 
     # --- worker side -------------------------------------------------------------------------
 
+    def _compute_from_spectra(self, parts: list, component_of: dict[str, str]) -> dict[str, dict[str, float]]:
+        """Worker: the figures of each matrix from its singular values, means per component."""
+        groups, _, _, _ = self._engine.spectra(parts)
+        rows: dict[str, dict[str, list[float]]] = {}
+        for metas, sv in groups:
+            figs = ns_benefit_of_spectrum(sv, self.ns_steps)
+            values = {k: figs[k].tolist() for k in FIGURES}
+            for i, (_, name) in enumerate(metas):
+                row = rows.setdefault(component_of[name], {})
+                for k in FIGURES:
+                    row.setdefault(k, []).append(values[k][i])
+        return {c: {k: mean(v) for k, v in figs.items()} for c, figs in rows.items()}
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
+        self._engine.clear()
+
     def _compute(self, snap: Snapshot, component_of: dict[str, str]) -> dict[str, dict[str, float]]:
+        """Worker, ``method="iterate"``: the iteration and SVDs on the copies."""
         tensors = snap.wait()
         rows: dict[str, dict[str, list[float]]] = {}
         with side_stream_context(tensors):

@@ -7,7 +7,8 @@ from typing import Any, Sequence
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from ..spectral.ns import DEFAULT_NS_STEPS, ns_transformation
+from ..spectral.ns import DEFAULT_NS_STEPS, ns_figures_of_spectrum, ns_map_of_spectrum, ns_transformation
+from ._spectra import EXACT_MAX_K, METHODS, SpectrumSnapshots
 from ._logging import log_scalars, mean
 from ._tracking import (
     by_shape,
@@ -27,12 +28,20 @@ class NewtonSchulzAnalysis(BackgroundAnalysis):
     r"""Angle, information loss and orthogonality of ``NS(G)`` for several Newton-Schulz step counts.
 
     Every ``every_n_steps`` optimizer steps, in ``on_before_optimizer_step`` (accumulated, unscaled
-    gradients), the matrices of ``components`` are copied on their device and a background thread
-    runs :func:`lightning_optlab.spectral.ns_transformation` on them (one batched NS per shape and
-    step count, in Muon's dtype: bf16 on CUDA, on a side stream; fp32 on CPU). Results are logged
-    from the training thread at a later hook under the step they belong to. If the previous
-    analysis is still running when the next is due, that one is skipped (``wait_if_busy=True``
-    waits instead). Only global rank zero measures.
+    gradients), the matrices of ``components`` are measured and the figures are logged from the
+    training thread at a later hook under the step they belong to. If the previous analysis is
+    still running when the next is due, that one is skipped (``wait_if_busy=True`` waits
+    instead). Only global rank zero measures.
+
+    How (``method``): by default from each gradient's singular values, which the quintic
+    iteration maps one by one (``x -> a x + b x^3 + c x^5`` after normalization, in exact
+    arithmetic; :func:`~lightning_optlab.spectral.ns.ns_map_of_spectrum`): one spectrum per
+    matrix serves every step count, taken as :class:`SpectralMonitor` takes it (``"auto"``: exact
+    for small matrices, the Lanczos estimate on CUDA above ``exact_max_k``; ``"svd"``,
+    ``"gram"``, ``"gram_host"``, ``"lanczos"`` force one). Why: iterating every gradient ten
+    times costs twice Muon's own step at every snapshot. ``"iterate"`` runs the iteration itself
+    (:func:`~lightning_optlab.spectral.ns_transformation`, in Muon's dtype: bf16 on CUDA, fp32
+    on CPU) on copies in the worker, rounding included.
 
     Figures (see :mod:`lightning_optlab.spectral.ns`): ``cosine`` and ``angle_deg`` between G and
     NS(G), ``information_loss`` = ``||G/||G|| - NS(G)/||NS(G)|| ||_F``, ``orthogonality_error`` =
@@ -48,9 +57,11 @@ class NewtonSchulzAnalysis(BackgroundAnalysis):
             domain is ``hidden``.
         source: ``gradient``, ``momentum`` (the rule's ``momentum_buffer``/``exp_avg`` as the
             previous step left it) or ``auto`` (momentum where the rule keeps one).
-        dtype: NS compute dtype (default: Muon's, bf16 on CUDA, fp32 on CPU).
+        dtype: NS compute dtype of ``method="iterate"`` (default: Muon's, bf16 on CUDA, fp32 on CPU).
         log_per_matrix: also log each matrix's figures.
         wait_if_busy: wait for the previous analysis instead of skipping one.
+        method: ``"auto"`` (default), ``"iterate"``, or a :class:`SpectralMonitor` method.
+        exact_max_k, estimate: as for :class:`SpectralMonitor`.
 
     Example::
 
@@ -68,6 +79,9 @@ class NewtonSchulzAnalysis(BackgroundAnalysis):
         dtype: torch.dtype | None = None,
         log_per_matrix: bool = False,
         wait_if_busy: bool = False,
+        method: str = "auto",
+        exact_max_k: int = EXACT_MAX_K,
+        estimate: dict | None = None,
     ) -> None:
         self.every_n_steps = check_every_n_steps("NewtonSchulzAnalysis", every_n_steps)
         self.steps = tuple(steps)
@@ -79,6 +93,11 @@ class NewtonSchulzAnalysis(BackgroundAnalysis):
         self.source = source
         self.dtype = dtype
         self.log_per_matrix = log_per_matrix
+        if method not in METHODS + ("iterate",):
+            raise ValueError(f"NewtonSchulzAnalysis(method={method!r}): use 'iterate' or one of {', '.join(map(repr, METHODS))}")
+        self.method = method
+        self._engine = SpectrumSnapshots("NewtonSchulzAnalysis", "auto" if method == "iterate" else method,
+                                         exact_max_k=exact_max_k, estimate=estimate)
         super().__init__(wait_if_busy)
         #: figures of the latest logged analysis ``{tag: value}`` and its step
         self.last_metrics: dict[str, float] = {}
@@ -101,10 +120,38 @@ class NewtonSchulzAnalysis(BackgroundAnalysis):
                     "at this step; check components=... (roles come from the policy / describe_parameters)"
                 )
             return
-        if self._worker_free(trainer, step):
+        if not self._worker_free(trainer, step):
+            return
+        if self.method == "iterate":
             self._submit(trainer, step, self._compute, Snapshot(mats, to_cpu=True))
+            return
+        tensors = {("gradients", name): m for name, m in mats.items()}
+        parts = self._engine.take(tensors, list(tensors))
+        self._submit(trainer, step, self._compute_from_spectra, parts)
+
+    def _compute_from_spectra(self, parts: list) -> dict[str, float]:
+        """Worker: the figures of every step count from each matrix's singular values."""
+        groups, _, _, _ = self._engine.spectra(parts)
+        per: dict[str, list[float]] = {}
+        scalars: dict[str, float] = {}
+        for metas, sv in groups:
+            for s, o in ns_map_of_spectrum(sv, self.steps).items():
+                figs = ns_figures_of_spectrum(sv, o)
+                for key in FIGURES:
+                    for (_, name), v in zip(metas, figs[key].tolist()):
+                        per.setdefault(f"ns_analysis/steps_{s}/{key}", []).append(v)
+                        if self.log_per_matrix:
+                            scalars[f"ns_analysis/matrix/{sanitize_tag(name)}/steps_{s}/{key}"] = v
+        for tag, vals in per.items():
+            scalars[tag] = mean(vals)
+        return scalars
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
+        self._engine.clear()
 
     def _compute(self, snap: Snapshot) -> dict[str, float]:
+        """Worker, ``method="iterate"``: the NS iteration itself on the copies."""
         tensors = snap.wait()
         per: dict[str, list[float]] = {}
         scalars: dict[str, float] = {}

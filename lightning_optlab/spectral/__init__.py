@@ -19,7 +19,15 @@ from .metrics import (
     topk_concentration_of_spectrum,
 )
 from .lanczos import estimate_singular_values, sketch_matrices, spectrum_from_sketch
-from .ns import DEFAULT_NS_STEPS, ns_benefit, ns_figures, ns_transformation
+from .ns import (
+    DEFAULT_NS_STEPS,
+    ns_benefit,
+    ns_benefit_of_spectrum,
+    ns_figures,
+    ns_figures_of_spectrum,
+    ns_map_of_spectrum,
+    ns_transformation,
+)
 
 __all__ = [
     "DEFAULT_NS_STEPS",
@@ -31,7 +39,10 @@ __all__ = [
     "estimate_singular_values",
     "gram_of_small_side",
     "ns_benefit",
+    "ns_benefit_of_spectrum",
     "ns_figures",
+    "ns_figures_of_spectrum",
+    "ns_map_of_spectrum",
     "ns_transformation",
     "singular_values",
     "singular_values_from_gram",

@@ -201,7 +201,11 @@ def sketch_matrices(
         ritz = Z.mT @ Z  # Y^T X X^T Y
         # sigma_max: Lanczos from the leading Ritz vectors (subspace iteration alone converges
         # slowly on a gapless top, as at initialization; from there a few steps suffice)
-        vecs = torch.linalg.eigh(ritz).eigenvectors[..., -min(TOP_PROBES, rank):]
+        # (a distinct tiny diagonal keeps the batched solver from failing on degenerate Ritz
+        # matrices -- a zero gradient's, say; these vectors only start the Lanczos runs)
+        scale = ritz.diagonal(dim1=-2, dim2=-1).sum(-1)[:, None, None] * 1e-6 + torch.finfo(ritz.dtype).tiny
+        jitter = torch.diag_embed(torch.linspace(0, 1, rank, device=X.device, dtype=ritz.dtype).expand(X.size(0), rank))
+        vecs = torch.linalg.eigh(ritz + jitter * scale).eigenvectors[..., -min(TOP_PROBES, rank):]
         top_alpha, top_beta = lanczos_tridiagonals(G, steps=TOP_STEPS, start=Y @ vecs)
         del G
         X.baddbmm_(Y, Z.mT, alpha=-1)  # the rest: (I - Y Y^T) X

@@ -23,7 +23,7 @@ from typing import Iterable
 
 import torch
 
-from ..optim.newton_schulz import newton_schulz
+from ..optim.newton_schulz import NS_COEFFICIENTS, newton_schulz
 from .metrics import effective_rank_of_spectrum, singular_values
 
 DEFAULT_NS_STEPS = (1, 2, 3, 5, 10)
@@ -93,4 +93,58 @@ def ns_benefit(
         "relative_effective_rank": er / min(G.shape[-2:]),
     }
     out.update(ns_figures(G, O))
+    return out
+
+
+# --- the same figures from the singular values alone -------------------------------------------
+
+
+def ns_map_of_spectrum(
+    s: torch.Tensor, steps: Iterable[int] = DEFAULT_NS_STEPS, coefficients: tuple[float, float, float] = NS_COEFFICIENTS
+) -> dict[int, torch.Tensor]:
+    """The singular values of ``newton_schulz(G, steps=t)`` for each ``t`` in ``steps``, from those
+    of ``G`` (``s``, last dim): ``G`` is normalized by ``||G||_F = sqrt(sum s^2)``, and each quintic
+    step maps every singular value by ``x -> a x + b x^3 + c x^5`` (the iteration acts on ``U Sigma
+    V^T`` as that polynomial on ``Sigma``). In exact arithmetic, so in float64; Muon's bf16
+    iteration differs from it by its rounding."""
+    steps = sorted(set(steps))
+    if not steps or any(not isinstance(t, int) or t < 0 for t in steps):
+        raise ValueError(f"ns_map_of_spectrum: give step counts >= 0, e.g. steps=(1, 2, 3, 5, 10), got {steps}")
+    a, b, c = (float(v) for v in coefficients)
+    s = s.to(torch.float64)
+    x = s / (s * s).sum(-1, keepdim=True).sqrt().clamp_min(1e-300)
+    out, done = {}, 0
+    for t in steps:
+        for _ in range(t - done):
+            x2 = x * x
+            x = x * (a + x2 * (b + c * x2))
+        done = t
+        out[t] = x
+    return out
+
+
+def ns_figures_of_spectrum(s: torch.Tensor, o: torch.Tensor) -> dict[str, torch.Tensor]:
+    """:func:`ns_figures` of ``G`` and ``O`` that share singular vectors, from their singular
+    values ``s`` and ``o`` (same order, last dim, float64): ``cosine = sum s o / (|s| |o|)``,
+    ``information_loss = sqrt(2 - 2 cosine)``, ``orthogonality_error =
+    sqrt(sum (o^2 - 1)^2 / r)``."""
+    s, o = s.to(torch.float64), o.to(torch.float64)
+    cosine = (s * o).sum(-1) / ((s * s).sum(-1).sqrt() * (o * o).sum(-1).sqrt()).clamp_min(1e-300)
+    cosine = cosine.clamp(-1.0, 1.0)
+    return {
+        "cosine": cosine,
+        "angle_deg": torch.rad2deg(torch.arccos(cosine)),
+        "information_loss": (2 - 2 * cosine).clamp_min(0).sqrt(),
+        "orthogonality_error": ((o * o - 1) ** 2).mean(-1).sqrt(),
+    }
+
+
+def ns_benefit_of_spectrum(s: torch.Tensor, steps: int = 5) -> dict[str, torch.Tensor]:
+    """:func:`ns_benefit` from the singular values ``s`` of ``G`` (last dim; ``r`` of them)."""
+    o = ns_map_of_spectrum(s, (steps,))[steps]
+    er = effective_rank_of_spectrum(s.to(torch.float64))
+    ner = effective_rank_of_spectrum(o)
+    out = {"effective_rank": er, "ns_effective_rank": ner, "benefit_ratio": ner / er.clamp_min(1e-12),
+           "relative_effective_rank": er / s.shape[-1]}
+    out.update(ns_figures_of_spectrum(s, o))
     return out
