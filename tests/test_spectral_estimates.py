@@ -245,12 +245,14 @@ def test_cuda_monitor_auto_logs_figures_of_the_measured_tensors(tmp_path):
     assert seen == {True, False}
 
 
-def test_zero_and_repeated_spectra_are_estimated_without_failing():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA (run on the GPU machine)"))])
+def test_zero_and_repeated_spectra_are_estimated_without_failing(device):
     """A zero gradient (all-zero Gram) and an exactly repeated spectrum (identity rows) in one
     batch: no solver failure, zeros for the first, all-equal values for the second."""
-    X = torch.zeros(2, 96, 200)
-    X[1, :, :96] = torch.eye(96)
-    s = lanczos.spectrum_from_sketch(lanczos.sketch_matrices(X.clone()))
+    X = torch.zeros(2, 96, 200, device=device)
+    X[1, :, :96] = torch.eye(96, device=device)
+    s = lanczos.spectrum_from_sketch(lanczos.sketch_matrices(X.clone(), precision="bfloat16"))
     assert torch.all(s[0] == 0)
     torch.testing.assert_close(s[1], torch.ones(96, dtype=torch.float64), rtol=1e-4, atol=1e-4)
 

@@ -9,7 +9,7 @@ with ``k = 2048``. The estimate needs only matrix products, batched over same-sh
 1. The top: ``rank`` leading directions ``Y`` by subspace iteration on ``G`` (``iterations``
    products with a block of ``rank`` vectors); the eigenvalues of ``(W^T Y)^T (W^T Y)``
    (Rayleigh-Ritz, in float32 from ``W`` itself) are the top of the spectrum, and a few Lanczos
-   steps from the leading Ritz vectors refine ``sigma_max``.
+   steps from the leading directions refine ``sigma_max``.
 2. The rest: ``W_r = (I - Y Y^T) W`` and its own Gram; ``steps`` Lanczos iterations from each of
    ``probes`` random unit vectors orthogonal to ``Y`` give Gauss quadrature rules -- nodes (Ritz
    values) and weights -- whose mixture approximates the rest's eigenvalue density (Ubaru, Chen
@@ -156,7 +156,7 @@ class SpectrumSketch:
     trace: torch.Tensor
     rest_trace: torch.Tensor
     k: int
-    top_alpha: torch.Tensor | None = None  # Lanczos from the leading Ritz vectors (sigma_max)
+    top_alpha: torch.Tensor | None = None  # Lanczos from the leading directions (sigma_max)
     top_beta: torch.Tensor | None = None
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -199,14 +199,11 @@ def sketch_matrices(
         Y = top_subspace(G, rank, iterations, gen)
         Z = X.mT @ Y  # (B, n, r), float32
         ritz = Z.mT @ Z  # Y^T X X^T Y
-        # sigma_max: Lanczos from the leading Ritz vectors (subspace iteration alone converges
-        # slowly on a gapless top, as at initialization; from there a few steps suffice)
-        # (a distinct tiny diagonal keeps the batched solver from failing on degenerate Ritz
-        # matrices -- a zero gradient's, say; these vectors only start the Lanczos runs)
-        scale = ritz.diagonal(dim1=-2, dim2=-1).sum(-1)[:, None, None] * 1e-6 + torch.finfo(ritz.dtype).tiny
-        jitter = torch.diag_embed(torch.linspace(0, 1, rank, device=X.device, dtype=ritz.dtype).expand(X.size(0), rank))
-        vecs = torch.linalg.eigh(ritz + jitter * scale).eigenvectors[..., -min(TOP_PROBES, rank):]
-        top_alpha, top_beta = lanczos_tridiagonals(G, steps=TOP_STEPS, start=Y @ vecs)
+        # sigma_max: a few Lanczos steps from the leading columns of Y (subspace iteration alone
+        # converges slowly on a gapless top, as at initialization; from inside the top subspace
+        # a few steps suffice). No eigensolver on the device: CUDA's batched one can refuse
+        # degenerate inputs (a zero gradient), LAPACK on the host does not.
+        top_alpha, top_beta = lanczos_tridiagonals(G, steps=TOP_STEPS, start=Y[..., :min(TOP_PROBES, rank)])
         del G
         X.baddbmm_(Y, Z.mT, alpha=-1)  # the rest: (I - Y Y^T) X
         del Z
