@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=None)
     p.add_argument("--commit", default=None)
+    p.add_argument("--filename", default="monitors.json", help="name of the JSON file under --out")
     args = p.parse_args(argv)
     quiet_lightning()
     device = pick_device(args.device)
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result.update({"kind": "monitors", "target_pct": TARGET_PCT, "policy": POLICY, "header": header, "rows": rows,
                    "records": records})
     if args.out:
-        print("wrote", write_json(args.out, "monitors.json", result))
+        print("wrote", write_json(args.out, args.filename, result))
     return result
 
 
