@@ -254,7 +254,7 @@ def test_zero_and_repeated_spectra_are_estimated_without_failing(device):
     X[1, :, :96] = torch.eye(96, device=device)
     s = lanczos.spectrum_from_sketch(lanczos.sketch_matrices(X.clone(), precision="bfloat16"))
     assert torch.all(s[0] == 0)
-    torch.testing.assert_close(s[1], torch.ones(96, dtype=torch.float64), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(s[1], torch.ones(96, dtype=torch.float64), rtol=5e-3, atol=5e-3)  # bf16 on CUDA
 
 
 def test_ns_figures_from_the_spectrum_equal_a_float64_iteration():
@@ -332,3 +332,15 @@ def test_analyses_from_spectra_match_the_float64_iteration_of_the_measured_gradi
     for key in ("effective_rank", "ns_effective_rank", "benefit_ratio", "information_loss"):
         ref = float(np.mean([float(b[key]) for b in benefits]))
         assert comp.last_metrics[f"gradient_analysis/hidden/{key}"] == pytest.approx(ref, rel=tol * 2), key
+
+
+@pytest.mark.parametrize("scale", [1e-18, 1e-6, 1e15])
+def test_estimate_is_scale_invariant_down_to_tiny_gradients(scale):
+    """A gradient of 1e-18 (its Gram's entries underflow float32) is estimated as well as one of
+    order 1: the spectrum scales with the matrix."""
+    gen = torch.Generator().manual_seed(0)
+    W = with_spectrum("power_law", 300, 500, gen).float()
+    s1 = lanczos.estimate_singular_values(W)
+    s2 = lanczos.estimate_singular_values(W * scale)
+    assert torch.isfinite(s2).all()
+    torch.testing.assert_close(s2 / scale, s1, rtol=1e-4, atol=1e-6 * float(s1[0]))

@@ -158,10 +158,11 @@ class SpectrumSketch:
     k: int
     top_alpha: torch.Tensor | None = None  # Lanczos from the leading directions (sigma_max)
     top_beta: torch.Tensor | None = None
+    scale: torch.Tensor | None = None  # ||W||_F: the rest is of W / ||W||_F
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {"alpha": self.alpha, "beta": self.beta, "trace": self.trace, "rest_trace": self.rest_trace}
-        for name in ("ritz", "top_alpha", "top_beta"):
+        for name in ("ritz", "top_alpha", "top_beta", "scale"):
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)
         return out
@@ -169,7 +170,7 @@ class SpectrumSketch:
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], k: int) -> "SpectrumSketch":
         return cls(tensors.get("ritz"), tensors["alpha"], tensors["beta"], tensors["trace"], tensors["rest_trace"], k,
-                   tensors.get("top_alpha"), tensors.get("top_beta"))
+                   tensors.get("top_alpha"), tensors.get("top_beta"), tensors.get("scale"))
 
 
 def sketch_matrices(
@@ -191,6 +192,10 @@ def sketch_matrices(
     if not 0 <= rank < k:
         raise ValueError(f"sketch_matrices: rank must be in [0, k) = [0, {k}), got {rank}; use an exact method for small matrices")
     gen = torch.Generator(device=X.device).manual_seed(seed)
+    # on unit Frobenius norm (the spectrum scales with it): a gradient of 1e-12 would otherwise
+    # underflow the float32 products of its Gram
+    scale = torch.linalg.vector_norm(X.flatten(1), dim=1)
+    X.div_(torch.where(scale > 0, scale, torch.ones_like(scale))[:, None, None])
     trace = X.flatten(1).pow(2).sum(1)
     Y = ritz = None
     top_alpha = top_beta = None
@@ -209,7 +214,7 @@ def sketch_matrices(
         del Z
     rest_trace = X.flatten(1).pow(2).sum(1)
     alpha, beta = lanczos_tridiagonals(estimate_gram(X, precision), probes, steps, gen, deflate=Y)
-    return SpectrumSketch(ritz, alpha, beta, trace, rest_trace, k, top_alpha, top_beta)
+    return SpectrumSketch(ritz, alpha, beta, trace, rest_trace, k, top_alpha, top_beta, scale)
 
 
 def spectrum_from_sketch(sketch: SpectrumSketch) -> torch.Tensor:
@@ -252,7 +257,8 @@ def spectrum_from_sketch(sketch: SpectrumSketch) -> torch.Tensor:
     lam = torch.cat([top, rest], 1).sort(dim=1, descending=True).values
     # below (float32 eps)^2 of lambda_max (sigma < eps sigma_max) nothing is resolved: read as 0
     lam = torch.where(lam > eps * eps * lam[:, :1], lam, torch.zeros_like(lam))
-    return lam.sqrt()
+    s = lam.sqrt()
+    return s if sketch.scale is None else s * sketch.scale.detach().to("cpu", torch.float64)[:, None]
 
 
 def estimate_singular_values(
