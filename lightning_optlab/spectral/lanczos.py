@@ -48,15 +48,17 @@ TOP_PROBES, TOP_STEPS = 4, 8  # the refinement of sigma_max
 
 
 def _orthonormalize(Y: torch.Tensor) -> torch.Tensor:
-    """Columns spanning ``Y`` (``(B, k, r)``), orthonormal to ~1e-6: shifted Cholesky-QR twice
-    (matrix products and an ``r x r`` factorization, cheap on a GPU; the shift keeps it defined
-    when ``Y`` is rank-deficient)."""
+    """Columns spanning about ``Y`` (``(B, k, r)``), near-orthonormal: the columns brought to unit
+    norm, then Cholesky-QR twice with a shift of 1e-3 (matrix products and an ``r x r``
+    factorization, cheap on a GPU). Why unit columns and that shift: float32 Gram products on a
+    GPU carry ~1e-5 relative rounding, enough to make a smaller-shifted factorization fail on
+    the nearly dependent columns of a low-rank gradient; subspace iteration needs only the span,
+    and :func:`top_subspace` ends with a Householder QR."""
     eye = torch.eye(Y.size(-1), dtype=Y.dtype, device=Y.device)
     for _ in range(2):
-        M = Y.mT @ Y
-        M = M + eye * (M.diagonal(dim1=-2, dim2=-1).amax(-1, keepdim=True)[..., None] * 1e-6 + torch.finfo(Y.dtype).tiny)
-        L, info = torch.linalg.cholesky_ex(M)
-        Y = torch.linalg.solve_triangular(L, Y.mT, upper=False).mT
+        Y = Y / Y.norm(dim=-2, keepdim=True).clamp_min(torch.finfo(Y.dtype).tiny)
+        L, _ = torch.linalg.cholesky_ex(Y.mT @ Y + eye * 1e-3)
+        Y = torch.linalg.solve_triangular(L, Y.mT, upper=False).mT.nan_to_num(0.0, 0.0, 0.0)
     return Y
 
 
@@ -191,6 +193,11 @@ def sketch_matrices(
     k = X.size(-2)
     if not 0 <= rank < k:
         raise ValueError(f"sketch_matrices: rank must be in [0, k) = [0, {k}), got {rank}; use an exact method for small matrices")
+    with torch.autocast(X.device.type, enabled=False):  # the hook may run under bf16 autocast
+        return _sketch(X, k, rank, iterations, probes, steps, precision, seed)
+
+
+def _sketch(X, k, rank, iterations, probes, steps, precision, seed) -> SpectrumSketch:
     gen = torch.Generator(device=X.device).manual_seed(seed)
     # on unit Frobenius norm (the spectrum scales with it): a gradient of 1e-12 would otherwise
     # underflow the float32 products of its Gram
