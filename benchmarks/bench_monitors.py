@@ -156,7 +156,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"% at every {args.every}", "skipped", f"<= {TARGET_PCT}% and 0 skipped"]
     print(text_table(header, rows))
     result = run_metadata(device, args.commit, vars(args))
-    result.update({"kind": "monitors", "target_pct": TARGET_PCT, "policy": POLICY, "header": header, "rows": rows,
+    result.update({"kind": "monitors", "mode": "tiny" if set(args.sizes.split(",")) <= {"tiny", "small"} else "full",
+                   "target_pct": TARGET_PCT, "policy": POLICY, "header": header, "rows": rows,
                    "records": records})
     if args.out:
         print("wrote", write_json(args.out, args.filename, result))

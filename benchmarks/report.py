@@ -1,8 +1,8 @@
 """Turn the benchmark JSON files into ``docs/benchmarks.md`` (and README's benchmark section).
 
 Reads every ``*.json`` under ``--results`` (default ``benchmarks/results/``, searched recursively)
-written by ``bench_ops.py`` (``kind: ops``), ``bench_train.py`` (``kind: train``) and
-``bench_views.py`` (``kind: views``), keeps the
+written by ``bench_ops.py`` (``kind: ops``), ``bench_train.py`` (``kind: train``),
+``bench_views.py`` (``kind: views``) and ``bench_monitors.py`` (``kind: monitors``), keeps the
 newest of each kind (tiny CPU smoke results only with ``--include-tiny``), and writes the Markdown
 report to ``--out`` (default ``docs/benchmarks.md``). The report is generated, never edited by hand.
 
@@ -37,6 +37,8 @@ def variant(data: dict[str, Any]) -> str:
     from benchmarks.bench_train import RULES
 
     s = data.get("settings", {}) or {}
+    if data.get("kind") == "monitors":
+        return str(s.get("sizes", ""))
     if data.get("kind") == "ops":
         sections = s.get("sections")
         return "" if sections in (None, "", ",".join(SECTIONS)) else str(sections)
@@ -58,7 +60,7 @@ def load_results(results_dir: Path, include_tiny: bool) -> dict[str, dict[str, A
         except (OSError, json.JSONDecodeError) as exc:
             print(f"report: skipping {path}: {exc}", file=sys.stderr)
             continue
-        if not isinstance(data, dict) or data.get("kind") not in ("ops", "train", "views"):
+        if not isinstance(data, dict) or data.get("kind") not in ("ops", "train", "views", "monitors"):
             continue
         if data.get("mode") == "tiny" and not include_tiny:
             continue
@@ -242,6 +244,15 @@ def views_section(data: dict[str, Any]) -> list[str]:
     return out + [markdown_table(header, rows), ""]
 
 
+def monitors_section(data: dict[str, Any]) -> list[str]:
+    """``bench_monitors.py``: each measurement callback's cost against model size (issue 17)."""
+    out = ["## Monitors against model size (`benchmarks/bench_monitors.py`)", ""] + _meta_lines(data) + [""]
+    out += [f"Project GPT, Muon on hidden matrices, bf16-mixed, each monitor at its defaults; target: "
+            f"<= {data.get('target_pct')}% of training time and no skipped snapshot. Cost per snapshot = what "
+            "the steps with a snapshot or a busy worker took beyond the fit's quiet median.", ""]
+    return out + [markdown_table(data.get("header", []), data.get("rows", [])), ""]
+
+
 def summary(results: dict[str, dict[str, Any]]) -> str:
     """Short Markdown for README's "Benchmark results" section."""
     if not results:
@@ -251,7 +262,7 @@ def summary(results: dict[str, dict[str, Any]]) -> str:
     for key in sorted(results, key=lambda k: (not k.startswith("ops"), k)):
         data = results[key]
         kind = data["kind"]
-        if kind == "views":
+        if kind in ("views", "monitors"):
             continue  # docs/benchmarks.md only
         extra = f" ({variant(data)})" if variant(data) else ""
         lines.append(f"**{'Operations' if kind == 'ops' else 'Training'}{extra}** on {data.get('device_name')} "
@@ -291,7 +302,8 @@ def render(results: dict[str, dict[str, Any]], results_dir: Path) -> str:
                 "PYTHONPATH=. python benchmarks/report.py", "```", ""]
     for key in sorted(results, key=lambda k: (not k.startswith("ops"), k)):
         data = results[key]
-        section = {"ops": ops_section, "train": train_section, "views": views_section}[data["kind"]]
+        section = {"ops": ops_section, "train": train_section, "views": views_section,
+                   "monitors": monitors_section}[data["kind"]]
         out += section(data)
     return "\n".join(out).rstrip() + "\n"
 
