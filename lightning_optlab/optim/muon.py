@@ -45,7 +45,7 @@ from .steps import (
 )
 from .matrix import group_views
 from .muon_graph import graph_eligible, graph_for
-from .newton_schulz import NS_COEFFICIENTS, newton_schulz_
+from .newton_schulz import NS_COEFFICIENTS, NS_METHODS, coefficient_schedule, newton_schulz_
 from .registry import UpdateRule, check_common, register_rule
 from .rule_optimizer import RuleOptimizer
 
@@ -61,6 +61,7 @@ MUON_DEFAULTS: dict[str, Any] = dict(
     ns_dtype="auto",
     ns_split="auto",
     cuda_graph="auto",
+    ns_method="plain",
 )
 
 
@@ -75,12 +76,21 @@ def check_muon(hp: Mapping[str, Any]) -> None:
             "normalized momentum SGD, not Muon; use ns_steps: 5 (or 3 for a rougher polar factor)"
         )
     coeffs = hp["ns_coefficients"]
-    if (
-        not isinstance(coeffs, (list, tuple))
-        or len(coeffs) != 3
-        or not all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in coeffs)
-    ):
-        raise ValueError(f"ns_coefficients must be three numbers (a, b, c), got {coeffs!r}")
+
+    def triple(t) -> bool:
+        return (isinstance(t, (list, tuple)) and len(t) == 3
+                and all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in t))
+
+    if not (triple(coeffs) or (isinstance(coeffs, (list, tuple)) and len(coeffs) == steps and all(map(triple, coeffs)))):
+        raise ValueError(
+            f"ns_coefficients must be three numbers (a, b, c), or one such triple per step ({steps} for "
+            f"ns_steps: {steps}), got {coeffs!r}"
+        )
+    if hp["ns_method"] not in NS_METHODS:
+        raise ValueError(
+            f"ns_method must be one of {', '.join(NS_METHODS)} (plain: the quintic on the matrix; gram: on "
+            f"the Gram of its small side; auto: gram where the long side is >= 2x the short), got {hp['ns_method']!r}"
+        )
     if hp["adjust_lr_fn"] is not None and hp["adjust_lr_fn"] not in ADJUST_LR_FNS:
         raise ValueError(
             f"adjust_lr_fn must be one of {', '.join(ADJUST_LR_FNS)} (or null for 'original'), "
@@ -135,7 +145,8 @@ def muon_step(group: dict, params: list, grads: list, states: list) -> None:
     dtype = resolve_ns_dtype(group["ns_dtype"], device)
     world = ns_split_world(group["ns_split"])
     lr = group["lr"]
-    ns = dict(steps=group["ns_steps"], coefficients=tuple(group["ns_coefficients"]), eps=group["eps"])
+    ns = dict(steps=group["ns_steps"], coefficients=coefficient_schedule(group["ns_coefficients"], group["ns_steps"]),
+              eps=group["eps"], method=group["ns_method"])
     decoupled_weight_decay_(weights, lr, group["weight_decay"])
     for shape, slots in matrix_buckets([p.shape for p in params], views):
         def stacked(tensors):
@@ -192,7 +203,11 @@ class Muon(RuleOptimizer):
         nesterov: use the look-ahead ``(1-momentum)*g + momentum*buf`` (default True).
         weight_decay: decoupled, ``p <- p * (1 - lr * weight_decay)`` (default 0).
         ns_steps: Newton-Schulz iterations (default 5; 3 works for a cheaper, rougher polar).
-        ns_coefficients: quintic coefficients (a, b, c) (default (3.4445, -4.7750, 2.0315)).
+        ns_coefficients: quintic coefficients (a, b, c) (default (3.4445, -4.7750, 2.0315)), or one
+            triple per step (a schedule, e.g. Polar Express's).
+        ns_method: ``"plain"`` (default: the quintic on the matrix), ``"gram"`` (the same iteration
+            on the Gram of the small side, one product with the matrix at the end; less work
+            from a 2:1 aspect ratio on), ``"auto"`` (``"gram"`` for matrices at least 2:1).
         eps: floor of the Frobenius norm before the iteration (default 1e-7).
         adjust_lr_fn: shape scaling of the update: ``"original"`` ``sqrt(max(1, rows/cols))``
             (default), ``"match_rms_adamw"`` ``0.2*sqrt(max(rows, cols))`` (AdamW lr and weight
@@ -222,6 +237,7 @@ class Muon(RuleOptimizer):
         ns_dtype: str = MUON_DEFAULTS["ns_dtype"],
         ns_split: bool | str = MUON_DEFAULTS["ns_split"],
         cuda_graph: bool | str = MUON_DEFAULTS["cuda_graph"],
+        ns_method: str = MUON_DEFAULTS["ns_method"],
     ) -> None:
         super().__init__(
             params,
@@ -236,4 +252,5 @@ class Muon(RuleOptimizer):
             ns_dtype=ns_dtype,
             ns_split=ns_split,
             cuda_graph=cuda_graph,
+            ns_method=ns_method,
         )

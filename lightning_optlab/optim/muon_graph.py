@@ -38,9 +38,10 @@ from .newton_schulz import resolve_ns_dtype
 from .stacks import matrix_buckets
 from .steps import decoupled_weight_decay_, muon_lookahead_, muon_lr_scale
 from .matrix import group_views
-from .newton_schulz import newton_schulz_
+from .newton_schulz import coefficient_schedule, newton_schulz_
 
-_KEYS = ("momentum", "nesterov", "weight_decay", "ns_steps", "ns_coefficients", "eps", "adjust_lr_fn", "ns_dtype")
+_KEYS = ("momentum", "nesterov", "weight_decay", "ns_steps", "ns_coefficients", "eps", "adjust_lr_fn", "ns_dtype",
+         "ns_method")
 
 
 def graph_eligible(group: dict, params: list[torch.Tensor], split_world: Any) -> bool:
@@ -114,10 +115,11 @@ class MuonGraph:
         the big ones leave idle."""
         decoupled_weight_decay_(self.params, self.lr, group["weight_decay"])
         momentum, nesterov = group["momentum"], group["nesterov"]
-        steps, coefficients, eps = group["ns_steps"], tuple(group["ns_coefficients"]), group["eps"]
+        steps, eps, method = group["ns_steps"], group["eps"], group["ns_method"]
+        coefficients = coefficient_schedule(group["ns_coefficients"], steps)
 
         def bucket(shape, slots, G, buf, X) -> None:
-            ortho = newton_schulz_(muon_lookahead_(G, buf, momentum, nesterov, out=X), steps, coefficients, eps)
+            ortho = newton_schulz_(muon_lookahead_(G, buf, momentum, nesterov, out=X), steps, coefficients, eps, method)
             step = self.lr * -muon_lr_scale(*shape, group["adjust_lr_fn"])
             for i, start in slots:
                 self.params[i].addcmul_(self._param_view(ortho, i, start), step)
