@@ -98,3 +98,48 @@ def test_muon_rule_refuses_bad_methods_and_schedules():
                        ({"ns_coefficients": SCHEDULE[:2]}, r"one such triple per step \(5 for ns_steps: 5\)")):
         with pytest.raises(ValueError, match=match):
             build_optimizer(model, {"rules": [{"match": {}, "optimizer": "muon", **bad}]})
+
+
+def test_minimax_quintic_equioscillates_and_is_optimal_on_its_interval():
+    """The Remez result: |1 - p| reaches its maximum E at 4 points with alternating signs (the
+    Chebyshev alternation theorem's certificate of optimality for 3 coefficients), and no
+    perturbation of the coefficients lowers the max error."""
+    from lightning_optlab.optim.newton_schulz import minimax_quintic
+
+    for lo, hi in ((1e-3, 1.0), (0.3, 1.7), (0.9, 1.1)):
+        (a, b, c), E = minimax_quintic(lo, hi)
+        x = torch.linspace(lo, hi, 200001, dtype=torch.float64)
+        err = 1 - (a * x + b * x ** 3 + c * x ** 5)
+        assert float(err.abs().max()) == pytest.approx(E, rel=1e-6)
+        near = x[(err.abs() > E * (1 - 1e-3))]
+        signs = torch.sign(err[(err.abs() > E * (1 - 1e-3))])
+        # at least 4 alternations of sign among the points where the maximum is reached
+        changes = int((signs[1:] != signs[:-1]).sum())
+        assert changes >= 3 and near.numel() >= 4
+        g = torch.Generator().manual_seed(0)
+        for _ in range(20):
+            da, db, dc = (torch.randn(3, generator=g, dtype=torch.float64) * 1e-3 * max(abs(a), 1)).tolist()
+            worse = 1 - ((a + da) * x + (b + db) * x ** 3 + (c + dc) * x ** 5)
+            assert float(worse.abs().max()) >= E * (1 - 1e-9)
+
+
+def test_polar_express_schedule_lands_closer_to_one_than_muons_triple():
+    """Five steps of the schedule map every singular value in [1e-3, 1] into [1 - E, 1 + E] with E
+    below 0.13, where Muon's fixed triple leaves them in [0.47, 1.20]; the plain iteration with it
+    named is the iteration with the schedule spelled out."""
+    from lightning_optlab.optim.newton_schulz import polar_express_schedule
+
+    sched = polar_express_schedule(5)
+    x = torch.logspace(-3, 0, 20001, dtype=torch.float64)
+    pe, muon = x.clone(), x.clone()
+    for (a, b, c) in sched:
+        pe = a * pe + b * pe ** 3 + c * pe ** 5
+    a, b, c = NS_COEFFICIENTS
+    for _ in range(5):
+        muon = a * muon + b * muon ** 3 + c * muon ** 5
+    assert float((pe - 1).abs().max()) < 0.13
+    assert float((pe - 1).abs().max()) < float((muon - 1).abs().max())
+    X = frobenius_normalize_(_matrix(40, 120, 5, decay=0.05).clone())
+    torch.testing.assert_close(quintic_iterations(X, 5, "polar_express"), quintic_iterations(X, 5, list(sched)), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="the named schedule is 'polar_express'"):
+        coefficient_schedule("polar", 5)

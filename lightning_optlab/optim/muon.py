@@ -45,7 +45,7 @@ from .steps import (
 )
 from .matrix import group_views
 from .muon_graph import graph_eligible, graph_for
-from .newton_schulz import NS_COEFFICIENTS, NS_METHODS, coefficient_schedule, newton_schulz_
+from .newton_schulz import NS_COEFFICIENTS, NS_METHODS, POLAR_EXPRESS, coefficient_schedule, newton_schulz_
 from .registry import UpdateRule, check_common, register_rule
 from .rule_optimizer import RuleOptimizer
 
@@ -81,10 +81,11 @@ def check_muon(hp: Mapping[str, Any]) -> None:
         return (isinstance(t, (list, tuple)) and len(t) == 3
                 and all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in t))
 
-    if not (triple(coeffs) or (isinstance(coeffs, (list, tuple)) and len(coeffs) == steps and all(map(triple, coeffs)))):
+    if not (triple(coeffs) or coeffs == POLAR_EXPRESS
+            or (isinstance(coeffs, (list, tuple)) and len(coeffs) == steps and all(map(triple, coeffs)))):
         raise ValueError(
-            f"ns_coefficients must be three numbers (a, b, c), or one such triple per step ({steps} for "
-            f"ns_steps: {steps}), got {coeffs!r}"
+            f"ns_coefficients must be three numbers (a, b, c), one such triple per step ({steps} for "
+            f"ns_steps: {steps}), or '{POLAR_EXPRESS}', got {coeffs!r}"
         )
     if hp["ns_method"] not in NS_METHODS:
         raise ValueError(
@@ -204,7 +205,8 @@ class Muon(RuleOptimizer):
         weight_decay: decoupled, ``p <- p * (1 - lr * weight_decay)`` (default 0).
         ns_steps: Newton-Schulz iterations (default 5; 3 works for a cheaper, rougher polar).
         ns_coefficients: quintic coefficients (a, b, c) (default (3.4445, -4.7750, 2.0315)), or one
-            triple per step (a schedule, e.g. Polar Express's).
+            triple per step (a schedule), or ``"polar_express"`` (a minimax schedule for
+            ``ns_steps``, :func:`~.newton_schulz.polar_express_schedule`).
         ns_method: ``"plain"`` (default: the quintic on the matrix), ``"gram"`` (the same iteration
             on the Gram of the small side, one product with the matrix at the end; less work
             from a 2:1 aspect ratio on), ``"auto"`` (``"gram"`` for matrices at least 2:1).

@@ -13,6 +13,7 @@ own static buffers: :func:`frobenius_normalize_` and :func:`quintic_iterations`.
 from __future__ import annotations
 
 from collections import defaultdict
+from functools import lru_cache
 from typing import Sequence
 
 import torch
@@ -83,9 +84,67 @@ def quintic_iterations(
     return X
 
 
+POLAR_EXPRESS = "polar_express"
+
+
+def minimax_quintic(lower: float, upper: float, grid: int = 20000) -> tuple[tuple[float, float, float], float]:
+    """The odd quintic ``p(x) = a x + b x^3 + c x^5`` closest to 1 in the max norm on
+    ``[lower, upper]``, and that distance ``E`` (Remez exchange on a geometric grid, float64): the
+    error ``1 - p`` equioscillates at four points, so ``p`` maps the interval into
+    ``[1 - E, 1 + E]``."""
+    x = torch.logspace(torch.log10(torch.tensor(lower)), torch.log10(torch.tensor(upper)), grid, dtype=torch.float64)
+    ref = torch.logspace(torch.log10(torch.tensor(lower)), torch.log10(torch.tensor(upper)), 4, dtype=torch.float64)
+    signs = torch.tensor([1.0, -1.0, 1.0, -1.0], dtype=torch.float64)
+    for _ in range(100):
+        A = torch.stack([ref, ref ** 3, ref ** 5, signs], 1)
+        a, b, c, _ = torch.linalg.solve(A, torch.ones(4, dtype=torch.float64)).tolist()
+        err = 1 - (a * x + b * x ** 3 + c * x ** 5)
+        d = err.diff()
+        turning = torch.nonzero(d[:-1] * d[1:] <= 0).flatten() + 1
+        idx = torch.cat([torch.tensor([0]), turning, torch.tensor([grid - 1])])
+        pts, vals = [], []
+        for i in idx.tolist():  # alternating extrema, the largest of each run of one sign
+            v = float(err[i])
+            if vals and (v > 0) == (vals[-1] > 0):
+                if abs(v) > abs(vals[-1]):
+                    pts[-1], vals[-1] = float(x[i]), v
+            else:
+                pts.append(float(x[i]))
+                vals.append(v)
+        if len(pts) > 4:
+            best = max(range(len(pts) - 3), key=lambda i: min(abs(v) for v in vals[i:i + 4]))
+            pts = pts[best:best + 4]
+        new = torch.tensor(pts, dtype=torch.float64)
+        if len(pts) != 4 or torch.allclose(new, ref, rtol=1e-13, atol=0):
+            break
+        ref = new
+        signs = torch.tensor([1.0 if vals[0] > 0 else -1.0] * 4, dtype=torch.float64) * torch.tensor([1.0, -1.0, 1.0, -1.0], dtype=torch.float64)
+    return (a, b, c), float(err.abs().max())
+
+
+@lru_cache(maxsize=None)
+def polar_express_schedule(steps: int, lower: float = 1e-3, safety: float = 1.01) -> tuple[tuple[float, float, float], ...]:
+    """A per-step quintic schedule in the manner of Polar Express (Amsel et al. 2025): each step's
+    polynomial is the minimax one (:func:`minimax_quintic`) on the interval the previous steps
+    leave, starting from ``[lower, 1]`` (singular values after Frobenius normalization, those
+    above ``lower``); each interval's top is widened by ``safety`` so that rounding above it
+    (bf16) is still mapped down. Greedy, so each step is optimal given the last; the error after
+    the final step is the smallest such a sequence of quintics allows."""
+    lo, hi, out = lower, 1.0, []
+    for _ in range(steps):
+        (a, b, c), E = minimax_quintic(lo, hi * safety)
+        out.append((a, b, c))
+        lo, hi = 1 - E, 1 + E
+    return tuple(out)
+
+
 def coefficient_schedule(coefficients, steps: int) -> list[tuple[float, float, float]]:
-    """The ``(a, b, c)`` of each of ``steps`` quintic steps: one triple for every step, or one
-    triple per step (a schedule, as Polar Express uses)."""
+    """The ``(a, b, c)`` of each of ``steps`` quintic steps: one triple for every step, one triple
+    per step (a schedule), or ``"polar_express"`` (:func:`polar_express_schedule`)."""
+    if isinstance(coefficients, str):
+        if coefficients != POLAR_EXPRESS:
+            raise ValueError(f"ns_coefficients: the named schedule is {POLAR_EXPRESS!r}, got {coefficients!r}")
+        return list(polar_express_schedule(steps))
     coeffs = list(coefficients)
     if len(coeffs) == 3 and all(isinstance(c, (int, float)) for c in coeffs):
         return [tuple(float(c) for c in coeffs)] * steps
