@@ -2,7 +2,8 @@
 
 Reads every ``*.json`` under ``--results`` (default ``benchmarks/results/``, searched recursively)
 written by ``bench_ops.py`` (``kind: ops``), ``bench_train.py`` (``kind: train``),
-``bench_views.py`` (``kind: views``) and ``bench_monitors.py`` (``kind: monitors``), keeps the
+``bench_views.py`` (``kind: views``), ``bench_monitors.py`` (``kind: monitors``) and
+``bench_orthogonalize.py`` (``kind: orthogonalize``), keeps the
 newest of each kind (tiny CPU smoke results only with ``--include-tiny``), and writes the Markdown
 report to ``--out`` (default ``docs/benchmarks.md``). The report is generated, never edited by hand.
 
@@ -60,7 +61,7 @@ def load_results(results_dir: Path, include_tiny: bool) -> dict[str, dict[str, A
         except (OSError, json.JSONDecodeError) as exc:
             print(f"report: skipping {path}: {exc}", file=sys.stderr)
             continue
-        if not isinstance(data, dict) or data.get("kind") not in ("ops", "train", "views", "monitors"):
+        if not isinstance(data, dict) or data.get("kind") not in ("ops", "train", "views", "monitors", "orthogonalize"):
             continue
         if data.get("mode") == "tiny" and not include_tiny:
             continue
@@ -253,6 +254,15 @@ def monitors_section(data: dict[str, Any]) -> list[str]:
     return out + [markdown_table(data.get("header", []), data.get("rows", [])), ""]
 
 
+def orthogonalize_section(data: dict[str, Any]) -> list[str]:
+    """``bench_orthogonalize.py``: the muon step's Newton-Schulz variants against model size (issue 18)."""
+    out = ["## Orthogonalization against model size (`benchmarks/bench_orthogonalize.py`)", ""] + _meta_lines(data) + [""]
+    out += [f"Real gradients of one bf16 forward+backward, hidden matrices; floor = FLOPs of five plain quintic "
+            f"steps at the measured bf16 matmul rate ({fmt(data.get('matmul_tflops'))} TFLOP/s); polar error = "
+            "relative Frobenius distance from the exact polar factor (float64 SVD) of sampled gradients.", ""]
+    return out + [markdown_table(data.get("header", []), data.get("rows", [])), ""]
+
+
 def summary(results: dict[str, dict[str, Any]]) -> str:
     """Short Markdown for README's "Benchmark results" section."""
     if not results:
@@ -262,7 +272,7 @@ def summary(results: dict[str, dict[str, Any]]) -> str:
     for key in sorted(results, key=lambda k: (not k.startswith("ops"), k)):
         data = results[key]
         kind = data["kind"]
-        if kind in ("views", "monitors"):
+        if kind in ("views", "monitors", "orthogonalize"):
             continue  # docs/benchmarks.md only
         extra = f" ({variant(data)})" if variant(data) else ""
         lines.append(f"**{'Operations' if kind == 'ops' else 'Training'}{extra}** on {data.get('device_name')} "
@@ -303,7 +313,7 @@ def render(results: dict[str, dict[str, Any]], results_dir: Path) -> str:
     for key in sorted(results, key=lambda k: (not k.startswith("ops"), k)):
         data = results[key]
         section = {"ops": ops_section, "train": train_section, "views": views_section,
-                   "monitors": monitors_section}[data["kind"]]
+                   "monitors": monitors_section, "orthogonalize": orthogonalize_section}[data["kind"]]
         out += section(data)
     return "\n".join(out).rstrip() + "\n"
 
