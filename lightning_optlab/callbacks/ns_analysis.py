@@ -129,22 +129,28 @@ class NewtonSchulzAnalysis(BackgroundAnalysis):
         parts = self._engine.take(tensors, list(tensors))
         self._submit(trainer, step, self._compute_from_spectra, parts)
 
+    def _scalars(self, rows) -> dict[str, float]:
+        """Tags of ``rows`` (``(parameter name, step count, {figure: value})``): the means over the
+        matrices and, with ``log_per_matrix``, each matrix's."""
+        per: dict[str, list[float]] = {}
+        scalars: dict[str, float] = {}
+        for name, s, figs in rows:
+            for key in FIGURES:
+                per.setdefault(f"ns_analysis/steps_{s}/{key}", []).append(figs[key])
+                if self.log_per_matrix:
+                    scalars[f"ns_analysis/matrix/{sanitize_tag(name)}/steps_{s}/{key}"] = figs[key]
+        scalars.update({tag: mean(vals) for tag, vals in per.items()})
+        return scalars
+
     def _compute_from_spectra(self, parts: list) -> dict[str, float]:
         """Worker: the figures of every step count from each matrix's singular values."""
         groups, _, _, _ = self._engine.spectra(parts)
-        per: dict[str, list[float]] = {}
-        scalars: dict[str, float] = {}
+        rows = []
         for metas, sv in groups:
             for s, o in ns_map_of_spectrum(sv, self.steps).items():
-                figs = ns_figures_of_spectrum(sv, o)
-                for key in FIGURES:
-                    for (_, name), v in zip(metas, figs[key].tolist()):
-                        per.setdefault(f"ns_analysis/steps_{s}/{key}", []).append(v)
-                        if self.log_per_matrix:
-                            scalars[f"ns_analysis/matrix/{sanitize_tag(name)}/steps_{s}/{key}"] = v
-        for tag, vals in per.items():
-            scalars[tag] = mean(vals)
-        return scalars
+                columns = {key: v.tolist() for key, v in ns_figures_of_spectrum(sv, o).items()}
+                rows += [(name, s, {key: columns[key][j] for key in FIGURES}) for j, (_, name) in enumerate(metas)]
+        return self._scalars(rows)
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         super().teardown(trainer, pl_module, stage)
@@ -153,24 +159,15 @@ class NewtonSchulzAnalysis(BackgroundAnalysis):
     def _compute(self, snap: Snapshot) -> dict[str, float]:
         """Worker, ``method="iterate"``: the NS iteration itself on the copies."""
         tensors = snap.wait()
-        per: dict[str, list[float]] = {}
-        scalars: dict[str, float] = {}
+        rows = []
         with side_stream_context(tensors):
             for names, stack in by_shape(tensors):
-                finite = torch.isfinite(stack).flatten(1).all(1)
-                figs = ns_transformation(stack, self.steps, dtype=self.dtype)
-                for s, f in figs.items():
-                    for key in FIGURES:
-                        values = f[key].float().cpu().tolist()
-                        for name, v, ok in zip(names, values, finite.tolist()):
-                            if not ok:
-                                continue
-                            per.setdefault(f"ns_analysis/steps_{s}/{key}", []).append(v)
-                            if self.log_per_matrix:
-                                scalars[f"ns_analysis/matrix/{sanitize_tag(name)}/steps_{s}/{key}"] = v
-        for tag, vals in per.items():
-            scalars[tag] = mean(vals)
-        return scalars
+                finite = torch.isfinite(stack).flatten(1).all(1).tolist()
+                for s, f in ns_transformation(stack, self.steps, dtype=self.dtype).items():
+                    columns = {key: f[key].float().cpu().tolist() for key in FIGURES}
+                    rows += [(name, s, {key: columns[key][j] for key in FIGURES})
+                             for j, name in enumerate(names) if finite[j]]
+        return self._scalars(rows)
 
     def _log_ready(self, trainer: Any, wait: bool = False) -> None:
         for step, scalars in self._worker.flush() if wait else self._worker.collect():
