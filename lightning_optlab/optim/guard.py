@@ -15,9 +15,30 @@ import torch
 from torch import Tensor
 
 
+def _is_dtensor(t: Tensor) -> bool:
+    return type(t).__name__ == "DTensor" and hasattr(t, "to_local")
+
+
 def _as_real(grads: Sequence[Tensor]) -> list[Tensor]:
-    """Complex gradients as (..., 2) real views: the NaN/Inf kernels are defined on reals."""
-    return [torch.view_as_real(g) if g.is_complex() else g for g in grads]
+    """Complex gradients as (..., 2) real views: the NaN/Inf kernels are defined on reals. A
+    sharded gradient (FSDP2's DTensor) is read as this rank's shard."""
+    local = [g.to_local() if _is_dtensor(g) else g for g in grads]
+    return [torch.view_as_real(g) if g.is_complex() else g for g in local]
+
+
+def _agree_across_ranks(flag: Tensor, grads: Sequence[Tensor], op: str) -> Tensor:
+    """With sharded gradients each rank sees its shards only: reduce the flags over the process
+    group so that every rank refuses the same step (a NaN in one shard changes no weight
+    anywhere) and names the same parameters."""
+    if not any(_is_dtensor(g) for g in grads):
+        return flag
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    reduced = flag.to(torch.float32).clone()
+    dist.all_reduce(reduced, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.MIN)
+    return reduced.to(flag.dtype)
 
 
 def finite_flags(grads: Sequence[Tensor]) -> Tensor:
@@ -30,7 +51,7 @@ def finite_flags(grads: Sequence[Tensor]) -> Tensor:
     device = norms[0].device
     # fp64 stays fp64 (a finite 1e300 must not overflow); .to is a no-op for fp32 on one device
     dtype = torch.float64 if any(n.dtype == torch.float64 for n in norms) else torch.float32
-    return torch.stack([n.to(device=device, dtype=dtype) for n in norms]).isfinite()
+    return _agree_across_ranks(torch.stack([n.to(device=device, dtype=dtype) for n in norms]).isfinite(), grads, "min")
 
 
 def nonfinite_flag(grads: Sequence[Tensor]) -> Tensor:
@@ -54,7 +75,8 @@ def nonfinite_flag(grads: Sequence[Tensor]) -> Tensor:
             found = torch.zeros(1, device=device)
             torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, torch.ones(1, device=device))
         flags.append(found if found.device == grads[0].device else found.to(grads[0].device))
-    return flags[0] if len(flags) == 1 else torch.stack(flags).any()
+    flag = flags[0] if len(flags) == 1 else torch.stack(flags).any()
+    return _agree_across_ranks(flag, grads, "max")
 
 
 def require_finite_grads(

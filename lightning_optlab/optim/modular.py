@@ -24,6 +24,7 @@ from typing import Any, Iterable
 import torch
 
 from .guard import nonfinite_flag, require_finite_grads
+from .sharded import check_sharding
 from .registry import GROUP_META_KEYS, available_rules, get_rule, resolve_hyperparameters
 
 
@@ -90,6 +91,7 @@ class ModularOptimizer(torch.optim.Optimizer):
             group["param_names"] = [name for name, _ in params]
             params = [p for _, p in params]
         names = group.get("param_names")
+        check_sharding(rule, params, names, label)
         for i, p in enumerate(params):
             if p.is_complex() and not rule.complex_params:
                 who = repr(names[i]) if names else f"parameter #{i}"

@@ -105,25 +105,12 @@ def check_muon(hp: Mapping[str, Any]) -> None:
         raise ValueError(f"ns_split must be 'auto', true or false, got {hp['ns_split']!r}")
 
 
-def _refuse_sharded(params: list, group: dict) -> None:
-    # A shard of a matrix is not a matrix: orthogonalizing shards would be silently wrong.
-    for p in params:
-        if type(p).__name__ in ("DTensor", "FlatParameter") or getattr(p, "_is_flat_param", False):
-            raise RuntimeError(
-                f"muon ({group.get('name', 'param group')}): parameters are sharded "
-                f"({type(p).__name__}, e.g. FSDP); Newton-Schulz needs each whole matrix. Train "
-                "Muon groups with DDP (the NS work is then split across ranks), or route sharded "
-                "parameters to an element-wise rule such as adamw."
-            )
-
-
 def muon_step(group: dict, params: list, grads: list, states: list) -> None:
     """One Muon step over a param group (shared by ModularOptimizer and :class:`Muon`):
     decoupled weight decay, then per matrix shape the momentum look-ahead on the stacked
     gradients and buffers, Newton-Schulz on the stack, and the shape-scaled update (one foreach
     kernel per shape). Where it is exact, the same specification replays as a CUDA graph on
     static stacks (:mod:`.muon_graph`)."""
-    _refuse_sharded(params, group)
     for p, state in zip(params, states):
         if p.ndim < 2:
             raise ValueError(
@@ -174,7 +161,6 @@ def muon_prepare(group: dict, params: list, grads: list, states: list):
         return None
     if not graph_eligible(group, params, ns_split_world(group["ns_split"])):
         return None
-    _refuse_sharded(params, group)
     graph = graph_for(group, params)
     graph.load(grads, states)
     return functools.partial(graph.run, group)

@@ -188,6 +188,7 @@ register_rule(
         name="adam",
         example=dict(lr=0.01, weight_decay=0.01, amsgrad=True),
         complex_params=True,
+        shard_local=True,
         step=adam_step,
         defaults=_ADAM_DEFAULTS,
         summary="Adam (torch.optim.Adam's functional core; L2-coupled weight decay)",
@@ -200,6 +201,7 @@ register_rule(
         name="adamw",
         example=dict(lr=0.01, weight_decay=0.01, amsgrad=True),
         complex_params=True,
+        shard_local=True,
         step=adamw_step,
         defaults={**_ADAM_DEFAULTS, "weight_decay": 1e-2},
         summary="AdamW (torch.optim.AdamW's functional core; decoupled weight decay)",
@@ -212,6 +214,7 @@ register_rule(
         name="sgd",
         example=dict(lr=0.01, momentum=0.9, nesterov=True, weight_decay=0.01),
         complex_params=True,
+        shard_local=True,
         step=sgd_step,
         defaults=dict(
             lr=1e-3,
@@ -232,6 +235,7 @@ register_rule(
         name="rmsprop",
         example=dict(lr=0.01, momentum=0.5, centered=True, weight_decay=0.01),
         complex_params=True,
+        shard_local=True,
         step=rmsprop_step,
         defaults=dict(
             lr=1e-2,

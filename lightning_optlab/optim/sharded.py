@@ -1,0 +1,56 @@
+"""Sharded parameters: which rules step them, and the refusals that keep the others from
+stepping shards as if they were whole tensors.
+
+FSDP2 (``fully_shard``, Lightning's ``ModelParallelStrategy``) stores each parameter, its
+gradient and its optimizer state as a ``DTensor`` whose local part is this rank's rows. An
+element-wise rule (``UpdateRule.shard_local``: sgd, adam, adamw, rmsprop, adamw_spam) steps
+those shards exactly as it steps whole tensors, through DTensor's own operators; the NaN/Inf
+guard reads each rank's shards and agrees across ranks (:mod:`.guard`). A rule that needs whole
+matrices or whole-tensor statistics (muon, sinkgd, sinkhorn_tanh, sparkles) refuses them, as do
+all rules for FSDP1's flattened ``FlatParameter``, where a parameter is not even a tensor of its
+own shape.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+def is_dtensor(t: torch.Tensor) -> bool:
+    """A ``torch.distributed.tensor.DTensor`` (FSDP2's sharded parameters), without importing
+    torch.distributed where it is not used."""
+    return type(t).__name__ == "DTensor" and hasattr(t, "to_local")
+
+
+def is_flat_parameter(t: torch.Tensor) -> bool:
+    """FSDP1's ``FlatParameter``: many parameters flattened into one 1-D buffer."""
+    return bool(getattr(t, "_is_flat_param", False)) or type(t).__name__ == "FlatParameter"
+
+
+def check_sharding(rule, params: Sequence[torch.Tensor], names: Sequence[str] | None, label: str) -> None:
+    """Refuse, when the group is built, sharded parameters that ``rule`` cannot step correctly."""
+    for i, p in enumerate(params):
+        who = repr(names[i]) if names else f"parameter #{i}"
+        if is_flat_parameter(p):
+            raise ValueError(
+                f"{label}: {who} is an FSDP1 FlatParameter (FSDPStrategy / FullyShardedDataParallel "
+                "flattens parameters into one buffer, so no rule sees their shapes or roles). Use "
+                "Lightning's ModelParallelStrategy with torch's fully_shard (FSDP2) in "
+                "configure_model, or DDP."
+            )
+        if is_dtensor(p) and not rule.shard_local:
+            takes = ", ".join(n for n in _shard_local_rules())
+            raise ValueError(
+                f"{label}: optimizer {rule.name!r} needs whole tensors (matrices or whole-tensor "
+                f"statistics), but {who} is sharded (DTensor, FSDP2). Route sharded parameters to an "
+                f"element-wise rule ({takes}), or train this group with DDP, where every rank "
+                "holds whole matrices."
+            )
+
+
+def _shard_local_rules() -> list[str]:
+    from .registry import available_rules, get_rule
+
+    return [n for n in available_rules() if get_rule(n).shard_local]

@@ -1,0 +1,141 @@
+"""FSDP2 (fully_shard, DTensor parameters) on CPU with gloo: the element-wise rules step the
+shards exactly as one process steps the whole model, the NaN/Inf guard refuses a step on every
+rank when one rank's shard is bad, and the rules that need whole tensors, and FSDP1's flat
+parameters, are refused when the optimizer is built."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from lightning_optlab import build_optimizer
+
+ELEMENTWISE = ("sgd", "adam", "adamw", "rmsprop", "adamw_spam")
+WHOLE = ("muon", "sinkgd", "sinkhorn_tanh", "sparkles")
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, 10),
+                               torch.nn.ReLU(), torch.nn.Linear(10, 4))
+
+
+def _batches():
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(8, 12, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(4)]
+
+
+def _policy(rule):
+    return {"rules": [{"match": {"role": "hidden"}, "optimizer": rule, "lr": 0.02},
+                      {"match": {}, "optimizer": "adamw", "lr": 1e-2, "weight_decay": 0.1}]}
+
+
+def _train(model, rule):
+    opt = build_optimizer(model, _policy(rule))
+    for x, y in _batches():
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    return opt
+
+
+def _sharded():
+    from torch.distributed.fsdp import fully_shard
+
+    model = _model()
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def _worker(rank, world, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    out = {"params": {}, "state_is_dtensor": {}, "refused": {}}
+    try:
+        for rule in ELEMENTWISE:
+            model = _sharded()
+            opt = _train(model, rule)
+            out["params"][rule] = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
+            out["state_is_dtensor"][rule] = all(
+                type(v).__name__ == "DTensor" for st in opt.state.values() for v in st.values()
+                if isinstance(v, torch.Tensor) and v.ndim > 0)
+        for rule in WHOLE:
+            try:
+                build_optimizer(_sharded(), _policy(rule))
+                out["refused"][rule] = None
+            except ValueError as err:
+                out["refused"][rule] = str(err)
+        # a NaN in one rank's shard: both ranks refuse the step, no weight changes anywhere
+        model = _sharded()
+        opt = build_optimizer(model, _policy("adamw"))
+        x, y = _batches()[0]
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        before = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
+        if rank == 1:
+            model[2].weight.grad.to_local()[0, 0] = float("nan")
+        try:
+            opt.step()
+            out["nan"] = None
+        except FloatingPointError as err:
+            out["nan"] = str(err)
+        out["unchanged"] = all(torch.equal(before[n], p.full_tensor()) for n, p in model.named_parameters())
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp2")
+    mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+
+
+@pytest.mark.parametrize("rule", ELEMENTWISE)
+def test_elementwise_rules_on_fsdp2_shards_equal_one_process(ranks, rule):
+    reference = _model()
+    _train(reference, rule)
+    for out in ranks:
+        assert out["state_is_dtensor"][rule], "the optimizer state stays sharded (DTensor)"
+        for name, p in reference.named_parameters():
+            torch.testing.assert_close(out["params"][rule][name], p.detach(), rtol=0, atol=1e-6, msg=f"{rule} {name}")
+
+
+@pytest.mark.parametrize("rule", WHOLE)
+def test_rules_that_need_whole_tensors_refuse_fsdp2_shards(ranks, rule):
+    for out in ranks:
+        msg = out["refused"][rule]
+        assert msg is not None and f"optimizer {rule!r} needs whole tensors" in msg
+        assert "DTensor, FSDP2" in msg and "adamw" in msg and "DDP" in msg
+
+
+def test_a_nan_in_one_ranks_shard_refuses_the_step_on_every_rank(ranks):
+    for out in ranks:
+        assert out["nan"] is not None and "'2.weight'" in out["nan"] and "NaN" in out["nan"]
+        assert out["unchanged"]
+
+
+def test_fsdp1_flat_parameters_are_refused_naming_model_parallel_strategy():
+    class FlatParameter(torch.nn.Parameter):  # what FSDP1 marks its flattened buffers with
+        _is_flat_param = True
+
+    class Wrapped(torch.nn.Module):  # FSDP1's wrapper registers one flat buffer per unit
+        def __init__(self):
+            super().__init__()
+            self._flat_param = FlatParameter(torch.zeros(16))
+
+    model = Wrapped()
+    with pytest.raises(ValueError, match="FSDP1 FlatParameter.*ModelParallelStrategy"):
+        build_optimizer(model, {"rules": [{"match": {}, "optimizer": "adamw", "lr": 1e-3}]})
