@@ -1,7 +1,8 @@
 """FSDP2 (fully_shard, DTensor parameters) on CPU with gloo: the element-wise rules step the
-shards exactly as one process steps the whole model, the NaN/Inf guard refuses a step on every
-rank when one rank's shard is bad, and the rules that need whole tensors, and FSDP1's flat
-parameters, are refused when the optimizer is built."""
+shards, and Muon gathers whole matrices, exactly as one process steps the whole model; the
+NaN/Inf guard refuses a step on every rank when one rank's shard is bad; the rules that need
+whole tensors and do not gather yet, and FSDP1's flat parameters, are refused when the optimizer
+is built."""
 
 import os
 import socket
@@ -14,7 +15,8 @@ import torch.multiprocessing as mp
 from lightning_optlab import build_optimizer
 
 ELEMENTWISE = ("sgd", "adam", "adamw", "rmsprop", "adamw_spam")
-WHOLE = ("muon", "sinkgd", "sinkhorn_tanh", "sparkles")
+GATHERED = ("muon",)
+WHOLE = ("sinkgd", "sinkhorn_tanh", "sparkles")
 
 
 def _model():
@@ -58,7 +60,7 @@ def _worker(rank, world, port, out_dir):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     out = {"params": {}, "state_is_dtensor": {}, "refused": {}}
     try:
-        for rule in ELEMENTWISE:
+        for rule in ELEMENTWISE + GATHERED:
             model = _sharded()
             opt = _train(model, rule)
             out["params"][rule] = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
@@ -87,6 +89,7 @@ def _worker(rank, world, port, out_dir):
         out["unchanged"] = all(torch.equal(before[n], p.full_tensor()) for n, p in model.named_parameters())
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
+        dist.barrier()  # no rank tears the group down while another is still in a collective
         dist.destroy_process_group()
 
 
@@ -103,14 +106,18 @@ def ranks(tmp_path_factory):
     return [torch.load(out / f"rank{r}.pt") for r in range(2)]
 
 
-@pytest.mark.parametrize("rule", ELEMENTWISE)
-def test_elementwise_rules_on_fsdp2_shards_equal_one_process(ranks, rule):
+@pytest.mark.parametrize("rule", ELEMENTWISE + GATHERED)
+def test_rules_on_fsdp2_shards_equal_one_process(ranks, rule):
+    """Element-wise rules on the shards, Muon on gathered matrices (its Newton-Schulz work split
+    across the two ranks): the parameters after 4 steps equal one process's, on both ranks."""
     reference = _model()
     _train(reference, rule)
     for out in ranks:
         assert out["state_is_dtensor"][rule], "the optimizer state stays sharded (DTensor)"
         for name, p in reference.named_parameters():
             torch.testing.assert_close(out["params"][rule][name], p.detach(), rtol=0, atol=1e-6, msg=f"{rule} {name}")
+    for name in ranks[0]["params"][rule]:
+        assert torch.equal(ranks[0]["params"][rule][name], ranks[1]["params"][rule][name])
 
 
 @pytest.mark.parametrize("rule", WHOLE)

@@ -47,6 +47,7 @@ from .matrix import group_views
 from .muon_graph import graph_eligible, graph_for
 from .newton_schulz import NS_COEFFICIENTS, NS_METHODS, POLAR_EXPRESS, coefficient_schedule, newton_schulz_
 from .registry import UpdateRule, check_common, register_rule
+from .sharded import gather_full, is_dtensor, local_part
 from .rule_optimizer import RuleOptimizer
 
 MUON_DEFAULTS: dict[str, Any] = dict(
@@ -119,6 +120,9 @@ def muon_step(group: dict, params: list, grads: list, states: list) -> None:
             )
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    if is_dtensor(params[0]):
+        _muon_step_sharded(group, params, grads, states)
+        return
     if graph_eligible(group, params, ns_split_world(group["ns_split"])):
         graph_for(group, params).step(grads, states, group)
         return
@@ -153,11 +157,44 @@ def muon_step(group: dict, params: list, grads: list, states: list) -> None:
         store_(target, value)  # casts back bf16/fp16 weights and buffers; no-op for fp32
 
 
+def _muon_step_sharded(group: dict, params: list, grads: list, states: list) -> None:
+    """:func:`muon_step` on FSDP2 shards (DTensor parameters, gradients and momentum): decay and
+    momentum on this rank's rows, one all-gather of each matrix's look-ahead (the Newton-Schulz
+    input), the iteration on whole matrices shared out across ranks as under DDP
+    (:func:`~.newton_schulz.newton_schulz_split`), and each rank's rows of the update applied.
+    The same specification as the unsharded step; the momentum stays sharded."""
+    local = [upcast(p.to_local()) for p in params]
+    work = [upcast(state["momentum_buffer"].to_local()) for state in states]
+    views = group_views(group, params)
+    device = local[0].device
+    dtype = resolve_ns_dtype(group["ns_dtype"], device)
+    world = ns_split_world(group["ns_split"])
+    lr = group["lr"]
+    ns = dict(steps=group["ns_steps"], coefficients=coefficient_schedule(group["ns_coefficients"], group["ns_steps"]),
+              eps=group["eps"], method=group["ns_method"])
+    decoupled_weight_decay_(local, lr, group["weight_decay"])
+    full = []
+    for p, g, buf in zip(params, grads, work):
+        g = upcast(g.to_local())
+        X = muon_lookahead_(g, buf, group["momentum"], group["nesterov"], out=torch.empty(g.shape, dtype=dtype, device=device))
+        full.append(gather_full(X, p))
+    for shape, slots in matrix_buckets([p.shape for p in params], views):
+        X = torch.cat([views[i].to_matrix(full[i]).reshape(-1, *shape) for i, _ in slots])
+        ortho = newton_schulz_split(X, world, dtype=dtype, **ns) if world else newton_schulz_(X, **ns)
+        alpha = -lr * muon_lr_scale(*shape, group["adjust_lr_fn"])
+        for i, start in slots:
+            update = views[i].from_matrix(ortho[start : start + views[i].blocks], params[i].shape)
+            local[i].add_(local_part(update, params[i]).to(local[i].dtype), alpha=alpha)
+    for target, value in zip([p.to_local() for p in params] + [s["momentum_buffer"].to_local() for s in states],
+                             local + work):
+        store_(target, value)
+
+
 def muon_prepare(group: dict, params: list, grads: list, states: list):
     """With the CUDA graph: copy the gradients into its static stacks while the optimizer's
     NaN/Inf check is in flight (no weight or state value changes); the replay is left. Else
     None (the plain step runs after the check)."""
-    if not all(states):
+    if not all(states) or is_dtensor(params[0]):
         return None
     if not graph_eligible(group, params, ns_split_world(group["ns_split"])):
         return None
@@ -176,6 +213,7 @@ MUON_RULE = register_rule(
         summary="Muon: nesterov momentum -> quintic Newton-Schulz orthogonalization (batched) -> shape scaling",
         check=check_muon,
         prepare=muon_prepare,
+        sharding="gather",
     )
 )
 

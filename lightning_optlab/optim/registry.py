@@ -69,10 +69,11 @@ class UpdateRule:
     # True when the rule is defined on complex parameters (torch's element-wise rules, which
     # treat a complex entry as two reals); the others refuse them when the group is built.
     complex_params: bool = False
-    # True when the rule's step on this rank's shard of every tensor (FSDP2's DTensor) is its
-    # step on the whole tensor restricted to the shard: element-wise rules. The others need whole
-    # matrices (or whole-tensor statistics) and refuse sharded parameters when the group is built.
-    shard_local: bool = False
+    # Sharded parameters (FSDP2's DTensor): "local" when the rule's step on this rank's shards
+    # is its step on the whole tensors restricted to them (element-wise rules); "gather" when the
+    # rule gathers whole matrices itself (see optim/sharded.py); "refuse" (the default) for the
+    # others, which need whole tensors and refuse sharded parameters when the group is built.
+    sharding: str = "refuse"
     # Hyperparameters that run every code path of the rule within a few steps on small
     # tensors (resets, clips, kicks): the contract tests over ``available_rules()`` use them.
     example: Mapping[str, Any] = field(default_factory=dict)

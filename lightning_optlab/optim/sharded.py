@@ -3,12 +3,14 @@ stepping shards as if they were whole tensors.
 
 FSDP2 (``fully_shard``, Lightning's ``ModelParallelStrategy``) stores each parameter, its
 gradient and its optimizer state as a ``DTensor`` whose local part is this rank's rows. An
-element-wise rule (``UpdateRule.shard_local``: sgd, adam, adamw, rmsprop, adamw_spam) steps
+element-wise rule (``UpdateRule.sharding == "local"``: sgd, adam, adamw, rmsprop, adamw_spam) steps
 those shards exactly as it steps whole tensors, through DTensor's own operators; the NaN/Inf
-guard reads each rank's shards and agrees across ranks (:mod:`.guard`). A rule that needs whole
-matrices or whole-tensor statistics (muon, sinkgd, sinkhorn_tanh, sparkles) refuses them, as do
-all rules for FSDP1's flattened ``FlatParameter``, where a parameter is not even a tensor of its
-own shape.
+guard reads each rank's shards and agrees across ranks (:mod:`.guard`). Muon (``"gather"``)
+gathers each whole matrix's Newton-Schulz input (:func:`gather_full`), shares the iteration out
+across ranks as under DDP, and applies each rank's rows of the result (:func:`local_part`). The
+rules that need whole tensors and do not gather yet (sinkgd, sinkhorn_tanh, sparkles) refuse
+sharded parameters, as do all rules for FSDP1's flattened ``FlatParameter``, where a parameter
+is not even a tensor of its own shape.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def check_sharding(rule, params: Sequence[torch.Tensor], names: Sequence[str] | 
                 "Lightning's ModelParallelStrategy with torch's fully_shard (FSDP2) in "
                 "configure_model, or DDP."
             )
-        if is_dtensor(p) and not rule.shard_local:
+        if is_dtensor(p) and rule.sharding not in ("local", "gather"):
             takes = ", ".join(n for n in _shard_local_rules())
             raise ValueError(
                 f"{label}: optimizer {rule.name!r} needs whole tensors (matrices or whole-tensor "
@@ -53,4 +55,21 @@ def check_sharding(rule, params: Sequence[torch.Tensor], names: Sequence[str] | 
 def _shard_local_rules() -> list[str]:
     from .registry import available_rules, get_rule
 
-    return [n for n in available_rules() if get_rule(n).shard_local]
+    return [n for n in available_rules() if get_rule(n).sharding == "local"]
+
+
+def gather_full(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of which ``local`` is this rank's part, sharded as the DTensor ``like``
+    (one all-gather)."""
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(local, like.device_mesh, like.placements, shape=like.shape,
+                              stride=like.stride()).full_tensor()
+
+
+def local_part(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``full``, sharded as the DTensor ``like`` (a view, no communication)."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(like.shape, like.device_mesh, like.placements)
+    return full[tuple(slice(o, o + n) for o, n in zip(offset, shape))]

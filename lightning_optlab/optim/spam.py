@@ -192,7 +192,7 @@ ADAMW_SPAM_RULE = register_rule(
         check=check_adamw_spam,
         aliases=("spam",),
         prepare=adamw_spam_prepare,
-        shard_local=True,  # every operation is element-wise (the clip threshold too)
+        sharding="local",  # every operation is element-wise (the clip threshold too)
     )
 )
 
