@@ -73,6 +73,18 @@ def _worker(rank, world, port, out_dir):
                 out["refused"][rule] = None
             except ValueError as err:
                 out["refused"][rule] = str(err)
+        from lightning_optlab.manifolds.plan import find_targets, plan_retractions
+
+        model = _sharded()
+        constrained = {"rules": [{"match": {"role": "hidden"}, "optimizer": "muon", "lr": 0.02, "constraint": "stiefel"},
+                                 {"match": {}, "optimizer": "adamw", "lr": 1e-2}]}
+        try:
+            opt = build_optimizer(model, constrained)
+            plan_retractions(find_targets(model, [opt], None, {"steps": 5, "tol": "auto", "schedule": "predict",
+                                                               "precision": "auto"}))
+            out["retraction"] = None
+        except ValueError as err:
+            out["retraction"] = str(err)
         # a NaN in one rank's shard: both ranks refuse the step, no weight changes anywhere
         model = _sharded()
         opt = build_optimizer(model, _policy("adamw"))
@@ -126,6 +138,12 @@ def test_rules_that_need_whole_tensors_refuse_fsdp2_shards(ranks, rule):
         msg = out["refused"][rule]
         assert msg is not None and f"optimizer {rule!r} needs whole tensors" in msg
         assert "DTensor, FSDP2" in msg and "adamw" in msg and "DDP" in msg
+
+
+def test_retractions_refuse_sharded_parameters(ranks):
+    for out in ranks:
+        assert out["retraction"] is not None and "constraint 'stiefel'" in out["retraction"]
+        assert "sharded (DTensor, FSDP2)" in out["retraction"] and "DDP" in out["retraction"]
 
 
 def test_a_nan_in_one_ranks_shard_refuses_the_step_on_every_rank(ranks):

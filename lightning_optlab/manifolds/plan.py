@@ -305,6 +305,13 @@ def plan_retractions(targets: Sequence[Target], cuda_graph: bool | str = "auto")
     jobs: list[Job] = []
     batches: dict[tuple, Job] = {}
     for t in targets:
+        if type(t.param).__name__ == "DTensor":
+            # a shard of a row or matrix is not on the sphere or the Stiefel manifold by itself
+            raise ValueError(
+                f"constraint {t.constraint!r} on {t.name!r}: the parameter is sharded (DTensor, FSDP2), "
+                "and the retractions need whole rows and matrices. Train constrained parameters "
+                "with DDP, or drop the constraint for sharded runs."
+            )
         if t.constraint == "sphere":
             jobs.append(Job("sphere", [t]))
             continue
