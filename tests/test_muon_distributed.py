@@ -77,13 +77,16 @@ def test_split_needs_a_process_group_when_forced():
         Muon([torch.zeros(3, 3, requires_grad=True)], ns_split="sometimes")
 
 
-def test_sharded_parameters_are_refused():
-    """Muon (standalone) refuses a sharded parameter when it is built; real FSDP2 DTensors are
-    in tests/test_fsdp2.py."""
+def test_sharded_parameters_are_refused_by_rules_that_do_not_gather():
+    """A rule that needs whole tensors and does not gather them refuses a sharded parameter when
+    it is built; Muon gathers (real FSDP2 DTensors: tests/test_fsdp2.py)."""
+    from lightning_optlab.optim import SinkGD
+
     class DTensor(torch.Tensor):  # stands in for torch.distributed.tensor.DTensor by type name
         def to_local(self):
             return self
 
     p = torch.zeros(4, 4).as_subclass(DTensor).requires_grad_()
-    with pytest.raises(ValueError, match="optimizer 'muon' needs whole tensors .* sharded \\(DTensor, FSDP2\\)"):
-        Muon([p])
+    with pytest.raises(ValueError, match="optimizer 'sinkgd' needs whole tensors .* sharded \\(DTensor, FSDP2\\)"):
+        SinkGD([p])
+    Muon([p])  # builds: its step gathers whole matrices
