@@ -80,13 +80,13 @@ def test_split_needs_a_process_group_when_forced():
 def test_sharded_parameters_are_refused_by_rules_that_do_not_gather():
     """A rule that needs whole tensors and does not gather them refuses a sharded parameter when
     it is built; Muon gathers (real FSDP2 DTensors: tests/test_fsdp2.py)."""
-    from lightning_optlab.optim import SinkGD
+    from lightning_optlab.optim import SPARKLES
 
     class DTensor(torch.Tensor):  # stands in for torch.distributed.tensor.DTensor by type name
         def to_local(self):
             return self
 
     p = torch.zeros(4, 4).as_subclass(DTensor).requires_grad_()
-    with pytest.raises(ValueError, match="optimizer 'sinkgd' needs whole tensors .* sharded \\(DTensor, FSDP2\\)"):
-        SinkGD([p])
+    with pytest.raises(ValueError, match="optimizer 'sparkles' needs whole tensors .* sharded \\(DTensor, FSDP2\\)"):
+        SPARKLES([p])
     Muon([p])  # builds: its step gathers whole matrices

@@ -7,10 +7,11 @@ element-wise rule (``UpdateRule.sharding == "local"``: sgd, adam, adamw, rmsprop
 those shards exactly as it steps whole tensors, through DTensor's own operators; the NaN/Inf
 guard reads each rank's shards and agrees across ranks (:mod:`.guard`). Muon (``"gather"``)
 gathers each whole matrix's Newton-Schulz input (:func:`gather_full`), shares the iteration out
-across ranks as under DDP, and applies each rank's rows of the result (:func:`local_part`). The
-rules that need whole tensors and do not gather yet (sinkgd, sinkhorn_tanh, sparkles) refuse
-sharded parameters, as do all rules for FSDP1's flattened ``FlatParameter``, where a parameter
-is not even a tensor of its own shape.
+across ranks as under DDP, and applies each rank's rows of the result (:func:`local_part`); the
+stateless Sinkhorn rules run their plain step on gathered whole tensors (:func:`on_whole_tensors`).
+SPARKLES, which keeps state and takes whole-tensor statistics, refuses sharded parameters, as do
+all rules for FSDP1's flattened ``FlatParameter``, where a parameter is not even a tensor of its
+own shape.
 """
 
 from __future__ import annotations
@@ -73,3 +74,14 @@ def local_part(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
     shape, offset = compute_local_shape_and_global_offset(like.shape, like.device_mesh, like.placements)
     return full[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
+
+
+def on_whole_tensors(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], body) -> None:
+    """A stateless whole-tensor rule on FSDP2 shards: every rank gathers the whole parameters and
+    gradients, runs ``body(whole params, whole grads)`` on them (the rule's plain step) and keeps
+    its rows. Two all-gathers per parameter and the rule's work on every rank: correct, not yet
+    shared out."""
+    whole = [p.full_tensor() for p in params]
+    body(whole, [g.full_tensor() for g in grads])
+    for p, w in zip(params, whole):
+        p.to_local().copy_(local_part(w, p))

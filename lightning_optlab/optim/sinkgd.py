@@ -37,6 +37,7 @@ from .stacks import add_stacked_updates_, as_work, from_work, pow2_prescale_stac
 from .steps import decay_factor, full_fp32_matmul, norm_floor_sq, normalize_dim_, rms_stack, upcast
 from .matrix import group_views
 from .registry import UpdateRule, check_common, register_rule
+from .sharded import is_dtensor, on_whole_tensors
 from .rule_optimizer import RuleOptimizer
 from .stateless_graph import graph_for
 
@@ -323,19 +324,26 @@ def sinkgd_step(group: dict, params: list, grads: list, states: list) -> None:
     weights the same function is replayed as a CUDA graph (:mod:`.stateless_graph`, unless
     ``cuda_graph`` is False). Nothing waits on the device.
     """
+    views = group_views(group, params)
+    if is_dtensor(params[0]):  # FSDP2: the plain step on gathered whole tensors
+        on_whole_tensors(params, grads, lambda P, G: _sinkgd_body(P, stack_by_shape(G, views), float(group["lr"]), group, views))
+        return
     if graph_eligible("sinkgd", group, params):
         graph_for("sinkgd", group, params, _SINKGD_GRAPH_KEYS, _sinkgd_body).step(grads, group)
         return
-    views = group_views(group, params)
     _sinkgd_body(params, stack_by_shape(grads, views), float(group["lr"]), group, views)
 
 
 def sinkhorn_tanh_step(group: dict, params: list, grads: list, states: list) -> None:
     """One Sinkhorn-tanh step over a param group (stateless; batched by shape, graph on CUDA like SinkGD)."""
+    views = group_views(group, params)
+    if is_dtensor(params[0]):  # FSDP2: the plain step on gathered whole tensors
+        on_whole_tensors(params, grads,
+                         lambda P, G: _sinkhorn_tanh_body(P, stack_by_shape(G, views), float(group["lr"]), group, views))
+        return
     if graph_eligible("sinkhorn_tanh", group, params):
         graph_for("sinkhorn_tanh", group, params, _SINKHORN_TANH_GRAPH_KEYS, _sinkhorn_tanh_body).step(grads, group)
         return
-    views = group_views(group, params)
     _sinkhorn_tanh_body(params, stack_by_shape(grads, views), float(group["lr"]), group, views)
 
 
@@ -348,6 +356,7 @@ SINKGD_RULE = register_rule(
         summary="SinkGD (arXiv 2502.06742): stateless alternating row/column l2 normalization",
         check=check_sinkgd,
         stateless=True,
+        sharding="gather",
     )
 )
 SINKHORN_TANH_RULE = register_rule(
@@ -359,6 +368,7 @@ SINKHORN_TANH_RULE = register_rule(
         summary="Sinkhorn-like SinkGD: (row, column, tanh(g/tau))^n_iter, RMS restored; stateless",
         check=check_sinkhorn_tanh,
         stateless=True,
+        sharding="gather",
     )
 )
 
