@@ -106,6 +106,13 @@ def check_muon(hp: Mapping[str, Any]) -> None:
         raise ValueError(f"ns_split must be 'auto', true or false, got {hp['ns_split']!r}")
 
 
+def _ns_settings(group: dict, device: torch.device) -> tuple[torch.dtype, tuple[int, int] | None, dict]:
+    """The Newton-Schulz dtype, the rank split (or None) and the iteration's keyword arguments of a group."""
+    ns = dict(steps=group["ns_steps"], coefficients=coefficient_schedule(group["ns_coefficients"], group["ns_steps"]),
+              eps=group["eps"], method=group["ns_method"])
+    return resolve_ns_dtype(group["ns_dtype"], device), ns_split_world(group["ns_split"]), ns
+
+
 def muon_step(group: dict, params: list, grads: list, states: list) -> None:
     """One Muon step over a param group (shared by ModularOptimizer and :class:`Muon`):
     decoupled weight decay, then per matrix shape the momentum look-ahead on the stacked
@@ -134,11 +141,8 @@ def muon_step(group: dict, params: list, grads: list, states: list) -> None:
     weights = [upcast(p) for p in params]
     views = group_views(group, params)
     device = params[0].device
-    dtype = resolve_ns_dtype(group["ns_dtype"], device)
-    world = ns_split_world(group["ns_split"])
+    dtype, world, ns = _ns_settings(group, device)
     lr = group["lr"]
-    ns = dict(steps=group["ns_steps"], coefficients=coefficient_schedule(group["ns_coefficients"], group["ns_steps"]),
-              eps=group["eps"], method=group["ns_method"])
     decoupled_weight_decay_(weights, lr, group["weight_decay"])
     for shape, slots in matrix_buckets([p.shape for p in params], views):
         def stacked(tensors):
@@ -167,11 +171,8 @@ def _muon_step_sharded(group: dict, params: list, grads: list, states: list) -> 
     work = [upcast(state["momentum_buffer"].to_local()) for state in states]
     views = group_views(group, params)
     device = local[0].device
-    dtype = resolve_ns_dtype(group["ns_dtype"], device)
-    world = ns_split_world(group["ns_split"])
+    dtype, world, ns = _ns_settings(group, device)
     lr = group["lr"]
-    ns = dict(steps=group["ns_steps"], coefficients=coefficient_schedule(group["ns_coefficients"], group["ns_steps"]),
-              eps=group["eps"], method=group["ns_method"])
     decoupled_weight_decay_(local, lr, group["weight_decay"])
     full = []
     for p, g, buf in zip(params, grads, work):
