@@ -165,3 +165,56 @@ def test_fsdp1_flat_parameters_are_refused_naming_model_parallel_strategy():
     model = Wrapped()
     with pytest.raises(ValueError, match="FSDP1 FlatParameter.*ModelParallelStrategy"):
         build_optimizer(model, {"rules": [{"match": {}, "optimizer": "adamw", "lr": 1e-3}]})
+
+
+# --- distributed checkpoints: saved on 2 ranks, resumed on 1 and on 2 ---------------------------
+
+
+def _steps(model, opt, batches):
+    for x, y in batches:
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def _checkpoint_worker(rank, world, port, path, phase):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = _sharded()
+        opt = build_optimizer(model, _policy("muon"))  # muon on hidden matrices, adamw elsewhere
+        if phase == "save":
+            _steps(model, opt, _batches()[:2])
+            msd, osd = get_state_dict(model, opt)
+            dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
+        else:
+            msd, osd = get_state_dict(model, opt)
+            state = {"model": msd, "optim": osd}
+            dcp.load(state, checkpoint_id=path)
+            set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+            _steps(model, opt, _batches()[2:])
+            full = {n: p.full_tensor() for n, p in model.named_parameters()}
+            if rank == 0:
+                torch.save(full, os.path.join(path, f"resumed_on_{world}.pt"))
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def test_a_checkpoint_saved_on_two_ranks_resumes_on_one_or_two_as_if_uninterrupted(tmp_path):
+    """torch.distributed.checkpoint of the model and the ModularOptimizer (DTensor states: Muon's
+    momentum, AdamW's moments and steps) after 2 of 4 steps on 2 ranks, resumed on 1 rank and on 2:
+    the parameters after the last 2 steps equal an uninterrupted single-process run."""
+    path = str(tmp_path / "ckpt")
+    mp.spawn(_checkpoint_worker, args=(2, _free_port(), path, "save"), nprocs=2, join=True)
+    for world in (1, 2):
+        mp.spawn(_checkpoint_worker, args=(world, _free_port(), path, "load"), nprocs=world, join=True)
+    reference = _model()
+    _steps(reference, build_optimizer(reference, _policy("muon")), _batches())
+    for world in (1, 2):
+        resumed = torch.load(os.path.join(path, f"resumed_on_{world}.pt"))
+        for name, p in reference.named_parameters():
+            torch.testing.assert_close(resumed[name], p.detach(), rtol=0, atol=1e-6, msg=f"world {world}: {name}")
