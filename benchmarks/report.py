@@ -245,22 +245,28 @@ def views_section(data: dict[str, Any]) -> list[str]:
     return out + [markdown_table(header, rows), ""]
 
 
+def _table_section(title: str, data: dict[str, Any], intro: str) -> list[str]:
+    """A section for the scripts that write their own ``header`` and ``rows`` into the JSON."""
+    return (["## " + title, ""] + _meta_lines(data) + ["", intro, "",
+            markdown_table(data.get("header", []), data.get("rows", [])), ""])
+
+
 def monitors_section(data: dict[str, Any]) -> list[str]:
     """``bench_monitors.py``: each measurement callback's cost against model size (issue 17)."""
-    out = ["## Monitors against model size (`benchmarks/bench_monitors.py`)", ""] + _meta_lines(data) + [""]
-    out += [f"Project GPT, Muon on hidden matrices, bf16-mixed, each monitor at its defaults; target: "
-            f"<= {data.get('target_pct')}% of training time and no skipped snapshot. Cost per snapshot = what "
-            "the steps with a snapshot or a busy worker took beyond the fit's quiet median.", ""]
-    return out + [markdown_table(data.get("header", []), data.get("rows", [])), ""]
+    return _table_section(
+        "Monitors against model size (`benchmarks/bench_monitors.py`)", data,
+        f"Project GPT, Muon on hidden matrices, bf16-mixed, each monitor at its defaults; target: "
+        f"<= {data.get('target_pct')}% of training time and no skipped snapshot. Cost per snapshot = what "
+        "the steps with a snapshot or a busy worker took beyond the fit's quiet median.")
 
 
 def orthogonalize_section(data: dict[str, Any]) -> list[str]:
     """``bench_orthogonalize.py``: the muon step's Newton-Schulz variants against model size (issue 18)."""
-    out = ["## Orthogonalization against model size (`benchmarks/bench_orthogonalize.py`)", ""] + _meta_lines(data) + [""]
-    out += [f"Real gradients of one bf16 forward+backward, hidden matrices; floor = FLOPs of five plain quintic "
-            f"steps at the measured bf16 matmul rate ({fmt(data.get('matmul_tflops'))} TFLOP/s); polar error = "
-            "relative Frobenius distance from the exact polar factor (float64 SVD) of sampled gradients.", ""]
-    return out + [markdown_table(data.get("header", []), data.get("rows", [])), ""]
+    return _table_section(
+        "Orthogonalization against model size (`benchmarks/bench_orthogonalize.py`)", data,
+        f"Real gradients of one bf16 forward+backward, hidden matrices; floor = FLOPs of five plain quintic "
+        f"steps at the measured bf16 matmul rate ({fmt(data.get('matmul_tflops'))} TFLOP/s); polar error = "
+        "relative Frobenius distance from the exact polar factor (float64 SVD) of sampled gradients.")
 
 
 def summary(results: dict[str, dict[str, Any]]) -> str:

@@ -38,11 +38,18 @@ def _estimate_options(owner: str, estimate: dict | None) -> dict:
         if key == "gram":
             if value not in lanczos.GRAM_PRECISIONS and value is not None:
                 raise ValueError(f"{owner}(estimate={{'gram': {value!r}}}): use one of {', '.join(lanczos.GRAM_PRECISIONS)} (None: bfloat16 on CUDA, float32 on CPU)")
-        elif not isinstance(value, int) or isinstance(value, bool) or value < (0 if key in ("rank", "iterations") else 1):
-            low = 0 if key in ("rank", "iterations") else 1
+        elif not isinstance(value, int) or isinstance(value, bool) or value < (low := 0 if key in ("rank", "iterations") else 1):
             raise ValueError(f"{owner}(estimate={{{key!r}: {value!r}}}): give an integer >= {low}, e.g. {ESTIMATE_OPTIONS[key]}")
         opts[key] = value
     return opts
+
+
+def analysis_engine(owner: str, method: str, exact_max_k: int, estimate: dict | None) -> "SpectrumSnapshots":
+    """The spectra of an analysis that can also run its iteration itself (``method="iterate"``,
+    whose engine then goes unused): ``method`` checked against both, the engine built."""
+    if method not in METHODS + ("iterate",):
+        raise ValueError(f"{owner}(method={method!r}): use 'iterate' or one of {', '.join(map(repr, METHODS))}")
+    return SpectrumSnapshots(owner, "auto" if method == "iterate" else method, exact_max_k=exact_max_k, estimate=estimate)
 
 
 class SpectrumSnapshots:
@@ -160,8 +167,9 @@ class SpectrumSnapshots:
                 for j, (m, rows, cols) in enumerate(part):  # conv kernels as (out, in*kh*kw)
                     t = tensors[(m[0], m[1])].detach().reshape(rows, cols)
                     X[j].copy_(t if rows <= cols else t.mT)
-                # a non-finite matrix is measured as zeros and left out by the worker
-                finite = torch.isfinite(X.flatten(1).sum(1)) & torch.isfinite(X.flatten(1).abs().amax(1))
+                # a non-finite matrix is measured as zeros and left out by the worker (the
+                # inf-norm is NaN/Inf exactly when an entry is, and never overflows)
+                finite = torch.linalg.vector_norm(X.flatten(1), float("inf"), dim=1).isfinite()
                 X.masked_fill_(~finite[:, None, None], 0.0)
                 sk = lanczos.sketch_matrices(X, min(opts["rank"], k // 2), opts["iterations"], opts["probes"],
                                              opts["steps"], precision)

@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from ..spectral.ns import ns_benefit, ns_benefit_of_spectrum
-from ._spectra import EXACT_MAX_K, METHODS, SpectrumSnapshots
+from ._spectra import EXACT_MAX_K, analysis_engine
 from ._logging import log_dir, log_scalars, log_text, mean
 from ._tracking import (
     by_shape,
@@ -96,11 +96,8 @@ class ComponentGradientAnalysis(BackgroundAnalysis):
         self.benefit_threshold = float(benefit_threshold)
         self.filename = filename
         self.dtype = dtype
-        if method not in METHODS + ("iterate",):
-            raise ValueError(f"ComponentGradientAnalysis(method={method!r}): use 'iterate' or one of {', '.join(map(repr, METHODS))}")
+        self._engine = analysis_engine("ComponentGradientAnalysis", method, exact_max_k, estimate)
         self.method = method
-        self._engine = SpectrumSnapshots("ComponentGradientAnalysis", "auto" if method == "iterate" else method,
-                                         exact_max_k=exact_max_k, estimate=estimate)
         super().__init__(wait_if_busy)
         #: run totals per component: ``{component: {figure: [sum, count]}}``
         self.totals: dict[str, dict[str, list[float]]] = {}

@@ -8,7 +8,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from ..spectral.ns import DEFAULT_NS_STEPS, ns_figures_of_spectrum, ns_map_of_spectrum, ns_transformation
-from ._spectra import EXACT_MAX_K, METHODS, SpectrumSnapshots
+from ._spectra import EXACT_MAX_K, analysis_engine
 from ._logging import log_scalars, mean
 from ._tracking import (
     by_shape,
@@ -93,11 +93,8 @@ class NewtonSchulzAnalysis(BackgroundAnalysis):
         self.source = source
         self.dtype = dtype
         self.log_per_matrix = log_per_matrix
-        if method not in METHODS + ("iterate",):
-            raise ValueError(f"NewtonSchulzAnalysis(method={method!r}): use 'iterate' or one of {', '.join(map(repr, METHODS))}")
+        self._engine = analysis_engine("NewtonSchulzAnalysis", method, exact_max_k, estimate)
         self.method = method
-        self._engine = SpectrumSnapshots("NewtonSchulzAnalysis", "auto" if method == "iterate" else method,
-                                         exact_max_k=exact_max_k, estimate=estimate)
         super().__init__(wait_if_busy)
         #: figures of the latest logged analysis ``{tag: value}`` and its step
         self.last_metrics: dict[str, float] = {}

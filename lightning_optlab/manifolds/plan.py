@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..optim.matrix import DEFAULT_VIEW, MatrixView, group_views
+from ..optim.sharded import is_dtensor
 from .sphere import SPHERE_EPS, compute_dtype, sphere_distance, sphere_retract
 from .stiefel import (
     PRECISIONS,
@@ -305,7 +306,7 @@ def plan_retractions(targets: Sequence[Target], cuda_graph: bool | str = "auto")
     jobs: list[Job] = []
     batches: dict[tuple, Job] = {}
     for t in targets:
-        if type(t.param).__name__ == "DTensor":
+        if is_dtensor(t.param):
             # a shard of a row or matrix is not on the sphere or the Stiefel manifold by itself
             raise ValueError(
                 f"constraint {t.constraint!r} on {t.name!r}: the parameter is sharded (DTensor, FSDP2), "

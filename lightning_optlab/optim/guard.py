@@ -14,15 +14,13 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor
 
-
-def _is_dtensor(t: Tensor) -> bool:
-    return type(t).__name__ == "DTensor" and hasattr(t, "to_local")
+from .sharded import is_dtensor
 
 
 def _as_real(grads: Sequence[Tensor]) -> list[Tensor]:
     """Complex gradients as (..., 2) real views: the NaN/Inf kernels are defined on reals. A
     sharded gradient (FSDP2's DTensor) is read as this rank's shard."""
-    local = [g.to_local() if _is_dtensor(g) else g for g in grads]
+    local = [g.to_local() if is_dtensor(g) else g for g in grads]
     return [torch.view_as_real(g) if g.is_complex() else g for g in local]
 
 
@@ -30,7 +28,7 @@ def _agree_across_ranks(flag: Tensor, grads: Sequence[Tensor], op: str) -> Tenso
     """With sharded gradients each rank sees its shards only: reduce the flags over the process
     group so that every rank refuses the same step (a NaN in one shard changes no weight
     anywhere) and names the same parameters."""
-    if not any(_is_dtensor(g) for g in grads):
+    if not any(is_dtensor(g) for g in grads):
         return flag
     import torch.distributed as dist
 

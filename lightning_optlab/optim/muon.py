@@ -77,17 +77,13 @@ def check_muon(hp: Mapping[str, Any]) -> None:
             "normalized momentum SGD, not Muon; use ns_steps: 5 (or 3 for a rougher polar factor)"
         )
     coeffs = hp["ns_coefficients"]
-
-    def triple(t) -> bool:
-        return (isinstance(t, (list, tuple)) and len(t) == 3
-                and all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in t))
-
-    if not (triple(coeffs) or coeffs == POLAR_EXPRESS
-            or (isinstance(coeffs, (list, tuple)) and len(coeffs) == steps and all(map(triple, coeffs)))):
+    try:
+        coefficient_schedule(coeffs, steps)
+    except ValueError:
         raise ValueError(
             f"ns_coefficients must be three numbers (a, b, c), one such triple per step ({steps} for "
             f"ns_steps: {steps}), or '{POLAR_EXPRESS}', got {coeffs!r}"
-        )
+        ) from None
     if hp["ns_method"] not in NS_METHODS:
         raise ValueError(
             f"ns_method must be one of {', '.join(NS_METHODS)} (plain: the quintic on the matrix; gram: on "
@@ -167,8 +163,8 @@ def _muon_step_sharded(group: dict, params: list, grads: list, states: list) -> 
     input), the iteration on whole matrices shared out across ranks as under DDP
     (:func:`~.newton_schulz.newton_schulz_split`), and each rank's rows of the update applied.
     The same specification as the unsharded step; the momentum stays sharded."""
-    local = [upcast(p.to_local()) for p in params]
-    work = [upcast(state["momentum_buffer"].to_local()) for state in states]
+    shards = [p.to_local() for p in params] + [state["momentum_buffer"].to_local() for state in states]
+    local, work = [upcast(t) for t in shards[: len(params)]], [upcast(t) for t in shards[len(params):]]
     views = group_views(group, params)
     device = local[0].device
     dtype, world, ns = _ns_settings(group, device)
@@ -186,9 +182,8 @@ def _muon_step_sharded(group: dict, params: list, grads: list, states: list) -> 
         for i, start in slots:
             update = views[i].from_matrix(ortho[start : start + views[i].blocks], params[i].shape)
             local[i].add_(local_part(update, params[i]).to(local[i].dtype), alpha=alpha)
-    for target, value in zip([p.to_local() for p in params] + [s["momentum_buffer"].to_local() for s in states],
-                             local + work):
-        store_(target, value)
+    for target, value in zip(shards, local + work):
+        store_(target, value)  # casts back bf16/fp16 shards; no-op for fp32
 
 
 def muon_prepare(group: dict, params: list, grads: list, states: list):

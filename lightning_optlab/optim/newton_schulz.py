@@ -12,6 +12,7 @@ own static buffers: :func:`frobenius_normalize_` and :func:`quintic_iterations`.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from functools import lru_cache
 from typing import Sequence
@@ -92,9 +93,11 @@ def minimax_quintic(lower: float, upper: float, grid: int = 20000) -> tuple[tupl
     ``[lower, upper]``, and that distance ``E`` (Remez exchange on a geometric grid, float64): the
     error ``1 - p`` equioscillates at four points, so ``p`` maps the interval into
     ``[1 - E, 1 + E]``."""
-    x = torch.logspace(torch.log10(torch.tensor(lower)), torch.log10(torch.tensor(upper)), grid, dtype=torch.float64)
-    ref = torch.logspace(torch.log10(torch.tensor(lower)), torch.log10(torch.tensor(upper)), 4, dtype=torch.float64)
-    signs = torch.tensor([1.0, -1.0, 1.0, -1.0], dtype=torch.float64)
+    ends = math.log10(lower), math.log10(upper)
+    x = torch.logspace(*ends, grid, dtype=torch.float64)
+    ref = torch.logspace(*ends, 4, dtype=torch.float64)
+    alternating = torch.tensor([1.0, -1.0, 1.0, -1.0], dtype=torch.float64)
+    signs = alternating
     for _ in range(100):
         A = torch.stack([ref, ref ** 3, ref ** 5, signs], 1)
         a, b, c, _ = torch.linalg.solve(A, torch.ones(4, dtype=torch.float64)).tolist()
@@ -113,12 +116,12 @@ def minimax_quintic(lower: float, upper: float, grid: int = 20000) -> tuple[tupl
                 vals.append(v)
         if len(pts) > 4:
             best = max(range(len(pts) - 3), key=lambda i: min(abs(v) for v in vals[i:i + 4]))
-            pts = pts[best:best + 4]
+            pts, vals = pts[best:best + 4], vals[best:best + 4]
         new = torch.tensor(pts, dtype=torch.float64)
         if len(pts) != 4 or torch.allclose(new, ref, rtol=1e-13, atol=0):
             break
         ref = new
-        signs = torch.tensor([1.0 if vals[0] > 0 else -1.0] * 4, dtype=torch.float64) * torch.tensor([1.0, -1.0, 1.0, -1.0], dtype=torch.float64)
+        signs = alternating if vals[0] > 0 else -alternating
     return (a, b, c), float(err.abs().max())
 
 
@@ -145,12 +148,15 @@ def coefficient_schedule(coefficients, steps: int) -> list[tuple[float, float, f
         if coefficients != POLAR_EXPRESS:
             raise ValueError(f"ns_coefficients: the named schedule is {POLAR_EXPRESS!r}, got {coefficients!r}")
         return list(polar_express_schedule(steps))
-    coeffs = list(coefficients)
-    if len(coeffs) == 3 and all(isinstance(c, (int, float)) for c in coeffs):
-        return [tuple(float(c) for c in coeffs)] * steps
-    if len(coeffs) != steps or any(len(t) != 3 for t in coeffs):
+    def triple(t) -> bool:
+        return (isinstance(t, (list, tuple)) and len(t) == 3
+                and all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in t))
+
+    if triple(coefficients):
+        return [tuple(float(c) for c in coefficients)] * steps
+    if not (isinstance(coefficients, (list, tuple)) and len(coefficients) == steps and all(map(triple, coefficients))):
         raise ValueError(f"ns_coefficients: give (a, b, c) or one (a, b, c) per step ({steps} of them), got {coefficients!r}")
-    return [tuple(float(c) for c in t) for t in coeffs]
+    return [tuple(float(c) for c in t) for t in coefficients]
 
 
 def gram_quintic_iterations(
@@ -172,7 +178,6 @@ def gram_quintic_iterations(
     tall = X.size(-2) > X.size(-1)
     if tall:
         X = X.mT
-    eye = torch.eye(X.size(-2), dtype=X.dtype, device=X.device)
     A = X @ X.mT
     Q = None
     for t, (a, b, c) in enumerate(schedule):
