@@ -344,3 +344,48 @@ def test_estimate_is_scale_invariant_down_to_tiny_gradients(scale):
     s2 = lanczos.estimate_singular_values(W * scale)
     assert torch.isfinite(s2).all()
     torch.testing.assert_close(s2 / scale, s1, rtol=1e-4, atol=1e-6 * float(s1[0]))
+
+
+def _third_party_models():
+    transformers = pytest.importorskip("transformers")
+    timm = pytest.importorskip("timm")
+    yield "HF GPT-2", transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1))
+    yield "HF Llama (GQA)", transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=1024, intermediate_size=2816, num_hidden_layers=1, num_attention_heads=16,
+        num_key_value_heads=4, vocab_size=1000))
+    yield "timm ResNet-50", timm.create_model("resnet50", pretrained=False)
+
+
+def test_estimate_within_the_bounds_on_third_party_weights_and_gradients():
+    """Models this project did not write, built from their configs: every hidden matrix with a
+    small side above 256, read through its matrix view (GPT-2's Conv1D stored (in, out), conv
+    kernels flattened), its weight and its gradient, against float64 SVDs."""
+    from lightning_optlab.policy import describe_parameters
+
+    checked = 0
+    for label, model in _third_party_models():
+        torch.manual_seed(0)
+        if label.startswith("timm"):
+            model(torch.randn(2, 3, 64, 64)).square().mean().backward()
+        else:
+            ids = torch.randint(0, model.config.vocab_size, (2, 64))
+            model(ids, labels=ids).loss.backward()
+        for info in describe_parameters(model):
+            if info.role != "hidden":
+                continue
+            for t in (info.param, info.param.grad):
+                W = info.view.to_matrix(t.detach())
+                W = W.reshape(W.shape[0], -1) if W.ndim == 2 or W.ndim > 3 else W[0]
+                if min(W.shape) <= 256:
+                    continue
+                s = lanczos.estimate_singular_values(W.float())
+                if not W.any():  # no gradient reaches it (timm zero-initialises each block's last BatchNorm)
+                    assert not s.any()
+                    continue
+                ref = spectrum_metrics(torch.linalg.svdvals(W.double()), k=5)
+                est = spectrum_metrics(s, k=5)
+                for figure, bound in BOUNDS.items():
+                    rel = abs(float(est[figure]) / float(ref[figure]) - 1)
+                    assert rel <= bound, (label, tuple(W.shape), figure, rel)
+                checked += 1
+    assert checked >= 20

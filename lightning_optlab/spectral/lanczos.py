@@ -25,13 +25,14 @@ with ``k = 2048``. The estimate needs only matrix products, batched over same-sh
 
 Accuracy with the defaults, against float64 SVDs (``tests/test_spectral_estimates.py``: ``k`` 256
 to 1024, flat, Marchenko-Pastur, power-law, exponential, low-rank-plus-noise and rank-deficient
-spectra, and a GPT's weights and gradients): ``||W||_F`` exact; spectral norm within 0.2% on
-gapless tops (a random initialisation), 1e-5 on decaying spectra; stable rank within 0.3%; top-k
-concentration (``k <= rank``) within 2%; effective rank within 1%, up to 5% on an exponential decay
-without a noise floor or a rank between ``rank`` and ``k``; a rank up to ``rank`` is kept exactly,
-a larger one within 2%. The condition number is a lower bound in exact arithmetic (float32 Lanczos
-can undershoot ``sigma_min`` by a few percent); read it for spectra spanning less than ~1e2.
-Singular values below float32 eps times ``sigma_max`` read as 0.
+spectra; the weights and gradients of this project's GPT, HF GPT-2, an HF Llama and timm's
+ResNet-50): ``||W||_F`` exact; spectral norm within 0.5% on gapless tops (a random
+initialisation), 1e-5 on decaying spectra; stable rank within 1%; top-k concentration
+(``k <= rank``) within 2%; effective rank within 1%, up to 5% on an exponential decay without a
+noise floor or a rank between ``rank`` and ``k`` (the gradient of a small batch); a rank up to
+``rank`` is kept exactly, a larger one within 2%. The condition number is a lower bound in exact
+arithmetic (float32 Lanczos can undershoot ``sigma_min`` by a few percent); read it for spectra
+spanning less than ~1e2. Singular values below float32 eps times ``sigma_max`` read as 0.
 """
 
 from __future__ import annotations
@@ -148,31 +149,31 @@ def gauss_quadrature(alpha: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Ten
 
 @dataclass
 class SpectrumSketch:
-    """What the estimate needs from the device, a few hundred numbers per matrix: the
-    Rayleigh-Ritz matrices of the top subspace (``(B, r, r)``, or None), the Lanczos coefficients
-    of the rest, ``||W||_F^2`` and the rest's share of it (``(B,)`` each)."""
+    """What the estimate needs from the device, a few hundred numbers per matrix, all of
+    ``W / ||W||_F``: the Rayleigh-Ritz matrices of the top subspace (``(B, r, r)``, or None), the
+    Lanczos coefficients of the rest and of the ``sigma_max`` refinement, the rest's squared
+    Frobenius norm (``(B,)``), and ``||W||_F`` itself (``scale``, ``(B,)``)."""
 
     ritz: torch.Tensor | None
     alpha: torch.Tensor
     beta: torch.Tensor
-    trace: torch.Tensor
     rest_trace: torch.Tensor
+    scale: torch.Tensor
     k: int
     top_alpha: torch.Tensor | None = None  # Lanczos from the leading directions (sigma_max)
     top_beta: torch.Tensor | None = None
-    scale: torch.Tensor | None = None  # ||W||_F: the rest is of W / ||W||_F
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        out = {"alpha": self.alpha, "beta": self.beta, "trace": self.trace, "rest_trace": self.rest_trace}
-        for name in ("ritz", "top_alpha", "top_beta", "scale"):
+        out = {"alpha": self.alpha, "beta": self.beta, "rest_trace": self.rest_trace, "scale": self.scale}
+        for name in ("ritz", "top_alpha", "top_beta"):
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)
         return out
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], k: int) -> "SpectrumSketch":
-        return cls(tensors.get("ritz"), tensors["alpha"], tensors["beta"], tensors["trace"], tensors["rest_trace"], k,
-                   tensors.get("top_alpha"), tensors.get("top_beta"), tensors.get("scale"))
+        return cls(tensors.get("ritz"), tensors["alpha"], tensors["beta"], tensors["rest_trace"], tensors["scale"], k,
+                   tensors.get("top_alpha"), tensors.get("top_beta"))
 
 
 def sketch_matrices(
@@ -194,34 +195,28 @@ def sketch_matrices(
     if not 0 <= rank < k:
         raise ValueError(f"sketch_matrices: rank must be in [0, k) = [0, {k}), got {rank}; use an exact method for small matrices")
     with torch.autocast(X.device.type, enabled=False):  # the hook may run under bf16 autocast
-        return _sketch(X, k, rank, iterations, probes, steps, precision, seed)
-
-
-def _sketch(X, k, rank, iterations, probes, steps, precision, seed) -> SpectrumSketch:
-    gen = torch.Generator(device=X.device).manual_seed(seed)
-    # on unit Frobenius norm (the spectrum scales with it): a gradient of 1e-12 would otherwise
-    # underflow the float32 products of its Gram
-    scale = torch.linalg.vector_norm(X.flatten(1), dim=1)
-    X.div_(torch.where(scale > 0, scale, torch.ones_like(scale))[:, None, None])
-    trace = X.flatten(1).pow(2).sum(1)
-    Y = ritz = None
-    top_alpha = top_beta = None
-    if rank:
-        G = estimate_gram(X, precision)
-        Y = top_subspace(G, rank, iterations, gen)
-        Z = X.mT @ Y  # (B, n, r), float32
-        ritz = Z.mT @ Z  # Y^T X X^T Y
-        # sigma_max: a few Lanczos steps from the leading columns of Y (subspace iteration alone
-        # converges slowly on a gapless top, as at initialization; from inside the top subspace
-        # a few steps suffice). No eigensolver on the device: CUDA's batched one can refuse
-        # degenerate inputs (a zero gradient), LAPACK on the host does not.
-        top_alpha, top_beta = lanczos_tridiagonals(G, steps=TOP_STEPS, start=Y[..., :min(TOP_PROBES, rank)])
-        del G
-        X.baddbmm_(Y, Z.mT, alpha=-1)  # the rest: (I - Y Y^T) X
-        del Z
-    rest_trace = X.flatten(1).pow(2).sum(1)
-    alpha, beta = lanczos_tridiagonals(estimate_gram(X, precision), probes, steps, gen, deflate=Y)
-    return SpectrumSketch(ritz, alpha, beta, trace, rest_trace, k, top_alpha, top_beta, scale)
+        gen = torch.Generator(device=X.device).manual_seed(seed)
+        # on unit Frobenius norm (the spectrum scales with it): a gradient of 1e-12 would
+        # otherwise underflow the float32 products of its Gram
+        scale = torch.linalg.vector_norm(X.flatten(1), dim=1)
+        X.div_(torch.where(scale > 0, scale, torch.ones_like(scale))[:, None, None])
+        Y = ritz = top_alpha = top_beta = None
+        if rank:
+            G = estimate_gram(X, precision)
+            Y = top_subspace(G, rank, iterations, gen)
+            Z = X.mT @ Y  # (B, n, r), float32
+            ritz = Z.mT @ Z  # Y^T X X^T Y
+            # sigma_max: a few Lanczos steps from the leading columns of Y (subspace iteration
+            # alone converges slowly on a gapless top, as at initialization; from inside the top
+            # subspace a few steps suffice). No eigensolver on the device: CUDA's batched one can
+            # refuse degenerate inputs (a zero gradient), LAPACK on the host does not.
+            top_alpha, top_beta = lanczos_tridiagonals(G, steps=TOP_STEPS, start=Y[..., :min(TOP_PROBES, rank)])
+            del G
+            X.baddbmm_(Y, Z.mT, alpha=-1)  # the rest: (I - Y Y^T) X
+            del Z
+        rest_trace = X.flatten(1).pow(2).sum(1)
+        alpha, beta = lanczos_tridiagonals(estimate_gram(X, precision), probes, steps, gen, deflate=Y)
+    return SpectrumSketch(ritz, alpha, beta, rest_trace, scale, k, top_alpha, top_beta)
 
 
 def spectrum_from_sketch(sketch: SpectrumSketch) -> torch.Tensor:
@@ -264,8 +259,7 @@ def spectrum_from_sketch(sketch: SpectrumSketch) -> torch.Tensor:
     lam = torch.cat([top, rest], 1).sort(dim=1, descending=True).values
     # below (float32 eps)^2 of lambda_max (sigma < eps sigma_max) nothing is resolved: read as 0
     lam = torch.where(lam > eps * eps * lam[:, :1], lam, torch.zeros_like(lam))
-    s = lam.sqrt()
-    return s if sketch.scale is None else s * sketch.scale.detach().to("cpu", torch.float64)[:, None]
+    return lam.sqrt() * sketch.scale.detach().to("cpu", torch.float64)[:, None]
 
 
 def estimate_singular_values(
