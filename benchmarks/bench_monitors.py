@@ -80,6 +80,8 @@ def _fit(size: str, device, monitor_name: str | None, steps: int, every: int, lo
 
         def on_train_end(self, trainer, pl_module):
             self.end_ms = (time.perf_counter() - self._last) * 1e3  # the monitors' end-of-fit flush
+            # read before teardown clears the engine: batch shapes whose sketch could not be a graph
+            self.graph_failures = getattr(getattr(monitor, "_engine", None), "graph_failures", None)
 
     clock = Clock()
     if device.type == "cuda":
@@ -112,6 +114,7 @@ def _fit(size: str, device, monitor_name: str | None, steps: int, every: int, lo
             "snapshot_step_ms": [clock.times[i] for i in snaps], "end_of_fit_ms": clock.end_ms,
             "cost_per_snapshot_ms": extra / taken, "overhead_pct": 100.0 * extra / taken / (every * base),
             "worker_seconds": dict(getattr(monitor, "worker_seconds", {}) or {}),
+            "graph_failures": getattr(clock, "graph_failures", None),
         })
     del trainer, model
     if device.type == "cuda":

@@ -245,6 +245,48 @@ def test_cuda_monitor_auto_logs_figures_of_the_measured_tensors(tmp_path):
     assert seen == {True, False}
 
 
+def test_snapshot_batches_matrices_of_one_k_padded_with_zero_columns():
+    """The engine's lanczos path puts matrices of one small side ``k`` and different long sides
+    (and both orientations) in one padded batch: each figure against a float64 SVD of its own
+    matrix, within the documented bounds; a non-finite matrix in the batch is left out."""
+    from lightning_optlab.callbacks._spectra import SpectrumSnapshots
+
+    gen = torch.Generator().manual_seed(3)
+    kinds = ("power_law", "marchenko_pastur", "low_rank_plus_noise", "flat")
+    shapes = ((256, 1024), (700, 256), (256, 256), (256, 513))
+    W = {("weights", f"m{j}"): with_spectrum(kind, *shape, gen).float() for j, (kind, shape) in enumerate(zip(kinds, shapes))}
+    W[("weights", "bad")] = torch.full((256, 300), float("nan"))
+    engine = SpectrumSnapshots("test", method="lanczos")
+    groups, sizes, total, _ = engine.spectra(engine.take(W, list(W)))
+    assert total == 5 and len(groups) == 1 and sizes[("weights", "m1")] == (700, 256)
+    metas, sv = groups[0]
+    assert [m[1] for m in metas] == ["m0", "m1", "m2", "m3"]
+    for m, s in zip(metas, sv):
+        ref = spectrum_metrics(torch.linalg.svdvals(W[m].double()), k=5)
+        est = spectrum_metrics(s.double(), k=5)
+        for figure, bound in BOUNDS.items():
+            rel = abs(float(est[figure]) / float(ref[figure]) - 1)
+            assert rel <= bound, (m, figure, rel)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the GPU machine)")
+def test_cuda_captured_sketch_replays_equal_the_eager_sketch():
+    """CapturedSketch on CUDA: the first call eager, the second captured, later ones replayed, each
+    on new inputs, equal to sketch_matrices run eagerly on the same inputs (one specification:
+    the graph's kernels are the eager ones, so to float32 rounding); the capture did not fail."""
+    gen = torch.Generator().manual_seed(5)
+    sketcher = lanczos.CapturedSketch((3, 256, 768), "cuda", rank=32, precision="bfloat16")
+    for call, kind in enumerate(("power_law", "exponential", "marchenko_pastur", "rank_half")):
+        X = torch.stack([with_spectrum(kind, 256, 768, gen) for _ in range(3)]).float().cuda()
+        sketcher.inputs.copy_(X)
+        got = sketcher.run()
+        want = lanczos.sketch_matrices(X.clone(), 32, precision="bfloat16", starts=sketcher.starts)
+        for name, t in want.tensors().items():
+            torch.testing.assert_close(got.tensors()[name], t, rtol=1e-4, atol=1e-6, msg=f"call {call} {name}")
+        torch.testing.assert_close(lanczos.spectrum_from_sketch(got), lanczos.spectrum_from_sketch(want), rtol=1e-4, atol=1e-8)
+    assert sketcher.failed is None and sketcher._step.graph is not None
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs CUDA (run on the GPU machine)"))])
 def test_zero_and_repeated_spectra_are_estimated_without_failing(device):

@@ -21,12 +21,31 @@ GRAM_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 # transient device memory of a snapshot stays bounded on large models (one matrix at a time beyond)
 GRAM_STACK_ELEMENTS = 1 << 26
 # "lanczos": one batched estimate's float32 copies and Grams take at most this many bytes (one
-# batch at a time)
-SKETCH_BATCH_BYTES = 1 << 30
+# batch at a time; on CUDA the copies' buffer and the graphs' work memory stay allocated)
+SKETCH_BATCH_BYTES = 1 << 31
+# "lanczos": matrices of one k share padded batches unless padding adds more than this fraction
+# of their Gram products and those exceed PAD_FLOPS (below it the batch count, not the
+# arithmetic, is what a snapshot costs)
+PAD_EXTRA, PAD_FLOPS = 0.25, 1e12
 # method="auto" on CUDA: matrices whose small side is at most this get an exact spectrum
 EXACT_MAX_K = 256
 ESTIMATE_OPTIONS = {"rank": lanczos.DEFAULT_RANK, "iterations": lanczos.DEFAULT_ITERATIONS,
                     "probes": lanczos.DEFAULT_PROBES, "steps": lanczos.DEFAULT_STEPS, "gram": None}
+
+
+def _padded_groups(k: int, entries: list) -> list[tuple[int, list]]:
+    """``[(n, entries)]``: matrices ``(meta, rows, cols)`` of one small side ``k`` in one group
+    padded to the widest (zero columns leave the sketch unchanged), or per long side ``n`` where
+    padding would add more than ``PAD_EXTRA`` of Gram work that is large (``PAD_FLOPS``)."""
+    widths = [max(r, c) for _, r, c in entries]
+    n_max = max(widths)
+    padded = 4.0 * k * k * n_max * len(entries)  # two Grams, 2 flops per multiply-add
+    if padded <= (1 + PAD_EXTRA) * 4.0 * k * k * sum(widths) or padded <= PAD_FLOPS:
+        return [(n_max, entries)]
+    by_n: dict[int, list] = {}
+    for e, n in zip(entries, widths):
+        by_n.setdefault(n, []).append(e)
+    return sorted(by_n.items())
 
 
 def _estimate_options(owner: str, estimate: dict | None) -> dict:
@@ -71,6 +90,9 @@ class SpectrumSnapshots:
         self.estimate = _estimate_options(owner, estimate)
         self._buffers: dict = {}
         self._streams: dict = {}
+        self._sketchers: dict = {}
+        self._flat: dict = {}
+        self._pools: dict = {}
 
     def method_for(self, k: int, cuda: bool) -> str:
         """The method of a matrix whose small side is ``k``, on CUDA (``cuda=True``) or the CPU:
@@ -108,6 +130,9 @@ class SpectrumSnapshots:
 
     def clear(self) -> None:
         self._buffers.clear()
+        self._sketchers.clear()
+        self._flat.clear()
+        self._pools.clear()
 
     def _gram_snapshot(self, tensors: dict, meta: list) -> tuple[Snapshot, list]:
         """Training thread, ``"gram_host"``: the float64 Gram matrix of each tracked matrix's
@@ -144,44 +169,87 @@ class SpectrumSnapshots:
 
     def _lanczos_snapshot(self, tensors: dict, meta: list) -> tuple[Snapshot, list]:
         """Training thread, ``"lanczos"``: each tracked matrix copied in float32 with its small
-        side first, batched per ``(k, n)`` (at most ``SKETCH_BATCH_BYTES`` of copies and Grams at
-        a time), and :func:`~lightning_optlab.spectral.lanczos.sketch_matrices` of each batch,
-        enqueued on the training stream before the optimizer step; then non-blocking host copies
-        of the sketches (a few hundred numbers per matrix). Returns the snapshot and ``[(meta
-        entries, their (rows, cols), batch index, k)]``."""
+        side first into the static batch of a :class:`~lightning_optlab.spectral.lanczos.CapturedSketch`,
+        one batch per ``k`` (narrower matrices padded with zero columns, which leave the sketch
+        unchanged; batches of equal size, each at most ``SKETCH_BATCH_BYTES`` of copies and
+        Grams), and the sketch replayed on the training stream before the optimizer step; then
+        non-blocking host copies of the sketches (a few hundred numbers per matrix). Returns the
+        snapshot and ``[(meta entries, their (rows, cols), batch index, k)]``."""
         opts = self.estimate
-        shapes: dict[tuple, list] = {}
+        by_k: dict[tuple, list] = {}
         for m in meta:
             t = tensors[(m[0], m[1])]
             rows, cols = t.shape[0], t[0].numel()
-            shapes.setdefault((min(rows, cols), max(rows, cols), t.device), []).append((m, rows, cols))
+            by_k.setdefault((min(rows, cols), t.device), []).append((m, rows, cols))
+        plan = []  # (k, n, device, batch size, entries)
+        for (k, device), entries in by_k.items():
+            for n, group in _padded_groups(k, entries):
+                # the float32 copy, its bf16 rounding and two k x k float32 Grams per matrix
+                per = max(1, SKETCH_BATCH_BYTES // (k * n * 6 + 8 * k * k))
+                size = -(-len(group) // -(-len(group) // per))  # equal batches: one graph per shape
+                plan.append((k, n, device, size, group))
         out: dict = {}
         chunks: list = []
-        for (k, n, device), entries in shapes.items():
+        for k, n, device, size, entries in plan:
             precision = opts["gram"] or ("bfloat16" if device.type == "cuda" else "float32")
-            # the float32 copy, its bf16 rounding and two k x k float32 Grams per matrix
-            per = max(1, SKETCH_BATCH_BYTES // (k * n * 6 + 8 * k * k))
-            for start in range(0, len(entries), per):
-                part = entries[start:start + per]
-                X = torch.empty((len(part), k, n), dtype=torch.float32, device=device)
+            storage = self._storage(device, max(s * kk * nn for kk, nn, d, s, _ in plan if d == device))
+            sketcher = self._sketcher((size, k, n), device, precision, storage)
+            ragged = len(entries) % size or any(max(r, c) != n for _, r, c in entries)
+            for start in range(0, len(entries), size):
+                part = entries[start:start + size]
+                X = sketcher.inputs
+                if ragged:  # padding columns and unused slots must read as zeros
+                    X.zero_()
                 for j, (m, rows, cols) in enumerate(part):  # conv kernels as (out, in*kh*kw)
                     t = tensors[(m[0], m[1])].detach().reshape(rows, cols)
-                    X[j].copy_(t if rows <= cols else t.mT)
+                    X[j, :, :max(rows, cols)].copy_(t if rows <= cols else t.mT)
                 # a non-finite matrix is measured as zeros and left out by the worker (the
                 # inf-norm is NaN/Inf exactly when an entry is, and never overflows)
                 finite = torch.linalg.vector_norm(X.flatten(1), float("inf"), dim=1).isfinite()
                 X.masked_fill_(~finite[:, None, None], 0.0)
-                sk = lanczos.sketch_matrices(X, min(opts["rank"], k // 2), opts["iterations"], opts["probes"],
-                                             opts["steps"], precision)
-                del X
+                sk = sketcher.run()
                 idx = len(chunks)
                 for name, t in sk.tensors().items():
-                    out[("sketch", idx, name)] = t
-                out[("sketch", idx, "finite")] = finite
+                    out[("sketch", idx, name)] = t[:len(part)]
+                out[("sketch", idx, "finite")] = finite[:len(part)]
                 chunks.append(([m for m, _, _ in part], [(r, c) for _, r, c in part], idx, k))
         device = next(iter(out.values())).device if out else None
         copy_stream = self._side_stream(device) if device is not None and device.type == "cuda" else None
         return Snapshot(out, to_cpu=True, buffers=self._buffers, owned=True, copy_stream=copy_stream), chunks
+
+    def _storage(self, device: torch.device, numel: int) -> torch.Tensor | None:
+        """On CUDA, the one input buffer the engine's captured sketches share (they run one after
+        another); a larger need drops them all (their graphs point into the old buffer)."""
+        if device.type != "cuda":
+            return None
+        have = self._flat.get(device)
+        if have is None or have.numel() < numel:
+            self._sketchers = {key: s for key, s in self._sketchers.items() if key[1] != str(device)}
+            self._flat[device] = None  # free the old buffer first
+            self._flat[device] = torch.zeros(numel, dtype=torch.float32, device=device)
+            self._pools[device] = torch.cuda.graph_pool_handle()
+        return self._flat[device]
+
+    def _sketcher(self, shape: tuple, device: torch.device, precision: str,
+                  storage: torch.Tensor | None) -> lanczos.CapturedSketch:
+        """The captured sketch of one batch shape: kept across snapshots on CUDA (its graph),
+        built afresh on the CPU (where it runs eagerly and would only hold memory)."""
+        opts = self.estimate
+        key = (shape, str(device), precision)
+        sketcher = self._sketchers.get(key)
+        if sketcher is None:
+            sketcher = lanczos.CapturedSketch(shape, device, min(opts["rank"], shape[1] // 2), opts["iterations"],
+                                              opts["probes"], opts["steps"], precision, storage=storage,
+                                              pool=self._pools.get(device))
+            if device.type == "cuda":
+                self._sketchers[key] = sketcher
+        return sketcher
+
+    @property
+    def graph_failures(self) -> list[str]:
+        """Why a captured sketch runs eagerly, per batch shape whose capture failed (empty when
+        every sketch is a graph)."""
+        return [f"{key[0]}: {s.failed}" for key, s in self._sketchers.items() if s.failed]
 
     def _side_stream(self, device: torch.device):
         """One lowest-priority CUDA stream per device for a snapshot's side work: the ``"gram"``

@@ -70,9 +70,10 @@ class CapturedStep:
     buffers, which is how CPU tests exercise the fast paths' layouts.
     """
 
-    def __init__(self, device: torch.device, strict: bool = False) -> None:
+    def __init__(self, device: torch.device, strict: bool = False, pool: Any = None) -> None:
         self.device = torch.device(device)
         self.strict = strict
+        self.pool = pool  # a graph memory pool shared with graphs replayed in capture order
         self.graph: torch.cuda.CUDAGraph | None = None
         self.warmed_up = False
         self.failed: str | None = None
@@ -99,7 +100,7 @@ class CapturedStep:
             return
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, stream=side):
+            with torch.cuda.graph(graph, pool=self.pool, stream=side):
                 body()
         except Exception as exc:  # capture refused: eager from now on (the body did not run)
             self.failed = f"{type(exc).__name__}: {exc}"

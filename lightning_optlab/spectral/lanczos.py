@@ -68,13 +68,15 @@ def _rademacher(shape: tuple, generator: torch.Generator, like: torch.Tensor) ->
 
 
 def top_subspace(G: torch.Tensor, rank: int = DEFAULT_RANK, iterations: int = DEFAULT_ITERATIONS,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, start: torch.Tensor | None = None) -> torch.Tensor:
     """Orthonormal ``(B, k, rank)`` bases approximating the leading invariant subspaces of
     symmetric PSD ``G`` (``(B, k, k)``), by ``iterations`` steps of subspace iteration from a
-    random block."""
-    if generator is None:
-        generator = torch.Generator(device=G.device).manual_seed(0)
-    Y = _orthonormalize(_rademacher((G.size(0), G.size(-1), rank), generator, G))
+    random block (or from ``start``, ``(B, k, rank)``)."""
+    if start is None:
+        if generator is None:
+            generator = torch.Generator(device=G.device).manual_seed(0)
+        start = _rademacher((G.size(0), G.size(-1), rank), generator, G)
+    Y = _orthonormalize(start)
     for _ in range(iterations):
         Y = _orthonormalize(torch.bmm(G, Y))
     # orthonormal to rounding (one Householder QR): the deflated Lanczos needs P = I - Y Y^T to be
@@ -176,13 +178,29 @@ class SpectrumSketch:
                    tensors.get("top_alpha"), tensors.get("top_beta"))
 
 
+def sketch_starts(X: torch.Tensor, rank: int = DEFAULT_RANK, probes: int = DEFAULT_PROBES,
+                  seed: int = 0) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The random start blocks of :func:`sketch_matrices` for matrices shaped like ``X``
+    (``(B, k, n)``): Rademacher ``(B, k, rank)`` for the subspace iteration (None at ``rank=0``)
+    and ``(B, k, probes)`` for the quadrature, from one generator seeded ``seed``."""
+    gen = torch.Generator(device=X.device).manual_seed(seed)
+    B, k = X.size(0), X.size(-2)
+    like = X.new_empty(())
+    top = _rademacher((B, k, rank), gen, like) if rank else None
+    return top, _rademacher((B, k, probes), gen, like)
+
+
 def sketch_matrices(
     X: torch.Tensor, rank: int = DEFAULT_RANK, iterations: int = DEFAULT_ITERATIONS,
     probes: int = DEFAULT_PROBES, steps: int = DEFAULT_STEPS, precision: str = "float32", seed: int = 0,
+    starts: tuple[torch.Tensor | None, torch.Tensor] | None = None,
 ) -> SpectrumSketch:
     """The device part of the estimate for matrices ``X`` (``(B, k, n)``, ``k <= n``, float32;
     overwritten): steps 1 and 2 of the module docstring (``rank=0``: no deflation), results
-    left on ``X``'s device.
+    left on ``X``'s device. ``starts``: :func:`sketch_starts` (default: drawn from ``seed``);
+    given, nothing here draws random numbers or waits for the device, so the whole sketch can be
+    one CUDA graph (:class:`CapturedSketch`). Zero columns appended to ``X`` change nothing (its
+    Gram is the same), which lets matrices of one ``k`` and different ``n`` share a batch.
 
     The rest is deflated in the matrix, not in its Gram: ``X - Y (Y^T X)`` in float32, whose
     Gram is formed anew. Why: a Gram's rounding is relative to its largest eigenvalue, and the
@@ -194,8 +212,9 @@ def sketch_matrices(
     k = X.size(-2)
     if not 0 <= rank < k:
         raise ValueError(f"sketch_matrices: rank must be in [0, k) = [0, {k}), got {rank}; use an exact method for small matrices")
+    if starts is None:
+        starts = sketch_starts(X, rank, probes, seed)
     with torch.autocast(X.device.type, enabled=False):  # the hook may run under bf16 autocast
-        gen = torch.Generator(device=X.device).manual_seed(seed)
         # on unit Frobenius norm (the spectrum scales with it): a gradient of 1e-12 would
         # otherwise underflow the float32 products of its Gram
         scale = torch.linalg.vector_norm(X.flatten(1), dim=1)
@@ -203,7 +222,7 @@ def sketch_matrices(
         Y = ritz = top_alpha = top_beta = None
         if rank:
             G = estimate_gram(X, precision)
-            Y = top_subspace(G, rank, iterations, gen)
+            Y = top_subspace(G, rank, iterations, start=starts[0])
             Z = X.mT @ Y  # (B, n, r), float32
             ritz = Z.mT @ Z  # Y^T X X^T Y
             # sigma_max: a few Lanczos steps from the leading columns of Y (subspace iteration
@@ -215,7 +234,7 @@ def sketch_matrices(
             X.baddbmm_(Y, Z.mT, alpha=-1)  # the rest: (I - Y Y^T) X
             del Z
         rest_trace = X.flatten(1).pow(2).sum(1)
-        alpha, beta = lanczos_tridiagonals(estimate_gram(X, precision), probes, steps, gen, deflate=Y)
+        alpha, beta = lanczos_tridiagonals(estimate_gram(X, precision), steps=steps, deflate=Y, start=starts[1])
     return SpectrumSketch(ritz, alpha, beta, rest_trace, scale, k, top_alpha, top_beta)
 
 
@@ -300,3 +319,53 @@ def estimate_gram(X: torch.Tensor, precision: str = "float32") -> torch.Tensor:
             A = Ab.float()
     A = A.float()
     return torch.bmm(A, A.mT)
+
+
+class CapturedSketch:
+    """:func:`sketch_matrices` of one batch shape ``(B, k, n)`` on static buffers, captured as one
+    CUDA graph (:class:`~lightning_optlab.optim.cuda_graph.CapturedStep`: eager on the first call,
+    captured on the second, replayed after; eager off CUDA or if the capture fails, ``failed``
+    says why). Why: the sketch is ~1,000 small kernels whose launches, not their arithmetic, are
+    what a snapshot costs the training thread; a replay is one launch.
+
+    Fill :attr:`inputs` (zero columns pad a narrower matrix), then :meth:`run`: a
+    :class:`SpectrumSketch` of fresh copies, safe to keep across the next replay. The first call
+    runs the sketch twice (the eager warm-up a capture needs, then the capture), so later calls
+    cost one replay. ``storage`` (a flat float32 tensor of at least ``B k n`` elements) and
+    ``pool`` (:func:`torch.cuda.graph_pool_handle`) let sketches of several shapes, run one
+    after another, share their inputs and work memory; both stay allocated between snapshots.
+    """
+
+    def __init__(self, shape: tuple[int, int, int], device: torch.device, rank: int = DEFAULT_RANK,
+                 iterations: int = DEFAULT_ITERATIONS, probes: int = DEFAULT_PROBES, steps: int = DEFAULT_STEPS,
+                 precision: str = "float32", seed: int = 0, storage: torch.Tensor | None = None,
+                 pool: object = None) -> None:
+        from ..optim.cuda_graph import CapturedStep
+
+        numel = shape[0] * shape[1] * shape[2]
+        if storage is None:
+            storage = torch.zeros(numel, dtype=torch.float32, device=device)
+        self.inputs = storage[:numel].view(shape)
+        self.settings = (rank, iterations, probes, steps, precision)
+        self.starts = sketch_starts(self.inputs, rank, probes, seed)
+        self._step = CapturedStep(torch.device(device), pool=pool)
+        self._out: SpectrumSketch | None = None
+
+    @property
+    def failed(self) -> str | None:
+        return self._step.failed
+
+    def run(self) -> SpectrumSketch:
+        rank, iterations, probes, steps, precision = self.settings
+
+        def body():
+            self._out = sketch_matrices(self.inputs, rank, iterations, probes, steps, precision, starts=self.starts)
+
+        if self._step.capturable and not self._step.warmed_up:
+            saved = self.inputs.clone()  # the sketch overwrites its inputs; the capture reads them again
+            self._step.run(body)
+            self.inputs.copy_(saved)
+            del saved
+        self._step.run(body)
+        out = self._out
+        return SpectrumSketch.from_tensors({name: t.clone() for name, t in out.tensors().items()}, out.k)
