@@ -90,7 +90,8 @@ def _fit(size: str, device, monitor_name: str | None, steps: int, every: int, lo
         accelerator="gpu" if device.type == "cuda" else "cpu", devices=[device.index or 0] if device.type == "cuda" else 1,
         precision="bf16-mixed" if device.type == "cuda" else "32-true", max_steps=steps, limit_val_batches=0,
         num_sanity_val_steps=0, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        log_every_n_steps=50, logger=TensorBoardLogger(log_dir, name=monitor_name or "plain"),
+        # Lightning's own log flushes (every 50 steps by default) would land on snapshot steps
+        log_every_n_steps=10 ** 6, logger=TensorBoardLogger(log_dir, name=monitor_name or "plain"),
         callbacks=([monitor] if monitor else []) + [clock],
     )
     t0 = time.perf_counter()
@@ -111,7 +112,7 @@ def _fit(size: str, device, monitor_name: str | None, steps: int, every: int, lo
         taken = max(1, len(snaps) - int(monitor.skipped))
         rec.update({
             "snapshot_steps": snaps, "skipped_snapshots": int(monitor.skipped), "loud_steps": len(loud),
-            "snapshot_step_ms": [clock.times[i] for i in snaps], "end_of_fit_ms": clock.end_ms,
+            "snapshot_step_ms": [clock.times[i] for i in snaps], "loud_step_ms": {i: clock.times[i] for i in loud}, "end_of_fit_ms": clock.end_ms,
             "cost_per_snapshot_ms": extra / taken, "overhead_pct": 100.0 * extra / taken / (every * base),
             "worker_seconds": dict(getattr(monitor, "worker_seconds", {}) or {}),
             "graph_failures": getattr(clock, "graph_failures", None),

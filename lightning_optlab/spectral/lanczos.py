@@ -79,9 +79,14 @@ def top_subspace(G: torch.Tensor, rank: int = DEFAULT_RANK, iterations: int = DE
     Y = _orthonormalize(start)
     for _ in range(iterations):
         Y = _orthonormalize(torch.bmm(G, Y))
-    # orthonormal to rounding (one Householder QR): the deflated Lanczos needs P = I - Y Y^T to be
-    # a projector; Cholesky-QR's ~1e-6 is amplified by lambda_max / lambda_min
-    return torch.linalg.qr(Y).Q
+    # orthonormal to rounding: the deflated Lanczos needs P = I - Y Y^T to be a projector (the
+    # shifted passes' ~1e-6 is amplified by lambda_max / lambda_min). One unshifted Cholesky-QR in
+    # float64 of the now well-conditioned columns does it with batched products, where a
+    # Householder QR runs one factorization per matrix on CUDA and cannot be a graph
+    Y64 = Y.double()
+    eye = torch.eye(Y.size(-1), dtype=torch.float64, device=Y.device)
+    L, _ = torch.linalg.cholesky_ex(Y64.mT @ Y64 + eye * 1e-12)
+    return torch.linalg.solve_triangular(L, Y64.mT, upper=False).mT.nan_to_num(0.0, 0.0, 0.0).to(Y.dtype)
 
 
 def lanczos_tridiagonals(
@@ -104,11 +109,11 @@ def lanczos_tridiagonals(
         raise ValueError(f"lanczos_tridiagonals needs Gram matrices (B, k, k), got shape {tuple(G.shape)}")
     if probes < 1 or steps < 1:
         raise ValueError(f"lanczos_tridiagonals: probes and steps must be >= 1, got probes={probes}, steps={steps}")
-    if generator is None:
-        generator = torch.Generator(device=G.device).manual_seed(0)
     B, k, _ = G.shape
     if start is not None:
         probes = start.size(-1)
+    elif generator is None:  # never inside a CUDA graph capture (start given there)
+        generator = torch.Generator(device=G.device).manual_seed(0)
 
     def project(x):
         return x if deflate is None else x - deflate @ (deflate.mT @ x)
