@@ -100,7 +100,9 @@ class CapturedStep:
             return
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, pool=self.pool, stream=side):
+            # thread_local: a monitor's worker thread waiting on its copies (an event sync) while
+            # the training thread captures is not an error; only this thread's calls are checked
+            with torch.cuda.graph(graph, pool=self.pool, stream=side, capture_error_mode="thread_local"):
                 body()
         except Exception as exc:  # capture refused: eager from now on (the body did not run)
             self.failed = f"{type(exc).__name__}: {exc}"
