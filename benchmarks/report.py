@@ -68,11 +68,47 @@ def load_results(results_dir: Path, include_tiny: bool) -> dict[str, dict[str, A
         data["_path"] = str(path)
         key = data["kind"] + (f": {variant(data)}" if variant(data) else "")
         found.setdefault(key, []).append((data.get("date", ""), path, data))
-    return {kind: max(items, key=lambda t: t[0])[2] for kind, items in found.items()}
+    newest = {kind: max(items, key=lambda t: t[0])[2] for kind, items in found.items()}
+    return merge_monitors(newest, [d for key, items in found.items() if key.startswith("monitors") for _, _, d in items])
+
+
+MONITOR_SIZES = ("tiny", "small", "42m", "150m", "680m", "1.2b")
+
+
+def merge_monitors(results: dict[str, dict[str, Any]], runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``bench_monitors.py`` runs one size (or one monitor) per call to fit the device's call
+    limit: its results become one table, the newest row of each (size, monitor), each with the
+    commit and file it came from."""
+    if not runs:
+        return results
+    best: dict[tuple, tuple] = {}
+    for data in runs:
+        for row in data.get("rows", []):
+            key = (row[0], row[2])
+            if key not in best or data.get("date", "") > best[key][0]:
+                best[key] = (data.get("date", ""), row, data)
+    order = {s: i for i, s in enumerate(MONITOR_SIZES)}
+    chosen = sorted(best.values(), key=lambda t: (order.get(t[1][0], len(order)), t[1][2]))
+    newest = max(chosen, key=lambda t: t[0])[2]
+    merged = {k: v for k, v in newest.items() if k not in ("rows", "records")}
+    merged["header"] = list(newest.get("header", [])) + ["commit"]
+    merged["rows"] = [list(row) + [str(d.get("commit"))[:8]] for _, row, d in chosen]
+    merged["commit"] = ", ".join(sorted({str(d.get("commit"))[:8] for _, _, d in chosen}))
+    merged["settings"] = {k: v for k, v in newest.get("settings", {}).items() if k in ("every",)}
+    merged["settings"]["steps"] = sorted({d.get("settings", {}).get("steps") for _, _, d in chosen})
+    merged["_path"] = ", ".join(sorted({str(Path(d["_path"]).name) for _, _, d in chosen}))
+    out = {k: v for k, v in results.items() if not k.startswith("monitors")}
+    out["monitors"] = merged
+    return out
 
 
 def _result(passed: Any) -> str:
     return "-" if passed is None else ("PASS" if passed else "FAIL")
+
+
+def _shown_path(path: str) -> str:
+    p = Path(path)
+    return str(p.relative_to(ROOT)) if p.is_absolute() and p.is_relative_to(ROOT) else path
 
 
 def _meta_lines(data: dict[str, Any]) -> list[str]:
@@ -83,7 +119,7 @@ def _meta_lines(data: dict[str, Any]) -> list[str]:
         f"- torch {data.get('torch_version')} (CUDA {data.get('cuda_version')}), lightning "
         f"{data.get('lightning_version')}, Python {data.get('python_version')}",
         f"- settings: `{json.dumps({k: v for k, v in s.items() if v is not None}, sort_keys=True)}`",
-        f"- source: `{Path(data['_path']).relative_to(ROOT) if Path(data['_path']).is_relative_to(ROOT) else data['_path']}`",
+        f"- source: `{_shown_path(data['_path'])}`",
     ]
 
 
