@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import torch
 
 from ..optim.matrix import DEFAULT_VIEW, MatrixView, group_views
+from ..optim.sharded import gather_to_rank_zero, is_dtensor
 from ..policy.roles import describe_parameters
 
 # The research plan's components; bias and norm parameters belong to none of them.
@@ -38,11 +39,23 @@ class TrackedParam:
 
     def matrices(self, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         """``t`` (the parameter, its gradient or a state tensor) as its matrix view: one
-        ``(name, matrix)``, or one per block of a split packed projection (``name[k]``)."""
+        ``(name, matrix)``, or one per block of a split packed projection (``name[k]``). A sharded
+        ``t`` (FSDP2 DTensor) is gathered whole to rank zero, and gives nothing on the other ranks
+        (every rank must call this for it)."""
+        if is_dtensor(t):
+            t = gather_to_rank_zero(t)
+            if t is None:
+                return []
         m = self.view.to_matrix(t)
         if self.view.blocks == 1:
             return [(self.name, m)]
         return [(f"{self.name}[{k}]", m[k]) for k in range(self.view.blocks)]
+
+
+def any_sharded(tracked: Sequence[TrackedParam]) -> bool:
+    """Whether some tracked parameter is an FSDP2 DTensor (every rank then takes part in a
+    snapshot's gathers)."""
+    return any(is_dtensor(tp.param) for tp in tracked)
 
 
 def sanitize_tag(text: str) -> str:

@@ -184,6 +184,15 @@ class BackgroundAnalysis(Callback):
             self._log_ready(trainer, wait=True)
         return True
 
+    def _snapshot_now(self, trainer: Any, step: int, sharded: bool) -> bool:
+        """Whether to take the snapshot of ``step``: rank zero decides (:meth:`_worker_free`).
+        With sharded parameters every rank takes part in the snapshot's gathers, so the others
+        follow rank zero's decision (one broadcast); without, they never snapshot."""
+        take = self._worker_free(trainer, step) if trainer.is_global_zero else False
+        if sharded:
+            take = bool(trainer.strategy.broadcast(take, src=0))
+        return take
+
     def _submit(self, trainer: Any, step: int, fn: Callable, *args: Any) -> None:
         self._worker.submit(step, fn, *args)
         if self.wait_if_busy:

@@ -12,6 +12,7 @@ from ..spectral.ns import ns_benefit, ns_benefit_of_spectrum
 from ._spectra import EXACT_MAX_K, analysis_engine
 from ._logging import log_dir, log_scalars, log_text, mean
 from ._tracking import (
+    any_sharded,
     by_shape,
     check_components,
     check_every_n_steps,
@@ -111,7 +112,7 @@ class ComponentGradientAnalysis(BackgroundAnalysis):
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         self._log_ready(trainer)
         step = trainer.global_step
-        if not trainer.is_global_zero or step % self.every_n_steps:
+        if step % self.every_n_steps:
             return
         if self._tracked is None:
             self._tracked = tracked_parameters(optimizer, pl_module)
@@ -119,10 +120,11 @@ class ComponentGradientAnalysis(BackgroundAnalysis):
                 if tp.component in self.components:
                     self.rules.setdefault(tp.component, set()).add(tp.algorithm or type(optimizer).__name__)
                     self.matrices[tp.component] = self.matrices.get(tp.component, 0) + 1
-        mats, who, _ = gradient_matrices(self._tracked, optimizer, self.components, "gradient")
-        if not mats:
+        sharded = any_sharded(self._tracked)
+        if not (trainer.is_global_zero or sharded) or not self._snapshot_now(trainer, step, sharded):
             return
-        if not self._worker_free(trainer, step):
+        mats, who, _ = gradient_matrices(self._tracked, optimizer, self.components, "gradient")
+        if not mats or not trainer.is_global_zero:  # (the other ranks only sent their shards)
             return
         component_of = {name: tp.component for name, tp in who.items()}
         if self.method == "iterate":

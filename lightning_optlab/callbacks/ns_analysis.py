@@ -11,6 +11,7 @@ from ..spectral.ns import DEFAULT_NS_STEPS, ns_figures_of_spectrum, ns_map_of_sp
 from ._spectra import EXACT_MAX_K, analysis_engine
 from ._logging import log_scalars, mean
 from ._tracking import (
+    any_sharded,
     by_shape,
     check_components,
     check_every_n_steps,
@@ -104,11 +105,16 @@ class NewtonSchulzAnalysis(BackgroundAnalysis):
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         self._log_ready(trainer)
         step = trainer.global_step
-        if not trainer.is_global_zero or step % self.every_n_steps:
+        if step % self.every_n_steps:
             return
         if self._tracked is None:
             self._tracked = tracked_parameters(optimizer, pl_module)
+        sharded = any_sharded(self._tracked)
+        if not (trainer.is_global_zero or sharded) or not self._snapshot_now(trainer, step, sharded):
+            return
         mats, _, _ = gradient_matrices(self._tracked, optimizer, self.components, self.source)
+        if not trainer.is_global_zero:  # (the other ranks only sent their shards)
+            return
         if not mats:
             if not self._warned:
                 self._warned = True
@@ -116,8 +122,6 @@ class NewtonSchulzAnalysis(BackgroundAnalysis):
                     f"NewtonSchulzAnalysis: no {self.source} matrices in components {list(self.components)} "
                     "at this step; check components=... (roles come from the policy / describe_parameters)"
                 )
-            return
-        if not self._worker_free(trainer, step):
             return
         if self.method == "iterate":
             self._submit(trainer, step, self._compute, Snapshot(mats, to_cpu=True))

@@ -198,10 +198,13 @@ class ManifoldRetraction(Callback):
         self.retracted_at_fit_start = False
         self._pending = {}
         strategy = type(trainer.strategy).__name__
-        if any(s in strategy for s in ("FSDP", "DeepSpeed", "ModelParallel")):
+        if any(s in strategy for s in ("FSDP", "DeepSpeed")):
+            # FSDP2 (ModelParallelStrategy) keeps each parameter a DTensor of its own shape, which
+            # the plan gathers; FSDP1 and ZeRO flatten parameters into buffers no rule can read
             raise RuntimeError(
-                f"ManifoldRetraction does not support {strategy}: it needs whole parameters, and a "
-                "sharded strategy holds slices of each matrix. Use DDP (or a single device)."
+                f"ManifoldRetraction does not support {strategy}: it flattens parameters into one "
+                "buffer, so no matrix keeps its shape. Use ModelParallelStrategy with fully_shard "
+                "(FSDP2) in configure_model, or DDP."
             )
         try:
             infos = describe_parameters(pl_module)

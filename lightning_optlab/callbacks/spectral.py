@@ -19,7 +19,7 @@ from ._logging import (
     mean,
     tensorboard_summary,
 )
-from ._tracking import check_every_n_steps, first_optimizer, sanitize_tag, tracked_parameters
+from ._tracking import any_sharded, check_every_n_steps, first_optimizer, sanitize_tag, tracked_parameters
 from ._spectra import EXACT_MAX_K, SpectrumSnapshots
 from ._worker import BackgroundAnalysis
 
@@ -231,8 +231,6 @@ class SpectralMonitor(BackgroundAnalysis):
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         self._log_ready(trainer)
-        if not trainer.is_global_zero:
-            return
         step = trainer.global_step
         if step % self.every_n_steps:
             return
@@ -243,7 +241,8 @@ class SpectralMonitor(BackgroundAnalysis):
             )
             if not self._tracked:
                 rank_zero_warn("SpectralMonitor: no parameter with >= 2 dimensions to track (check include/exclude)")
-        if not self._worker_free(trainer, step):
+        sharded = any_sharded(self._tracked)
+        if not (trainer.is_global_zero or sharded) or not self._snapshot_now(trainer, step, sharded):
             return
         tensors, meta, missing = {}, [], 0
         for tp in self._tracked:
@@ -255,7 +254,7 @@ class SpectralMonitor(BackgroundAnalysis):
                 for name, m in tp.matrices(t):  # the parameter's matrix view (a strided view)
                     tensors[(kind, name)] = m
                     meta.append((kind, name, tp.component, tp.group_name))
-        if not tensors:
+        if not tensors or not trainer.is_global_zero:  # (the other ranks only sent their shards)
             return
         images = self.image_every_n_steps is not None and step % self.image_every_n_steps == 0
         self._submit(trainer, step, self._compute, self._engine.take(tensors, meta), images, missing)

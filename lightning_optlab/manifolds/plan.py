@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..optim.matrix import DEFAULT_VIEW, MatrixView, group_views
-from ..optim.sharded import is_dtensor
+from ..optim.sharded import is_dtensor, local_part
 from .sphere import SPHERE_EPS, compute_dtype, sphere_distance, sphere_retract
 from .stiefel import (
     PRECISIONS,
@@ -85,6 +85,7 @@ class Job:
     tol: float | None = None
     schedule: str = "fixed"
     precision: str = "auto"
+    sharded: bool = False  # FSDP2 DTensor parameters: retracted as gathered whole tensors
 
 
 def _close(word: str, options: Sequence[str]) -> str:
@@ -306,26 +307,36 @@ def plan_retractions(targets: Sequence[Target], cuda_graph: bool | str = "auto")
     jobs: list[Job] = []
     batches: dict[tuple, Job] = {}
     for t in targets:
-        if is_dtensor(t.param):
-            # a shard of a row or matrix is not on the sphere or the Stiefel manifold by itself
-            raise ValueError(
-                f"constraint {t.constraint!r} on {t.name!r}: the parameter is sharded (DTensor, FSDP2), "
-                "and the retractions need whole rows and matrices. Train constrained parameters "
-                "with DDP, or drop the constraint for sharded runs."
-            )
+        # a shard of a row or matrix is not on the sphere or the Stiefel manifold by itself: sharded
+        # parameters are gathered whole, retracted on every rank, and each keeps its shard
+        sharded = is_dtensor(t.param)
         if t.constraint == "sphere":
-            jobs.append(Job("sphere", [t]))
+            jobs.append(Job("sphere", [t], sharded=sharded))
             continue
         m = as_matrix(t.param, t.name)
         o = t.options
         tol = auto_tol(t.param.dtype) if o["tol"] == "auto" else o["tol"]
         key = (tuple(m.shape), t.param.device, compute_dtype(t.param.dtype), o["steps"], tol,
-               o["schedule"], o["precision"])
+               o["schedule"], o["precision"], sharded)
         if key not in batches:
-            batches[key] = Job("stiefel", steps=o["steps"], tol=tol, schedule=o["schedule"], precision=o["precision"])
+            batches[key] = Job("stiefel", steps=o["steps"], tol=tol, schedule=o["schedule"], precision=o["precision"],
+                               sharded=sharded)
             jobs.append(batches[key])
         batches[key].targets.append(t)
     return RetractionPlan(jobs, cuda_graph)
+
+
+def _whole(p: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a parameter (a sharded one gathered: one all-gather on every rank)."""
+    return p.full_tensor() if is_dtensor(p) else p
+
+
+def _write(p: torch.Tensor, value: torch.Tensor) -> None:
+    """``p <- value`` (a whole tensor); a sharded parameter keeps its own part."""
+    if is_dtensor(p):
+        p.to_local().copy_(local_part(value, p))
+    else:
+        p.copy_(value)
 
 
 def merge_max(metrics: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:
@@ -371,15 +382,16 @@ class RetractionPlan:
             if job.constraint == "sphere":
                 (t,) = job.targets
                 o = t.options
+                whole = _whole(t.param)
                 if measure:
-                    merge_max(metrics, f"manifold/sphere_distance_before/{t.role}", sphere_distance(t.param, o["radius"], o["dim"]))
-                t.param.copy_(sphere_retract(t.param, o["radius"], o["dim"], o["eps"]))
+                    merge_max(metrics, f"manifold/sphere_distance_before/{t.role}", sphere_distance(whole, o["radius"], o["dim"]))
+                _write(t.param, sphere_retract(whole, o["radius"], o["dim"], o["eps"]))
                 continue
-            if steps is None and job.schedule == "predict":
+            if steps is None and job.schedule == "predict" and not job.sharded:
                 predicted.append(job)  # all predict buckets together: one host sync
                 continue
             dtype = compute_dtype(job.targets[0].param.dtype)
-            stack = torch.stack([as_matrix(t.param).to(dtype) for t in job.targets])
+            stack = torch.stack([as_matrix(_whole(t.param)).to(dtype) for t in job.targets])
             if steps is None:
                 result = polar_newton_schulz(stack, steps=job.steps, tol=job.tol, schedule=job.schedule,
                                              precision=job.precision)
@@ -393,7 +405,11 @@ class RetractionPlan:
                     polar[short] = stiefel_retract_exact(stack[short])
                     self.fallback_names.extend(t.name for t, s in zip(job.targets, short.tolist()) if s)
             params = [t.param for t in job.targets]
-            torch._foreach_copy_(params, [polar[j].reshape(p.shape) for j, p in enumerate(params)])
+            if job.sharded:
+                for j, p in enumerate(params):
+                    _write(p, polar[j].reshape(p.shape))
+            else:
+                torch._foreach_copy_(params, [polar[j].reshape(p.shape) for j, p in enumerate(params)])
             self._log_bucket(job, result.steps, result.distance_before, measure, metrics)
         by_options: dict[tuple, list[Job]] = {}
         for job in predicted:
@@ -421,9 +437,9 @@ class RetractionPlan:
         for job in self.jobs:
             for t in job.targets:
                 if job.constraint == "sphere":
-                    d = sphere_distance(t.param, t.options["radius"], t.options["dim"])
+                    d = sphere_distance(_whole(t.param), t.options["radius"], t.options["dim"])
                 else:
-                    d = stiefel_distance(as_matrix(t.param))
+                    d = stiefel_distance(as_matrix(_whole(t.param)))
                 merge_max(metrics, f"manifold/{job.constraint}_distance_after/{t.role}", d)
         return metrics
 

@@ -8,10 +8,10 @@ those shards exactly as it steps whole tensors, through DTensor's own operators;
 guard reads each rank's shards and agrees across ranks (:mod:`.guard`). Muon (``"gather"``)
 gathers each whole matrix's Newton-Schulz input (:func:`gather_full`), shares the iteration out
 across ranks as under DDP, and applies each rank's rows of the result (:func:`local_part`); the
-stateless Sinkhorn rules run their plain step on gathered whole tensors (:func:`on_whole_tensors`).
-SPARKLES, which keeps state and takes whole-tensor statistics, refuses sharded parameters, as do
-all rules for FSDP1's flattened ``FlatParameter``, where a parameter is not even a tensor of its
-own shape.
+stateless Sinkhorn rules and SPARKLES (whole-tensor statistics, a stall test on the whole
+gradient, one noise stream per step) run their plain step on gathered whole tensors, SPARKLES with
+its gathered state (:func:`on_whole_tensors`), and keep their shards. Every rule refuses FSDP1's
+flattened ``FlatParameter``, where a parameter is not even a tensor of its own shape.
 """
 
 from __future__ import annotations
@@ -68,6 +68,33 @@ def gather_full(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
                               stride=like.stride()).full_tensor()
 
 
+def gather_to_rank_zero(t: torch.Tensor) -> torch.Tensor | None:
+    """The whole tensor of the DTensor ``t`` on global rank 0 and None on the others: one gather
+    of the shards to rank zero, not an all-gather, for FSDP2's layout (``Shard(dim)`` on a 1-D
+    mesh that holds rank 0); other layouts through :meth:`DTensor.full_tensor` (an all-gather).
+    Every rank of the mesh must call it."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import Shard
+
+    mesh, placements = t.device_mesh, t.placements
+    group = mesh.get_group() if mesh.ndim == 1 else None
+    if group is None or len(placements) != 1 or not isinstance(placements[0], Shard) or dist.get_global_rank(group, 0) != 0:
+        full = t.full_tensor()
+        return full if dist.get_rank() == 0 else None
+    dim, world, n = placements[0].dim, mesh.size(), t.shape[placements[0].dim]
+    local = t.to_local()
+    chunk = -(-n // world)  # torch.chunk's split, as FSDP2 shards: equal chunks, the last ranks short or empty
+    shape = list(local.shape)
+    shape[dim] = chunk
+    padded = local.new_zeros(shape)
+    padded.narrow(dim, 0, local.shape[dim]).copy_(local)
+    parts = [torch.empty_like(padded) for _ in range(world)] if dist.get_rank() == 0 else None
+    dist.gather(padded, parts, dst=0, group=group)
+    if parts is None:
+        return None
+    return torch.cat([part.narrow(dim, 0, max(0, min(chunk, n - r * chunk))) for r, part in enumerate(parts)], dim)
+
+
 def local_part(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """This rank's part of ``full``, sharded as the DTensor ``like`` (a view, no communication)."""
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
@@ -76,12 +103,26 @@ def local_part(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return full[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
 
 
-def on_whole_tensors(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], body) -> None:
-    """A stateless whole-tensor rule on FSDP2 shards: every rank gathers the whole parameters and
-    gradients, runs ``body(whole params, whole grads)`` on them (the rule's plain step) and keeps
-    its rows. Two all-gathers per parameter and the rule's work on every rank: correct, not yet
+def on_whole_tensors(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], body,
+                     states: Sequence[dict] | None = None) -> None:
+    """A whole-tensor rule on FSDP2 shards: every rank gathers the whole parameters and gradients
+    (and, with ``states``, the sharded tensors of each state), runs the rule's plain step on them
+    -- ``body(params, grads)``, or ``body(params, grads, states)`` -- and keeps its own rows of
+    the results; state entries that are not sharded (step counts, scalars) are taken as the step
+    left them. One all-gather per tensor and the rule's work on every rank: correct, not yet
     shared out."""
     whole = [p.full_tensor() for p in params]
-    body(whole, [g.full_tensor() for g in grads])
+    whole_grads = [g.full_tensor() for g in grads]
+    if states is None:
+        body(whole, whole_grads)
+    else:
+        whole_states = [{k: v.full_tensor() if is_dtensor(v) else v for k, v in st.items()} for st in states]
+        body(whole, whole_grads, whole_states)
+        for st, ws in zip(states, whole_states):
+            for k, v in ws.items():
+                if is_dtensor(st.get(k)):
+                    st[k].to_local().copy_(local_part(v, st[k]))
+                else:
+                    st[k] = v
     for p, w in zip(params, whole):
         p.to_local().copy_(local_part(w, p))

@@ -85,6 +85,7 @@ from .steps import (
 )
 from .matrix import group_views
 from .registry import UpdateRule, check_common, register_rule
+from .sharded import is_dtensor, on_whole_tensors
 from .rule_optimizer import RuleOptimizer
 
 SPARKLES_DEFAULTS: dict[str, Any] = dict(
@@ -167,6 +168,9 @@ def sparkles_step(group: dict, params: list, grads: list, states: list) -> None:
     number of kernels whatever its parameter count (see the module doc), with no host sync.
     """
     _init_states(group, params, states)
+    if params and is_dtensor(params[0]):  # FSDP2: the plain step on gathered whole tensors and state
+        on_whole_tensors(params, grads, lambda P, G, S: sparkles_step(group, P, G, S), states)
+        return
     lanes: dict[tuple, list[int]] = defaultdict(list)
     for i, p in enumerate(params):
         dtype = p.dtype if p.dtype in (torch.float32, torch.float64) else compute_dtype(p.dtype)
@@ -308,6 +312,7 @@ SPARKLES_RULE = register_rule(
         summary="SPARKLES: centralize -> std-normalize -> momentum amplification -> adaptive step "
         "-> (ADOPT clip) -> seeded kick on stalls; stochastic rounding for bf16",
         check=check_sparkles,
+        sharding="gather",  # FSDP2: the whole tensors and state gathered (optim/sharded.py)
     )
 )
 

@@ -1,0 +1,87 @@
+"""Fit a tiny GPT with a policy, ManifoldRetraction and SpectralMonitor under Lightning's
+ModelParallelStrategy (FSDP2: ``fully_shard`` in ``configure_model``) on CPU with gloo, or on one
+process without sharding (``--world 1``), and save the whole parameters and the monitor's last
+figures from rank zero.
+
+Lightning's launcher re-runs this script once per extra rank, so it must be a script.
+Usage: python fsdp2_fit.py OUT_DIR WORLD
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_optlab.callbacks import ManifoldRetraction, SpectralMonitor
+from lightning_optlab.models import GPT
+
+POLICY = {"rules": [
+    {"match": {"role": "hidden"}, "optimizer": "muon", "lr": 0.02, "constraint": "stiefel"},
+    {"match": {"role": "embedding"}, "optimizer": "adamw", "lr": 3e-3, "constraint": "sphere"},
+    {"match": {}, "optimizer": "adamw", "lr": 3e-3},
+]}
+STEPS, PER_RANK = 4, 4
+
+
+class RankSampler(torch.utils.data.Sampler):
+    """Samples rank, rank + world, ... (read when iterated, once the process group is up): the
+    two ranks' batches of each step together are the one process's batch."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def _split(self):
+        dist = torch.distributed
+        return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+    def __iter__(self):
+        rank, world = self._split()
+        return iter(range(rank, self.n, world))
+
+    def __len__(self):
+        return len(range(self._split()[0], self.n, self._split()[1]))
+
+
+class ShardedGPT(GPT):
+    def configure_model(self):
+        if self.trainer.world_size == 1:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        for block in self.blocks:
+            fully_shard(block, mesh=self.device_mesh["data_parallel"])
+        fully_shard(self, mesh=self.device_mesh["data_parallel"])
+
+
+def main(out: Path, world: int) -> None:
+    pl.seed_everything(0)
+    model = ShardedGPT(size="tiny", policy=POLICY)
+    T = model.context_length
+    data = torch.randint(0, 256, (STEPS * PER_RANK * 2, T + 1), generator=torch.Generator().manual_seed(1))
+    # the same samples each step: two ranks of PER_RANK, or one process of 2 * PER_RANK
+    loader = DataLoader(TensorDataset(data[:, :-1], data[:, 1:]), batch_size=PER_RANK * (3 - world),
+                        sampler=RankSampler(len(data)))
+    monitor = SpectralMonitor(every_n_steps=STEPS - 1, wait_if_busy=True, histograms=False)
+    strategy = "auto"
+    if world > 1:
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        strategy = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=world, strategy=strategy, max_steps=STEPS, limit_val_batches=0,
+        use_distributed_sampler=False, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[ManifoldRetraction(), monitor],
+    )
+    trainer.fit(model, train_dataloaders=loader)
+    whole = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for n, p in model.named_parameters()}
+    if trainer.global_rank == 0:
+        torch.save({"params": whole, "spectral": monitor.last_metrics, "spectral_step": monitor.last_step,
+                    "world": trainer.world_size, "sharded": type(next(model.parameters())).__name__,
+                    "steps": trainer.global_step}, out / f"fit_world{world}.pt")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), int(sys.argv[2]))
