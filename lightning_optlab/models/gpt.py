@@ -184,6 +184,19 @@ class GPT(OptLabMixin, LightningModule):
             for proj in (block.attn.proj, block.mlp.proj):
                 nn.init.normal_(proj.weight, mean=0.0, std=0.02 / math.sqrt(2 * self.n_layers))
 
+    def configure_model(self) -> None:
+        """Under Lightning's ``ModelParallelStrategy`` (FSDP2): each block, then the root,
+        ``fully_shard``-ed over the data-parallel mesh, so every parameter is a DTensor the
+        policy's rules step (see README, "Past one GPU"). Nothing under other strategies."""
+        mesh = self.device_mesh
+        if mesh is None or "data_parallel" not in (mesh.mesh_dim_names or ()) or mesh["data_parallel"].size() == 1:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        for block in self.blocks:
+            fully_shard(block, mesh=mesh["data_parallel"])
+        fully_shard(self, mesh=mesh["data_parallel"])
+
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Logits of shape ``(B, T, 256)`` for byte ids ``idx`` of shape ``(B, T)``."""
         T = idx.shape[1]

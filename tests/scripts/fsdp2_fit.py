@@ -7,7 +7,6 @@ Lightning's launcher re-runs this script once per extra rank, so it must be a sc
 Usage: python fsdp2_fit.py OUT_DIR WORLD
 """
 
-import json
 import sys
 from pathlib import Path
 
@@ -45,20 +44,9 @@ class RankSampler(torch.utils.data.Sampler):
         return len(range(self._split()[0], self.n, self._split()[1]))
 
 
-class ShardedGPT(GPT):
-    def configure_model(self):
-        if self.trainer.world_size == 1:
-            return
-        from torch.distributed.fsdp import fully_shard
-
-        for block in self.blocks:
-            fully_shard(block, mesh=self.device_mesh["data_parallel"])
-        fully_shard(self, mesh=self.device_mesh["data_parallel"])
-
-
 def main(out: Path, world: int) -> None:
     pl.seed_everything(0)
-    model = ShardedGPT(size="tiny", policy=POLICY)
+    model = GPT(size="tiny", policy=POLICY)
     T = model.context_length
     data = torch.randint(0, 256, (STEPS * PER_RANK * 2, T + 1), generator=torch.Generator().manual_seed(1))
     # the same samples each step: two ranks of PER_RANK, or one process of 2 * PER_RANK
