@@ -78,15 +78,20 @@ def test_split_needs_a_process_group_when_forced():
 
 
 def test_sharded_parameters_are_refused_by_rules_that_do_not_gather():
-    """A rule that needs whole tensors and does not gather them refuses a sharded parameter when
-    it is built; Muon gathers (real FSDP2 DTensors: tests/test_fsdp2.py)."""
+    """A rule that declares no sharded path (``UpdateRule.sharding`` left at "refuse", as a user's
+    one-file rule) refuses a sharded parameter when its group is checked; Muon and SPARKLES
+    gather, so they build (real FSDP2 DTensors: tests/test_fsdp2.py)."""
     from lightning_optlab.optim import SPARKLES
+    from lightning_optlab.optim.registry import UpdateRule
+    from lightning_optlab.optim.sharded import check_sharding
 
     class DTensor(torch.Tensor):  # stands in for torch.distributed.tensor.DTensor by type name
         def to_local(self):
             return self
 
     p = torch.zeros(4, 4).as_subclass(DTensor).requires_grad_()
-    with pytest.raises(ValueError, match="optimizer 'sparkles' needs whole tensors .* sharded \\(DTensor, FSDP2\\)"):
-        SPARKLES([p])
+    whole_only = UpdateRule(name="lion", step=lambda *a: None, defaults={"lr": 1e-4})  # not registered
+    with pytest.raises(ValueError, match="optimizer 'lion' needs whole tensors .* sharded \\(DTensor, FSDP2\\)"):
+        check_sharding(whole_only, [p], ["w"], "policy rule #0")
+    SPARKLES([p])  # builds: its step gathers whole tensors and state
     Muon([p])  # builds: its step gathers whole matrices
