@@ -188,11 +188,14 @@ class SpectrumSnapshots:
                 per = max(1, SKETCH_BATCH_BYTES // (k * n * 6 + 8 * k * k))
                 size = -(-len(group) // -(-len(group) // per))  # equal batches: one graph per shape
                 plan.append((k, n, device, size, group))
+        need: dict = {}  # per device: the largest batch, which the shared input buffer must hold
+        for k, n, device, size, _ in plan:
+            need[device] = max(need.get(device, 0), size * k * n)
         out: dict = {}
         chunks: list = []
         for k, n, device, size, entries in plan:
             precision = opts["gram"] or ("bfloat16" if device.type == "cuda" else "float32")
-            storage = self._storage(device, max(s * kk * nn for kk, nn, d, s, _ in plan if d == device))
+            storage = self._storage(device, need[device])
             sketcher = self._sketcher((size, k, n), device, precision, storage)
             ragged = len(entries) % size or any(max(r, c) != n for _, r, c in entries)
             for start in range(0, len(entries), size):

@@ -14,6 +14,9 @@ from typing import Any, Callable
 import torch
 from lightning.pytorch.callbacks.callback import Callback
 
+from ._tracking import any_sharded
+
+
 class Snapshot:
     """Copies of tensors taken at a hook, ready for a worker thread.
 
@@ -184,10 +187,14 @@ class BackgroundAnalysis(Callback):
             self._log_ready(trainer, wait=True)
         return True
 
-    def _snapshot_now(self, trainer: Any, step: int, sharded: bool) -> bool:
-        """Whether to take the snapshot of ``step``: rank zero decides (:meth:`_worker_free`).
-        With sharded parameters every rank takes part in the snapshot's gathers, so the others
-        follow rank zero's decision (one broadcast); without, they never snapshot."""
+    def _snapshot_now(self, trainer: Any, step: int, tracked: Any) -> bool:
+        """Whether this rank takes part in the snapshot of ``step``: rank zero decides
+        (:meth:`_worker_free`). When a ``tracked`` parameter is sharded (FSDP2) every rank takes
+        part in the snapshot's gathers, so the others follow rank zero's decision (one
+        broadcast); otherwise they never snapshot."""
+        sharded = any_sharded(tracked)
+        if not (trainer.is_global_zero or sharded):
+            return False
         take = self._worker_free(trainer, step) if trainer.is_global_zero else False
         if sharded:
             take = bool(trainer.strategy.broadcast(take, src=0))

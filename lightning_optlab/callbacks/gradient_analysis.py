@@ -12,7 +12,6 @@ from ..spectral.ns import ns_benefit, ns_benefit_of_spectrum
 from ._spectra import EXACT_MAX_K, analysis_engine
 from ._logging import log_dir, log_scalars, log_text, mean
 from ._tracking import (
-    any_sharded,
     by_shape,
     check_components,
     check_every_n_steps,
@@ -120,8 +119,7 @@ class ComponentGradientAnalysis(BackgroundAnalysis):
                 if tp.component in self.components:
                     self.rules.setdefault(tp.component, set()).add(tp.algorithm or type(optimizer).__name__)
                     self.matrices[tp.component] = self.matrices.get(tp.component, 0) + 1
-        sharded = any_sharded(self._tracked)
-        if not (trainer.is_global_zero or sharded) or not self._snapshot_now(trainer, step, sharded):
+        if not self._snapshot_now(trainer, step, self._tracked):
             return
         mats, who, _ = gradient_matrices(self._tracked, optimizer, self.components, "gradient")
         if not mats or not trainer.is_global_zero:  # (the other ranks only sent their shards)

@@ -11,7 +11,6 @@ from ..spectral.ns import DEFAULT_NS_STEPS, ns_figures_of_spectrum, ns_map_of_sp
 from ._spectra import EXACT_MAX_K, analysis_engine
 from ._logging import log_scalars, mean
 from ._tracking import (
-    any_sharded,
     by_shape,
     check_components,
     check_every_n_steps,
@@ -109,8 +108,7 @@ class NewtonSchulzAnalysis(BackgroundAnalysis):
             return
         if self._tracked is None:
             self._tracked = tracked_parameters(optimizer, pl_module)
-        sharded = any_sharded(self._tracked)
-        if not (trainer.is_global_zero or sharded) or not self._snapshot_now(trainer, step, sharded):
+        if not self._snapshot_now(trainer, step, self._tracked):
             return
         mats, _, _ = gradient_matrices(self._tracked, optimizer, self.components, self.source)
         if not trainer.is_global_zero:  # (the other ranks only sent their shards)

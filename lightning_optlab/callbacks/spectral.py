@@ -19,7 +19,7 @@ from ._logging import (
     mean,
     tensorboard_summary,
 )
-from ._tracking import any_sharded, check_every_n_steps, first_optimizer, sanitize_tag, tracked_parameters
+from ._tracking import check_every_n_steps, first_optimizer, sanitize_tag, tracked_parameters
 from ._spectra import EXACT_MAX_K, SpectrumSnapshots
 from ._worker import BackgroundAnalysis
 
@@ -241,8 +241,7 @@ class SpectralMonitor(BackgroundAnalysis):
             )
             if not self._tracked:
                 rank_zero_warn("SpectralMonitor: no parameter with >= 2 dimensions to track (check include/exclude)")
-        sharded = any_sharded(self._tracked)
-        if not (trainer.is_global_zero or sharded) or not self._snapshot_now(trainer, step, sharded):
+        if not self._snapshot_now(trainer, step, self._tracked):
             return
         tensors, meta, missing = {}, [], 0
         for tp in self._tracked:

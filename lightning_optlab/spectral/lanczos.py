@@ -55,12 +55,17 @@ def _orthonormalize(Y: torch.Tensor) -> torch.Tensor:
     GPU carry ~1e-5 relative rounding, enough to make a smaller-shifted factorization fail on
     the nearly dependent columns of a low-rank gradient; subspace iteration needs only the span,
     and :func:`top_subspace` ends with a Householder QR."""
-    eye = torch.eye(Y.size(-1), dtype=Y.dtype, device=Y.device)
     for _ in range(2):
-        Y = Y / Y.norm(dim=-2, keepdim=True).clamp_min(torch.finfo(Y.dtype).tiny)
-        L, _ = torch.linalg.cholesky_ex(Y.mT @ Y + eye * 1e-3)
-        Y = torch.linalg.solve_triangular(L, Y.mT, upper=False).mT.nan_to_num(0.0, 0.0, 0.0)
+        Y = _cholesky_qr(Y / Y.norm(dim=-2, keepdim=True).clamp_min(torch.finfo(Y.dtype).tiny), 1e-3)
     return Y
+
+
+def _cholesky_qr(Y: torch.Tensor, shift: float) -> torch.Tensor:
+    """One Cholesky-QR pass of the columns of ``Y`` (``(B, k, r)``), their Gram shifted by
+    ``shift`` (a failed factorization leaves zeros, not NaNs)."""
+    eye = torch.eye(Y.size(-1), dtype=Y.dtype, device=Y.device)
+    L, _ = torch.linalg.cholesky_ex(Y.mT @ Y + eye * shift)
+    return torch.linalg.solve_triangular(L, Y.mT, upper=False).mT.nan_to_num(0.0, 0.0, 0.0)
 
 
 def _rademacher(shape: tuple, generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
@@ -83,10 +88,7 @@ def top_subspace(G: torch.Tensor, rank: int = DEFAULT_RANK, iterations: int = DE
     # shifted passes' ~1e-6 is amplified by lambda_max / lambda_min). One unshifted Cholesky-QR in
     # float64 of the now well-conditioned columns does it with batched products, where a
     # Householder QR runs one factorization per matrix on CUDA and cannot be a graph
-    Y64 = Y.double()
-    eye = torch.eye(Y.size(-1), dtype=torch.float64, device=Y.device)
-    L, _ = torch.linalg.cholesky_ex(Y64.mT @ Y64 + eye * 1e-12)
-    return torch.linalg.solve_triangular(L, Y64.mT, upper=False).mT.nan_to_num(0.0, 0.0, 0.0).to(Y.dtype)
+    return _cholesky_qr(Y.double(), 1e-12).to(Y.dtype)
 
 
 def lanczos_tridiagonals(
@@ -339,6 +341,12 @@ class CapturedSketch:
     cost one replay. ``storage`` (a flat float32 tensor of at least ``B k n`` elements) and
     ``pool`` (:func:`torch.cuda.graph_pool_handle`) let sketches of several shapes, run one
     after another, share their inputs and work memory; both stay allocated between snapshots.
+
+    Example::
+
+        sketcher = CapturedSketch((B, k, n), "cuda", precision="bfloat16")
+        sketcher.inputs.copy_(X)                     # (B, k, n) float32, k <= n
+        s = spectrum_from_sketch(sketcher.run())     # (B, k) singular values, on the CPU
     """
 
     def __init__(self, shape: tuple[int, int, int], device: torch.device, rank: int = DEFAULT_RANK,

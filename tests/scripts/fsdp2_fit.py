@@ -1,6 +1,6 @@
 """Fit a tiny GPT with a policy, ManifoldRetraction and SpectralMonitor under Lightning's
 ModelParallelStrategy (FSDP2: ``fully_shard`` in ``configure_model``) on CPU with gloo, or on one
-process without sharding (``--world 1``), and save the whole parameters and the monitor's last
+process without sharding (WORLD 1), and save the whole parameters and the monitor's last
 figures from rank zero.
 
 Lightning's launcher re-runs this script once per extra rank, so it must be a script.
@@ -14,6 +14,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from benchmarks.ddp_check import RankSampler  # each step's batches over the ranks: one process's batch
 from lightning_optlab.callbacks import ManifoldRetraction, SpectralMonitor
 from lightning_optlab.models import GPT
 
@@ -23,25 +24,6 @@ POLICY = {"rules": [
     {"match": {}, "optimizer": "adamw", "lr": 3e-3},
 ]}
 STEPS, PER_RANK = 4, 4
-
-
-class RankSampler(torch.utils.data.Sampler):
-    """Samples rank, rank + world, ... (read when iterated, once the process group is up): the
-    two ranks' batches of each step together are the one process's batch."""
-
-    def __init__(self, n: int):
-        self.n = n
-
-    def _split(self):
-        dist = torch.distributed
-        return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-    def __iter__(self):
-        rank, world = self._split()
-        return iter(range(rank, self.n, world))
-
-    def __len__(self):
-        return len(range(self._split()[0], self.n, self._split()[1]))
 
 
 def main(out: Path, world: int) -> None:
