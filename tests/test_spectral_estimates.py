@@ -391,6 +391,7 @@ def test_estimate_is_scale_invariant_down_to_tiny_gradients(scale):
 def _third_party_models():
     transformers = pytest.importorskip("transformers")
     timm = pytest.importorskip("timm")
+    torch.manual_seed(0)  # the same random weights every run
     yield "HF GPT-2", transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1))
     yield "HF Llama (GQA)", transformers.LlamaForCausalLM(transformers.LlamaConfig(
         hidden_size=1024, intermediate_size=2816, num_hidden_layers=1, num_attention_heads=16,
@@ -401,11 +402,14 @@ def _third_party_models():
 def test_estimate_within_the_bounds_on_third_party_weights_and_gradients():
     """Models this project did not write, built from their configs: every hidden matrix with a
     small side above 256, read through its matrix view (GPT-2's Conv1D stored (in, out), conv
-    kernels flattened), its weight and its gradient, against float64 SVDs."""
+    kernels flattened), its weight and its gradient, against float64 SVDs -- one matrix at a time,
+    and all of a model's together through the monitors' engine (one padded batch per small side)."""
+    from lightning_optlab.callbacks._spectra import SpectrumSnapshots
     from lightning_optlab.policy import describe_parameters
 
     checked = 0
     for label, model in _third_party_models():
+        batch = {}
         torch.manual_seed(0)
         if label.startswith("timm"):
             model(torch.randn(2, 3, 64, 64)).square().mean().backward()
@@ -429,5 +433,16 @@ def test_estimate_within_the_bounds_on_third_party_weights_and_gradients():
                 for figure, bound in BOUNDS.items():
                     rel = abs(float(est[figure]) / float(ref[figure]) - 1)
                     assert rel <= bound, (label, tuple(W.shape), figure, rel)
+                batch[("gradients" if t is info.param.grad else "weights", info.name)] = (W.float(), ref)
                 checked += 1
+        engine = SpectrumSnapshots("test", method="lanczos")
+        tensors = {key: W for key, (W, _) in batch.items()}
+        groups, _, total, _ = engine.spectra(engine.take(tensors, list(tensors)))
+        assert total == len(batch) and sum(len(metas) for metas, _ in groups) == len(batch)
+        for metas, sv in groups:
+            for m, s in zip(metas, sv):
+                est, ref = spectrum_metrics(s.double(), k=5), batch[(m[0], m[1])][1]
+                for figure, bound in BOUNDS.items():
+                    rel = abs(float(est[figure]) / float(ref[figure]) - 1)
+                    assert rel <= bound, (label, "engine", m[1], figure, rel)
     assert checked >= 20
