@@ -1,7 +1,7 @@
 """FSDP2 (fully_shard, DTensor parameters) on CPU with gloo: the element-wise rules step the
-shards, Muon gathers whole matrices, the Sinkhorn rules and SPARKLES step gathered whole tensors
-(SPARKLES with its state), and the Stiefel and sphere retractions retract gathered parameters,
-exactly as one process steps the whole model; the NaN/Inf guard refuses a step on every rank when
+shards, Muon and the Sinkhorn rules step whole matrices on owner ranks (all-to-all there and
+back), SPARKLES steps gathered whole tensors with its state, and the Stiefel and sphere
+retractions retract gathered parameters, exactly as one process steps the whole model; the NaN/Inf guard refuses a step on every rank when
 one rank's shard is bad; a rule that declares no sharded path (a user's one-file rule), and
 FSDP1's flat parameters, are refused when the optimizer is built."""
 
@@ -82,11 +82,36 @@ def _sharded():
     return model
 
 
+def _owner_round_trip(world):
+    """Tensors of uneven rows (fewer rows than ranks, too) and two dtypes, row-sharded: each whole
+    tensor reaches only its owner, and each rank gets its rows of the owners' results (x 2)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from lightning_optlab.optim.sharded import assign_owners, gather_to_owners, scatter_from_owners
+
+    mesh = init_device_mesh("cpu", (world,))
+    g = torch.Generator().manual_seed(3)
+    full = [torch.randn(shape, generator=g, dtype=dtype) for shape, dtype in
+            [((10, 3), torch.float32), ((7, 5), torch.float64), ((1, 4), torch.float32), ((4,), torch.float32),
+             ((13, 2, 2), torch.float64), ((2, 6), torch.float32)]]
+    likes = [distribute_tensor(t, mesh, [Shard(0)]) for t in full]
+    costs = [t.numel() for t in full]
+    owners = assign_owners(likes, costs)
+    whole = gather_to_owners(likes, [t.to_local() for t in likes], owners)
+    parts = scatter_from_owners(likes, {i: 2 * w for i, w in whole.items()}, owners)
+    return {"owners": owners, "costs": costs, "mine": sorted(whole),
+            "whole_exact": all(torch.equal(w, full[i]) for i, w in whole.items()),
+            "parts_exact": all(torch.equal(part, (2 * like).to_local()) and part.dtype == like.dtype
+                               for part, like in zip(parts, likes))}
+
+
 def _worker(rank, world, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     out = {"params": {}, "state_is_dtensor": {}, "refused": {}}
     try:
+        out["owner_round_trip"] = _owner_round_trip(world)
         for rule in ELEMENTWISE + GATHERED:
             model = _sharded()
             opt = _train(model, rule)
@@ -163,6 +188,21 @@ def test_rules_on_fsdp2_shards_equal_one_process(ranks, rule):
     for name in ranks[0]["params"][rule]:
         for other in ranks[1:]:
             assert torch.equal(ranks[0]["params"][rule][name], other["params"][rule][name])
+
+
+def test_owner_ranks_receive_whole_tensors_and_send_back_each_ranks_rows(ranks):
+    """The all-to-all pair behind Muon and the Sinkhorn rules on FSDP2: the same owners on every
+    rank, balanced by cost (largest first to the least loaded rank); each owner holds exactly
+    its tensors, bit for bit, and every rank its rows of their results."""
+    trips = [out["owner_round_trip"] for out in ranks]
+    owners, costs = trips[0]["owners"], trips[0]["costs"]
+    assert all(t["owners"] == owners for t in trips)
+    load = [sum(c for c, o in zip(costs, owners) if o == r) for r in range(len(ranks))]
+    assert max(load) - min(load) <= max(costs)  # greedy largest-first: within one tensor's cost
+    assert len(set(owners)) == min(len(ranks), len(costs))  # every rank computes something
+    for r, t in enumerate(trips):
+        assert t["mine"] == [i for i, o in enumerate(owners) if o == r]
+        assert t["whole_exact"] and t["parts_exact"]
 
 
 def test_a_rule_without_a_sharded_path_refuses_fsdp2_shards(ranks):
@@ -264,7 +304,7 @@ def test_a_checkpoint_saved_on_two_ranks_resumes_on_one_or_two_as_if_uninterrupt
 FIT_SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "fsdp2_fit.py")
 
 
-def _fit(tmp_path, world):
+def _fit(out, world, mode="fit"):
     import subprocess
     import sys
 
@@ -272,31 +312,65 @@ def _fit(tmp_path, world):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     for key in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_PORT"):
         env.pop(key, None)
-    out = subprocess.run([sys.executable, FIT_SCRIPT, str(tmp_path), str(world)], cwd=tmp_path, env=env,
+    run = subprocess.run([sys.executable, FIT_SCRIPT, str(out), str(world), mode], cwd=out, env=env,
                          capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
-    return torch.load(tmp_path / f"fit_world{world}.pt")
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    return torch.load(out / f"{mode}_world{world}.pt")
 
 
-def test_lightning_model_parallel_fit_with_retraction_and_monitor_equals_one_process(tmp_path):
+@pytest.fixture(scope="module")
+def lightning_fits(tmp_path_factory):
+    """4 steps on 2 ranks (a Lightning distributed checkpoint after step 2) and on one process."""
+    out = tmp_path_factory.mktemp("lightning_fsdp2")
+    return out, _fit(out, 2), _fit(out, 1)
+
+
+def _close(a, b, name):
+    # the key part of qkv.bias has a zero gradient in exact arithmetic (softmax ignores a shift of
+    # the scores), so AdamW normalizes rounding noise there: its entries move by up to a few
+    # percent of one step (lr 3e-3) with the reduction order
+    atol = 2e-4 if name.endswith("qkv.bias") else 2e-5
+    torch.testing.assert_close(a, b, rtol=0, atol=atol, msg=name)
+
+
+def test_lightning_model_parallel_fit_with_retraction_and_monitor_equals_one_process(lightning_fits):
     """Lightning's ModelParallelStrategy on 2 CPU processes (gloo), the GPT's blocks and root
     fully_shard-ed in configure_model: Muon + Stiefel on the hidden matrices, AdamW + sphere on the
-    embedding, AdamW elsewhere, ManifoldRetraction and SpectralMonitor (shards gathered to rank
-    zero) -- the parameters after 4 steps and the monitor's figures equal one unsharded process
-    that sees the same samples."""
-    sharded = _fit(tmp_path, 2)
-    single = _fit(tmp_path, 1)
+    embedding, AdamW elsewhere, a warm-up + cosine schedule, ManifoldRetraction and SpectralMonitor
+    (shards gathered to rank zero) -- the parameters after 4 steps and the monitor's figures equal
+    one unsharded process that sees the same samples."""
+    _, sharded, single = lightning_fits
     assert sharded["sharded"] == "DTensor" and single["sharded"] == "Parameter"
     assert sharded["steps"] == single["steps"] == 4 and sharded["world"] == 2
     for name, p in single["params"].items():
-        # the key part of qkv.bias has a zero gradient in exact arithmetic (softmax ignores a
-        # shift of the scores), so AdamW normalizes rounding noise there: its entries move by up
-        # to a few percent of one step (lr 3e-3) with the reduction order
-        atol = 2e-4 if name.endswith("qkv.bias") else 2e-5
-        torch.testing.assert_close(sharded["params"][name], p, rtol=0, atol=atol, msg=name)
+        _close(sharded["params"][name], p, name)
     assert sharded["spectral_step"] == single["spectral_step"] == 3
     # (a gradient's condition number is set by a sigma_min at rounding level: not compared)
     figures = [k for k in single["spectral"] if "/matrix/" in k and not k.endswith("condition_number")]
     assert figures and set(sharded["spectral"]) == set(single["spectral"])
     for key in figures:
         assert sharded["spectral"][key] == pytest.approx(single["spectral"][key], rel=1e-3, abs=1e-5), key
+
+
+@pytest.mark.parametrize("world", [2, 1], ids=["on 2 ranks", "on 1 rank"])
+def test_lightning_distributed_checkpoint_resumes_as_if_uninterrupted(lightning_fits, world):
+    """``fit(ckpt_path=...)`` from the Lightning distributed checkpoint written on 2 ranks after
+    step 2 (model shards; the ModularOptimizer's DTensor states: Muon's momentum, AdamW's moments
+    and steps; the schedule; the callbacks' state), continued on 2 ranks or on 1: on 2 the last 2
+    steps give bit for bit the uninterrupted run (so no retraction is skipped or doubled, though
+    torch's checkpoint loader runs a zero-lr step to build the optimizer state); on 1 they equal it
+    up to the reduction order, as a one-process run does."""
+    out, sharded, _ = lightning_fits
+    resumed = _fit(out, world, "resume")
+    assert resumed["steps"] == 4 and resumed["sharded"] == "DTensor"
+    assert resumed["lr"] == sharded["lr"]
+    assert resumed["spectral_step"] == 3 and set(resumed["spectral"]) == set(sharded["spectral"])
+    for name, p in sharded["params"].items():
+        if world == 2:
+            assert torch.equal(resumed["params"][name], p), name
+        else:
+            _close(resumed["params"][name], p, name)
+    figures = [k for k in sharded["spectral"] if "/matrix/" in k and not k.endswith("condition_number")]
+    for key in figures:
+        want = sharded["spectral"][key]
+        assert resumed["spectral"][key] == (want if world == 2 else pytest.approx(want, rel=1e-3, abs=1e-5)), key

@@ -18,10 +18,16 @@ fit end. So it is tied to ``optimizer.step()`` itself, not to batches:
 * checkpoint resume: checkpoints are written after the step's retraction, so restored weights are
   on the manifold; the fit-start retraction is skipped when resuming from a checkpoint that this
   callback was part of (its state says it already ran), so a resumed run neither skips nor
-  doubles a retraction and reproduces the uninterrupted run bit for bit.
+  doubles a retraction and reproduces the uninterrupted run bit for bit. Strategies that restore
+  after setup (``ModelParallelStrategy``) load a checkpoint after ``on_fit_start``; under them the
+  fit-start retraction runs in ``on_train_start`` (after the sanity check).
+* a step at lr 0 in every group moves no weight, so nothing is retracted: resuming a sharded
+  checkpoint, ``torch.distributed.checkpoint`` initializes the optimizer's state with such a step
+  (zero gradients, lr 0), and retracting there would shift the weights by rounding.
 * DDP: every rank holds identical weights and applies the same deterministic retraction (plain
-  matmuls / norms, no randomness), so ranks stay identical without any communication. Sharded
-  strategies (FSDP, DeepSpeed) are refused: a shard of a matrix is not a matrix.
+  matmuls / norms, no randomness), so ranks stay identical without any communication.
+  ``ModelParallelStrategy`` (FSDP2): each constrained DTensor is gathered whole, retracted and
+  written back to its shards. FSDP1 and DeepSpeed are refused: their flat buffers hold no matrix.
 
 Logging (rank zero, at the trainer's ``log_every_n_steps`` cadence, through ``LightningModule.log``
 in ``on_train_batch_end``): ``manifold/<constraint>_distance_before/<role>`` (how far the step
@@ -146,6 +152,7 @@ class ManifoldRetraction(Callback):
         self._handles: list[Any] = []
         self._pending: dict[str, torch.Tensor] = {}
         self._fit_start_done_in_checkpoint = False
+        self._fit_start_waits = False
         self._trainer: Trainer | None = None
 
     @property
@@ -168,7 +175,7 @@ class ManifoldRetraction(Callback):
 
     def _after_step(self, owner: int) -> None:
         plan = self._plans.get(owner)
-        if not plan:
+        if not plan or self._lr_is_zero(owner):
             return
         trainer = self._trainer
         measure = trainer is not None and self._should_log(trainer)
@@ -197,6 +204,7 @@ class ManifoldRetraction(Callback):
         self.num_retractions = 0
         self.retracted_at_fit_start = False
         self._pending = {}
+        self._fit_start_waits = False
         strategy = type(trainer.strategy).__name__
         if any(s in strategy for s in ("FSDP", "DeepSpeed")):
             # FSDP2 (ModelParallelStrategy) keeps each parameter a DTensor of its own shape, which
@@ -233,7 +241,25 @@ class ManifoldRetraction(Callback):
             self._plans[oi] = plan
             self._handles.append(opt.register_step_post_hook(lambda o, a, k, oi=oi: self._after_step(oi)))
 
-        if self.retract_on_fit_start and not self._fit_start_done_in_checkpoint:
+        # a strategy that restores after setup loads a checkpoint's weights and this callback's
+        # state (did the checkpoint's run retract at its start?) after this hook: wait for them
+        self._fit_start_waits = bool(getattr(trainer.strategy, "restore_checkpoint_after_setup", False))
+        if not self._fit_start_waits:
+            self._retract_at_fit_start()
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._fit_start_waits:
+            self._fit_start_waits = False
+            self._retract_at_fit_start()
+
+    def _lr_is_zero(self, owner: int) -> bool:
+        trainer = self._trainer
+        if trainer is None or owner >= len(trainer.optimizers):
+            return False
+        return all(float(g["lr"]) == 0.0 for g in trainer.optimizers[owner].param_groups)
+
+    def _retract_at_fit_start(self) -> None:
+        if self.targets and self.retract_on_fit_start and not self._fit_start_done_in_checkpoint:
             plan = plan_retractions(self.targets, self.cuda_graph)
             before = plan.retract_to(self.fit_start["steps"], self.fit_start["tol"])
             after = plan.distances_after()

@@ -187,9 +187,11 @@ class GPT(OptLabMixin, LightningModule):
     def configure_model(self) -> None:
         """Under Lightning's ``ModelParallelStrategy`` (FSDP2): each block, then the root,
         ``fully_shard``-ed over the data-parallel mesh, so every parameter is a DTensor the
-        policy's rules step (see README, "Past one GPU"). Nothing under other strategies."""
+        policy's rules step (see README, "Past one GPU"). Nothing under other strategies. A mesh of
+        one device is sharded too: Lightning loads a distributed checkpoint only into DTensor
+        parameters, so a run saved on several ranks can resume on one."""
         mesh = self.device_mesh
-        if mesh is None or "data_parallel" not in (mesh.mesh_dim_names or ()) or mesh["data_parallel"].size() == 1:
+        if mesh is None or "data_parallel" not in (mesh.mesh_dim_names or ()):
             return
         from torch.distributed.fsdp import fully_shard
 

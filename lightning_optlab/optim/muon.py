@@ -47,7 +47,7 @@ from .matrix import group_views
 from .muon_graph import graph_eligible, graph_for
 from .newton_schulz import NS_COEFFICIENTS, NS_METHODS, POLAR_EXPRESS, coefficient_schedule, newton_schulz_
 from .registry import UpdateRule, check_common, register_rule
-from .sharded import gather_full, is_dtensor, local_part
+from .sharded import assign_owners, gather_to_owners, is_dtensor, scatter_from_owners
 from .rule_optimizer import RuleOptimizer
 
 MUON_DEFAULTS: dict[str, Any] = dict(
@@ -159,29 +159,33 @@ def muon_step(group: dict, params: list, grads: list, states: list) -> None:
 
 def _muon_step_sharded(group: dict, params: list, grads: list, states: list) -> None:
     """:func:`muon_step` on FSDP2 shards (DTensor parameters, gradients and momentum): decay and
-    momentum on this rank's rows, one all-gather of each matrix's look-ahead (the Newton-Schulz
-    input), the iteration on whole matrices shared out across ranks as under DDP
-    (:func:`~.newton_schulz.newton_schulz_split`), and each rank's rows of the update applied.
-    The same specification as the unsharded step; the momentum stays sharded."""
+    momentum on this rank's rows; each matrix's look-ahead (the Newton-Schulz input) brought
+    whole to its owner rank by one all-to-all (owners balanced by the iteration's cost), the
+    owner's matrices orthogonalized by shape, one all-to-all back, each rank's rows of the update
+    applied. The same specification as the unsharded step; the momentum stays sharded."""
     shards = [p.to_local() for p in params] + [state["momentum_buffer"].to_local() for state in states]
     local, work = [upcast(t) for t in shards[: len(params)]], [upcast(t) for t in shards[len(params):]]
     views = group_views(group, params)
     device = local[0].device
-    dtype, world, ns = _ns_settings(group, device)
+    dtype, _, ns = _ns_settings(group, device)
     lr = group["lr"]
     decoupled_weight_decay_(local, lr, group["weight_decay"])
-    full = []
-    for p, g, buf in zip(params, grads, work):
-        g = upcast(g.to_local())
-        X = muon_lookahead_(g, buf, group["momentum"], group["nesterov"], out=torch.empty(g.shape, dtype=dtype, device=device))
-        full.append(gather_full(X, p))
-    for shape, slots in matrix_buckets([p.shape for p in params], views):
-        X = torch.cat([views[i].to_matrix(full[i]).reshape(-1, *shape) for i, _ in slots])
-        ortho = newton_schulz_split(X, world, dtype=dtype, **ns) if world else newton_schulz_(X, **ns)
-        alpha = -lr * muon_lr_scale(*shape, group["adjust_lr_fn"])
-        for i, start in slots:
-            update = views[i].from_matrix(ortho[start : start + views[i].blocks], params[i].shape)
-            local[i].add_(local_part(update, params[i]).to(local[i].dtype), alpha=alpha)
+    looks = [muon_lookahead_(upcast(g.to_local()), buf, group["momentum"], group["nesterov"],
+                             out=torch.empty(g.to_local().shape, dtype=dtype, device=device))
+             for g, buf in zip(grads, work)]
+    shapes = [views[i].shape(p.shape) for i, p in enumerate(params)]
+    owners = assign_owners(params, [views[i].blocks * m * n * min(m, n) for i, (m, n) in enumerate(shapes)])
+    whole = gather_to_owners(params, looks, owners)
+    mine = sorted(whole)
+    updates = {}
+    for shape, slots in matrix_buckets([params[i].shape for i in mine], [views[i] for i in mine]):
+        X = torch.cat([views[mine[k]].to_matrix(whole[mine[k]]).reshape(-1, *shape) for k, _ in slots])
+        ortho = newton_schulz_(X, **ns)
+        for k, start in slots:
+            i = mine[k]
+            updates[i] = views[i].from_matrix(ortho[start : start + views[i].blocks], params[i].shape)
+    for i, part in enumerate(scatter_from_owners(params, updates, owners, dtype=dtype)):
+        local[i].add_(part.to(local[i].dtype), alpha=-lr * muon_lr_scale(*shapes[i], group["adjust_lr_fn"]))
     for target, value in zip(shards, local + work):
         store_(target, value)  # casts back bf16/fp16 shards; no-op for fp32
 

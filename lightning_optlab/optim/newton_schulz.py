@@ -282,7 +282,9 @@ def newton_schulz_split(stack: Tensor, world: tuple[int, int], **ns_kwargs) -> T
         stack = torch.cat([stack, stack.new_zeros((per_rank * size - count, *stack.shape[1:]))])
     mine = newton_schulz(stack[rank * per_rank : (rank + 1) * per_rank], **ns_kwargs).contiguous()
     gathered = mine.new_empty((per_rank * size, *mine.shape[1:]))
-    dist.all_gather_into_tensor(gathered, mine)
+    # torch 2.14 renames it all_gather_single; earlier releases have only the old name
+    all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    all_gather(gathered, mine)
     return gathered[:count]
 
 

@@ -6,12 +6,16 @@ gradient and its optimizer state as a ``DTensor`` whose local part is this rank'
 element-wise rule (``UpdateRule.sharding == "local"``: sgd, adam, adamw, rmsprop, adamw_spam) steps
 those shards exactly as it steps whole tensors, through DTensor's own operators; the NaN/Inf
 guard reads each rank's shards and agrees across ranks (:mod:`.guard`). Muon (``"gather"``)
-gathers each whole matrix's Newton-Schulz input (:func:`gather_full`), shares the iteration out
-across ranks as under DDP, and applies each rank's rows of the result (:func:`local_part`); the
-stateless Sinkhorn rules and SPARKLES (whole-tensor statistics, a stall test on the whole
-gradient, one noise stream per step) run their plain step on gathered whole tensors, SPARKLES with
-its gathered state (:func:`on_whole_tensors`), and keep their shards. Every rule refuses FSDP1's
-flattened ``FlatParameter``, where a parameter is not even a tensor of its own shape.
+and the stateless Sinkhorn rules work on whole matrices, each computed by one *owner* rank: the
+matrices are assigned to ranks by their cost (largest first, to the least loaded rank), one
+all-to-all brings each owner the shards of its matrices (:func:`gather_to_owners`), the owner
+runs the plain step on them, and one all-to-all sends every rank its rows of the results
+(:func:`scatter_from_owners`) -- each rank receives only what it owns, not the whole model, and
+does 1/world of the work (microsoft/dion's layout). SPARKLES (whole-tensor statistics, a stall
+test on the whole gradient, one noise stream per step laid out over the group) runs its plain step
+on gathered whole tensors and state on every rank (:func:`on_whole_tensors`), and keeps its
+shards. Every rule refuses FSDP1's flattened ``FlatParameter``, where a parameter is not even a
+tensor of its own shape.
 """
 
 from __future__ import annotations
@@ -103,26 +107,145 @@ def local_part(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return full[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
 
 
+def _row_sharded_group(like: torch.Tensor):
+    """The process group of FSDP2's layout (``Shard(0)`` on a 1-D mesh), else None."""
+    from torch.distributed.tensor import Shard
+
+    placements = like.placements
+    if like.device_mesh.ndim != 1 or len(placements) != 1 or not isinstance(placements[0], Shard) \
+            or placements[0].dim != 0 or like.ndim == 0:
+        return None
+    return like.device_mesh.get_group()
+
+
+def assign_owners(likes: Sequence[torch.Tensor], costs: Sequence[float]) -> list[int] | None:
+    """The rank that computes each tensor: largest cost first, to the least loaded rank
+    (deterministic, the same on every rank). None where the tensors are not all row-sharded
+    over one 1-D mesh (then every rank computes every tensor, from an all-gather)."""
+    import torch.distributed as dist
+
+    groups = {_row_sharded_group(t) for t in likes} if likes else {None}
+    if len(groups) != 1 or None in groups:
+        return None
+    world = dist.get_world_size(next(iter(groups)))
+    load, owners = [0.0] * world, [0] * len(likes)
+    for i in sorted(range(len(likes)), key=lambda i: -float(costs[i])):
+        owners[i] = min(range(world), key=lambda r: (load[r], r))
+        load[owners[i]] += float(costs[i])
+    return owners
+
+
+def _rows(like: torch.Tensor, world: int) -> tuple[int, int]:
+    """(rows per chunk, elements per chunk) of FSDP2's split of ``like``: equal chunks of
+    ceil(n / world) rows, the last ranks' short or empty."""
+    chunk = -(-like.shape[0] // world)
+    return chunk, chunk * (like.numel() // max(1, like.shape[0]))
+
+
+def _padded(local: torch.Tensor, chunk: int) -> torch.Tensor:
+    if local.shape[0] == chunk:
+        return local.reshape(-1)
+    out = local.new_zeros((chunk, *local.shape[1:]))
+    out[: local.shape[0]] = local
+    return out.reshape(-1)
+
+
+def _all_to_all(send: list[torch.Tensor], recv_sizes: list[int], group) -> list[torch.Tensor]:
+    import torch.distributed as dist
+
+    flat = torch.cat(send) if send else torch.empty(0)
+    out = flat.new_empty(sum(recv_sizes))
+    dist.all_to_all_single(out, flat, recv_sizes, [t.numel() for t in send], group=group)
+    return list(out.split(recv_sizes))
+
+
+def gather_to_owners(likes: Sequence[torch.Tensor], locals_: Sequence[torch.Tensor],
+                     owners: list[int] | None) -> dict[int, torch.Tensor]:
+    """``{i: whole tensor}`` for the tensors this rank owns, ``locals_[i]`` being this rank's
+    shard of a tensor sharded as the DTensor ``likes[i]``: one all-to-all per dtype. With
+    ``owners`` None, every tensor on every rank (one all-gather each)."""
+    if owners is None:
+        return {i: gather_full(t, like) for i, (t, like) in enumerate(zip(locals_, likes))}
+    import torch.distributed as dist
+
+    group = _row_sharded_group(likes[0])
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    wholes: dict[int, torch.Tensor] = {}
+    for dtype in dict.fromkeys(t.dtype for t in locals_):
+        idx = [i for i, t in enumerate(locals_) if t.dtype == dtype]
+        mine = [i for i in idx if owners[i] == rank]
+        send = [torch.cat([_padded(locals_[i], _rows(likes[i], world)[0]) for i in idx if owners[i] == r]
+                          or [locals_[idx[0]].new_empty(0)]) for r in range(world)]
+        size = sum(_rows(likes[i], world)[1] for i in mine)
+        parts = _all_to_all(send, [size] * world, group)
+        offset = 0
+        for i in mine:
+            chunk, n = _rows(likes[i], world)
+            whole = torch.cat([part[offset : offset + n].view(chunk, *likes[i].shape[1:]) for part in parts])
+            wholes[i] = whole[: likes[i].shape[0]]
+            offset += n
+    return wholes
+
+
+def scatter_from_owners(likes: Sequence[torch.Tensor], wholes: dict[int, torch.Tensor],
+                        owners: list[int] | None, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+    """Each tensor's shard on this rank, from the whole tensors ``wholes`` its owners hold, in
+    ``dtype`` (default: each parameter's): one all-to-all per dtype. With ``owners`` None every
+    rank holds every whole tensor (no communication)."""
+    if owners is None:
+        return [local_part(wholes[i], like) for i, like in enumerate(likes)]
+    import torch.distributed as dist
+
+    group = _row_sharded_group(likes[0])
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    out: list[torch.Tensor] = [None] * len(likes)  # type: ignore[list-item]
+    kinds = [dtype or like.dtype for like in likes]
+    for kind in dict.fromkeys(kinds):
+        idx = [i for i in range(len(likes)) if kinds[i] == kind]
+        mine = [i for i in idx if owners[i] == rank]
+        padded = {i: _padded(wholes[i].to(kind), _rows(likes[i], world)[0] * world) for i in mine}
+        empty = torch.empty(0, dtype=kind, device=likes[idx[0]].device)
+        send = [torch.cat([padded[i].view(world, -1)[r] for i in mine] or [empty]) for r in range(world)]
+        parts = _all_to_all(send, [sum(_rows(likes[i], world)[1] for i in idx if owners[i] == r)
+                                   for r in range(world)], group)
+        offsets = [0] * world
+        for i in idx:
+            o, (chunk, n) = owners[i], _rows(likes[i], world)
+            rows = max(0, min(chunk, likes[i].shape[0] - rank * chunk))
+            out[i] = parts[o][offsets[o] : offsets[o] + n].view(chunk, *likes[i].shape[1:])[:rows]
+            offsets[o] += n
+    return out
+
+
 def on_whole_tensors(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], body,
-                     states: Sequence[dict] | None = None) -> None:
-    """A whole-tensor rule on FSDP2 shards: every rank gathers the whole parameters and gradients
-    (and, with ``states``, the sharded tensors of each state), runs the rule's plain step on them
-    -- ``body(params, grads)``, or ``body(params, grads, states)`` -- and keeps its own rows of
-    the results; state entries that are not sharded (step counts, scalars) are taken as the step
-    left them. One all-gather per tensor and the rule's work on every rank: correct, not yet
-    shared out."""
+                     states: Sequence[dict] | None = None, costs: Sequence[float] | None = None) -> None:
+    """A whole-tensor rule on FSDP2 shards, ``body(indices, params, grads)`` being its plain step
+    on the whole tensors ``params[k], grads[k]`` of the group's tensors ``indices[k]``, in place
+    on the parameters. Stateless rules whose tensors step independently run on owner ranks
+    (:func:`assign_owners` by ``costs``, default the sizes; :func:`gather_to_owners`,
+    :func:`scatter_from_owners`). With ``states`` (``body(indices, params, grads, states)``)
+    every rank gathers the whole parameters, gradients and sharded state tensors, runs the step
+    on all of them and keeps its own rows; state entries that are not sharded (step counts,
+    scalars) are taken as the step left them."""
+    if states is None:
+        owners = assign_owners(params, costs if costs is not None else [p.numel() for p in params])
+        whole = gather_to_owners(params, [p.to_local() for p in params], owners)
+        whole_grads = gather_to_owners(params, [g.to_local() for g in grads], owners)
+        mine = sorted(whole)
+        if mine:
+            body(mine, [whole[i] for i in mine], [whole_grads[i] for i in mine])
+        for p, part in zip(params, scatter_from_owners(params, whole, owners)):
+            p.to_local().copy_(part)
+        return
     whole = [p.full_tensor() for p in params]
     whole_grads = [g.full_tensor() for g in grads]
-    if states is None:
-        body(whole, whole_grads)
-    else:
-        whole_states = [{k: v.full_tensor() if is_dtensor(v) else v for k, v in st.items()} for st in states]
-        body(whole, whole_grads, whole_states)
-        for st, ws in zip(states, whole_states):
-            for k, v in ws.items():
-                if is_dtensor(st.get(k)):
-                    st[k].to_local().copy_(local_part(v, st[k]))
-                else:
-                    st[k] = v
+    whole_states = [{k: v.full_tensor() if is_dtensor(v) else v for k, v in st.items()} for st in states]
+    body(list(range(len(params))), whole, whole_grads, whole_states)
+    for st, ws in zip(states, whole_states):
+        for k, v in ws.items():
+            if is_dtensor(st.get(k)):
+                st[k].to_local().copy_(local_part(v, st[k]))
+            else:
+                st[k] = v
     for p, w in zip(params, whole):
         p.to_local().copy_(local_part(w, p))

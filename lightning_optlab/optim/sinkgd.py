@@ -25,6 +25,7 @@ more. A NaN/Inf gradient raises
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -33,7 +34,7 @@ from torch import Tensor
 
 from .cuda_graph import check_cuda_graph_setting, graph_eligible
 from .matrix import MatrixView
-from .stacks import add_stacked_updates_, as_work, from_work, pow2_prescale_stack_, pow2_prescale_stacks_, stack_by_shape, work_shape
+from .stacks import add_stacked_updates_, from_work, pow2_prescale_stack_, pow2_prescale_stacks_, stack_by_shape
 from .steps import decay_factor, full_fp32_matmul, norm_floor_sq, normalize_dim_, rms_stack, upcast
 from .matrix import group_views
 from .registry import UpdateRule, check_common, register_rule
@@ -315,6 +316,12 @@ def _sinkhorn_tanh_body(params: list, stacks: list, lr: Any, group: dict, views:
                                views)
 
 
+def _on_owned(body, group: dict, views: list, indices: list, params: list, grads: list) -> None:
+    """``body`` on the whole tensors of the group's tensors ``indices`` (FSDP2's owner ranks)."""
+    mine = [views[i] for i in indices]
+    body(params, stack_by_shape(grads, mine), float(group["lr"]), group, mine)
+
+
 def sinkgd_step(group: dict, params: list, grads: list, states: list) -> None:
     """One SinkGD step over a param group (stateless: ``states`` are left empty).
 
@@ -325,8 +332,8 @@ def sinkgd_step(group: dict, params: list, grads: list, states: list) -> None:
     ``cuda_graph`` is False). Nothing waits on the device.
     """
     views = group_views(group, params)
-    if is_dtensor(params[0]):  # FSDP2: the plain step on gathered whole tensors
-        on_whole_tensors(params, grads, lambda P, G: _sinkgd_body(P, stack_by_shape(G, views), float(group["lr"]), group, views))
+    if is_dtensor(params[0]):  # FSDP2: the plain step on whole matrices, each on its owner rank
+        on_whole_tensors(params, grads, functools.partial(_on_owned, _sinkgd_body, group, views))
         return
     if graph_eligible("sinkgd", group, params):
         graph_for("sinkgd", group, params, _SINKGD_GRAPH_KEYS, _sinkgd_body).step(grads, group)
@@ -337,9 +344,8 @@ def sinkgd_step(group: dict, params: list, grads: list, states: list) -> None:
 def sinkhorn_tanh_step(group: dict, params: list, grads: list, states: list) -> None:
     """One Sinkhorn-tanh step over a param group (stateless; batched by shape, graph on CUDA like SinkGD)."""
     views = group_views(group, params)
-    if is_dtensor(params[0]):  # FSDP2: the plain step on gathered whole tensors
-        on_whole_tensors(params, grads,
-                         lambda P, G: _sinkhorn_tanh_body(P, stack_by_shape(G, views), float(group["lr"]), group, views))
+    if is_dtensor(params[0]):  # FSDP2: the plain step on whole matrices, each on its owner rank
+        on_whole_tensors(params, grads, functools.partial(_on_owned, _sinkhorn_tanh_body, group, views))
         return
     if graph_eligible("sinkhorn_tanh", group, params):
         graph_for("sinkhorn_tanh", group, params, _SINKHORN_TANH_GRAPH_KEYS, _sinkhorn_tanh_body).step(grads, group)

@@ -169,7 +169,7 @@ def sparkles_step(group: dict, params: list, grads: list, states: list) -> None:
     """
     _init_states(group, params, states)
     if params and is_dtensor(params[0]):  # FSDP2: the plain step on gathered whole tensors and state
-        on_whole_tensors(params, grads, lambda P, G, S: sparkles_step(group, P, G, S), states)
+        on_whole_tensors(params, grads, lambda _, P, G, S: sparkles_step(group, P, G, S), states)
         return
     lanes: dict[tuple, list[int]] = defaultdict(list)
     for i, p in enumerate(params):
