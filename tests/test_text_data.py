@@ -239,3 +239,74 @@ def test_clear_errors(tmp_path):
 def _random_bytes(path, n):
     path.write_bytes(os.urandom(n))
     return path
+
+
+# --- the evidence protocol's corpus: split by directory, measured overlap, pinned digest --------
+
+
+def _families(tmp_path):
+    """Three directories of sibling files that share long verbatim blocks (like the stdlib's
+    ``encodings/``), and a few root files."""
+    root = tmp_path / "families"
+    rng = np.random.default_rng(1)
+    for fam in ("enc", "mail", "json"):
+        (root / fam / "deep").mkdir(parents=True)
+        shared = " ".join(f"{fam}{int(rng.integers(10**9))}" for _ in range(1500))  # ~18 KB per family
+        for j in range(4):
+            own = " ".join(f"{fam}{j}_{int(rng.integers(10**9))}" for _ in range(300))
+            (root / fam / ("deep" if j == 3 else "") / f"m{j}.py").write_text(shared + own)
+    for j in range(3):
+        (root / f"top{j}.py").write_text(" ".join(f"t{j}_{int(rng.integers(10**9))}" for _ in range(600)))
+    return root
+
+
+def test_directory_split_keeps_every_family_on_one_side_and_removes_the_verbatim_overlap(tmp_path):
+    root = _families(tmp_path)
+    files, _ = list_text_files(str(root), suffixes=[".py"])
+    keys = [text_mod.group_key(f, [root]) for f in files]
+    assert set(keys) == {"enc", "mail", "json", "top0.py", "top1.py", "top2.py"}
+    train, val = text_mod.split_groups(files, keys, 0.3)
+    assert text_mod.split_groups(files, keys, 0.3) == (train, val)  # deterministic
+    held = {text_mod.group_key(f, [root]) for f in val}
+    assert held and not held & {text_mod.group_key(f, [root]) for f in train}
+    total = sum(f.stat().st_size for f in files)
+    assert 0 < sum(f.stat().st_size for f in val) <= 0.3 * total
+    # the file split puts siblings on both sides: their shared block is seen verbatim in training
+    by_file = split_files(files, 0.3)
+
+    def overlap(split):
+        tr, va = (b"\0".join(f.read_bytes() for f in part) for part in split)
+        return text_mod.verbatim_overlap(tr, va, chunk=1024)
+
+    assert overlap(by_file) > 0.3 and overlap((train, val)) == 0.0
+
+
+def test_verbatim_overlap_against_a_brute_force_count():
+    rng = np.random.default_rng(2)
+    train = rng.integers(0, 4, 5000, dtype=np.uint8).tobytes()
+    val = train[1000:1700] + rng.integers(4, 8, 300, dtype=np.uint8).tobytes() + train[40:300]
+    chunk = 256
+    pieces = [val[i : i + chunk] for i in range(0, len(val), chunk)]
+    seen = sum(len(p) for p in pieces if any(train[k : k + len(p)] == p for k in range(len(train) - len(p) + 1)))
+    assert text_mod.verbatim_overlap(train, val, chunk) == seen / len(val)
+    assert 0 < seen < len(val)
+
+
+def test_corpus_digest_pins_the_text_and_a_different_corpus_is_refused(tmp_path):
+    root = _families(tmp_path)
+    kw = dict(paths=str(root), block_size=32, split="directory", val_fraction=0.3)
+    a = TextDataModule(cache_dir=str(tmp_path / "c1"), **kw)
+    a.setup()
+    b = TextDataModule(cache_dir=str(tmp_path / "c2"), expect_digest=a.digest, **kw)
+    b.setup()  # the same text from another cache: accepted
+    assert b.digest == a.digest and len(a.digest) == 64
+    assert TextDataModule(cache_dir=str(tmp_path / "c3"), **{**kw, "split": "file"}).digest == ""
+    other = TextDataModule(cache_dir=str(tmp_path / "c3"), **{**kw, "split": "file"})
+    other.setup()
+    assert other.digest != a.digest  # the same files, split otherwise
+    edited = root / "top1.py"
+    edited.write_text(edited.read_text() + " one more word")
+    with pytest.raises(ValueError, match="expected .*expect_digest"):
+        TextDataModule(cache_dir=str(tmp_path / "c4"), expect_digest=a.digest, **kw).setup()
+    with pytest.raises(ValueError, match="split must be one of file, directory"):
+        TextDataModule(split="by_dir")

@@ -13,9 +13,14 @@ machine with Python, about 30 MB in 1,800 files for CPython 3.11.
 Determinism:
 
 * files are visited in sorted order (directories depth-first, entries sorted by name);
-* the file-level split is by position: with ``val_fraction`` f, file ``i`` goes to validation
-  when ``floor((i + 1) f) > floor(i f)``, which spreads exactly ``floor(n f)`` validation files
-  evenly over the corpus (at least one when there are two files or more);
+* the file-level split (``split="file"``) is by position: with ``val_fraction`` f, file ``i``
+  goes to validation when ``floor((i + 1) f) > floor(i f)``, which spreads exactly ``floor(n f)``
+  validation files evenly over the corpus (at least one when there are two files or more);
+  sibling files (``encodings/cp1250.py`` and ``cp1251.py``) then fall on both sides, and
+  validation text appears verbatim in training. ``split="directory"`` holds out whole top-level
+  directories instead (:func:`split_groups`); :func:`verbatim_overlap` measures what is left;
+* :func:`corpus_digest` (logged at setup; ``expect_digest`` enforces it) pins the text: the
+  SHA-256 of both splits' file lists and bytes;
 * in each split the files are concatenated, each followed by one ``\\0`` byte (a document
   boundary; text files contain no NUL);
 * training windows are drawn by :class:`RandomWindowSampler`, seeded by ``(seed, epoch)``:
@@ -73,6 +78,13 @@ def _walk_sorted(root: Path, suffixes: Sequence[str] | None) -> Iterator[Path]:
             path = Path(dirpath) / name
             if path.is_file() and not path.is_symlink():
                 yield path
+
+
+def corpus_roots(paths: str | Sequence[str] | None) -> list[Path]:
+    """The roots the corpus files are walked from (the standard library for ``None``)."""
+    if paths is None:
+        return [stdlib_root()]
+    return [Path(p).expanduser() for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
 
 
 def list_text_files(
@@ -145,6 +157,70 @@ def split_files(files: Sequence[Path], val_fraction: float) -> tuple[list[Path],
     if val_fraction > 0 and not val and len(files) >= 2:
         val.append(train.pop())
     return train, val
+
+
+SPLITS = ("file", "directory")
+
+
+def group_key(path: Path, roots: Sequence[Path]) -> str:
+    """The near-duplicate group of a corpus file: its top-level directory under the root it came
+    from (``json/decoder.py`` -> ``json``), or the file itself where it lies in the root."""
+    for root in roots:
+        root = root.resolve()
+        try:
+            rel = path.relative_to(root)
+        except ValueError:
+            continue
+        return rel.parts[0] if len(rel.parts) > 1 else str(rel)
+    return path.name
+
+
+def split_groups(files: Sequence[Path], keys: Sequence[str], val_fraction: float) -> tuple[list[Path], list[Path]]:
+    """Deterministic split by group: whole groups go to validation, taken in the order of their
+    names' SHA-256 and kept while the validation bytes stay within ``val_fraction`` of the corpus
+    (a group larger than what is left is passed over), so no group has files on both sides.
+    Files keep their corpus order in each split."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"TextDataModule: val_fraction must be in [0, 1), got {val_fraction!r}")
+    sizes: dict[str, int] = {}
+    for f, k in zip(files, keys):
+        sizes[k] = sizes.get(k, 0) + f.stat().st_size
+    budget = val_fraction * sum(sizes.values())
+    held, total = set(), 0
+    for k in sorted(sizes, key=lambda k: hashlib.sha256(k.encode()).hexdigest()):
+        if total + sizes[k] <= budget:
+            held.add(k)
+            total += sizes[k]
+    if val_fraction > 0 and not held and len(sizes) >= 2:
+        held.add(min(sizes, key=lambda k: (sizes[k], k)))
+    train = [f for f, k in zip(files, keys) if k not in held]
+    val = [f for f, k in zip(files, keys) if k in held]
+    return train, val
+
+
+def verbatim_overlap(train: bytes, val: bytes, chunk: int = 4096) -> float:
+    """The share of ``val``'s bytes in aligned ``chunk``-byte pieces that occur verbatim anywhere
+    in ``train`` (the last, shorter piece counted too): how much of a validation split the model
+    may have seen word for word."""
+    if not val:
+        return 0.0
+    seen = sum(len(val[i : i + chunk]) for i in range(0, len(val), chunk) if train.find(val[i : i + chunk]) >= 0)
+    return seen / len(val)
+
+
+def corpus_digest(splits: Sequence["CorpusSplit"], roots: Sequence[Path]) -> str:
+    """SHA-256 of each split's file list (paths relative to their roots) and bytes: the same
+    digest means the same training and validation text, on any machine."""
+    h = hashlib.sha256()
+    for split in splits:
+        h.update(f"split {split.name}\n".encode())
+        for f in split.files:
+            rel = next((str(f.relative_to(r.resolve())) for r in roots if f.is_relative_to(r.resolve())), f.name)
+            h.update(f"{rel}\n".encode())
+        with open(split.path, "rb") as data:
+            for block in iter(lambda: data.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
 
 
 def _corpus_key(files: Sequence[Path], tag: str) -> str:
@@ -321,7 +397,13 @@ class TextDataModule(pl.LightningDataModule):
         block_size: context length T. ``None`` = the model's ``context_length`` (e.g. GPT's), so a
             config that shrinks the model shrinks the windows with it.
         batch_size: windows per batch.
-        val_fraction: fraction of the *files* held out for validation.
+        val_fraction: fraction of the corpus held out for validation (of the files with
+            ``split="file"``, of the bytes with ``split="directory"``).
+        split: ``"file"``: evenly spaced files; ``"directory"``: whole top-level directories
+            (and the root's own files, one by one), so sibling files never fall on both sides
+            (:func:`split_groups`).
+        expect_digest: the :func:`corpus_digest` the run must train on; a corpus with another
+            digest (another Python's standard library, an edited file) is refused.
         train_windows: windows drawn per training epoch; ``None`` = about one pass over the
             training bytes (``train_bytes // block_size``).
         val_windows: evenly spaced validation windows (fixed across epochs).
@@ -346,6 +428,8 @@ class TextDataModule(pl.LightningDataModule):
         max_bytes: int | None = None,
         cache_dir: str | None = None,
         seed: int = 0,
+        split: str = "file",
+        expect_digest: str | None = None,
         num_workers: int = 0,
         pin_memory: bool = False,
     ):
@@ -358,6 +442,8 @@ class TextDataModule(pl.LightningDataModule):
                 raise ValueError(f"TextDataModule: {name} must be a positive int or null, got {value!r}")
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"TextDataModule: val_fraction must be in (0, 1), got {val_fraction!r}")
+        if split not in SPLITS:
+            raise ValueError(f"TextDataModule: split must be one of {', '.join(SPLITS)}, got {split!r}")
         self.save_hyperparameters()
         self.paths = paths
         self.block_size = block_size
@@ -370,6 +456,9 @@ class TextDataModule(pl.LightningDataModule):
         self.max_bytes = max_bytes
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self.seed = seed
+        self.split = split
+        self.expect_digest = expect_digest
+        self.digest = ""
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.splits: dict[str, CorpusSplit] = {}
@@ -384,7 +473,11 @@ class TextDataModule(pl.LightningDataModule):
                 f"TextDataModule: found {len(files)} file(s) in {origin}; a file-level train/val split "
                 "needs at least 2 (give more paths, or raise max_files/max_bytes)"
             )
-        train, val = split_files(files, self.val_fraction)
+        roots = corpus_roots(self.paths)
+        if self.split == "directory":
+            train, val = split_groups(files, [group_key(f, roots) for f in files], self.val_fraction)
+        else:
+            train, val = split_files(files, self.val_fraction)
         splits = {}
         for name, group in (("train", train), ("val", val)):
             key = _corpus_key(group, name)
@@ -404,6 +497,16 @@ class TextDataModule(pl.LightningDataModule):
                     f"({'cached at' if cached else 'written to'} {path}; the file list is in {meta.name})"
                 )
         self.origin = origin
+        self.digest = corpus_digest(list(splits.values()), roots)
+        if self.expect_digest is not None and self.digest != self.expect_digest:
+            raise ValueError(
+                f"TextDataModule: the corpus from {origin} (split {self.split!r}) has digest "
+                f"{self.digest[:16]}..., not the expected {str(self.expect_digest)[:16]}...: it is other "
+                "text (another Python's standard library, edited files, other max_files/max_bytes). "
+                "Train on the pinned corpus, or set expect_digest to null"
+            )
+        if announce:
+            rank_zero_info(f"TextDataModule corpus digest (sha256 of file lists and bytes): {self.digest}")
         return splits
 
     def prepare_data(self) -> None:
