@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -264,7 +265,7 @@ def test_directory_split_keeps_every_family_on_one_side_and_removes_the_verbatim
     root = _families(tmp_path)
     files, _ = list_text_files(str(root), suffixes=[".py"])
     keys = [text_mod.group_key(f, [root]) for f in files]
-    assert set(keys) == {"enc", "mail", "json", "top0.py", "top1.py", "top2.py"}
+    assert set(keys) == {f"families/{k}" for k in ("enc", "mail", "json", "top0.py", "top1.py", "top2.py")}
     train, val = text_mod.split_groups(files, keys, 0.3)
     assert text_mod.split_groups(files, keys, 0.3) == (train, val)  # deterministic
     held = {text_mod.group_key(f, [root]) for f in val}
@@ -310,3 +311,17 @@ def test_corpus_digest_pins_the_text_and_a_different_corpus_is_refused(tmp_path)
         TextDataModule(cache_dir=str(tmp_path / "c4"), expect_digest=a.digest, **kw).setup()
     with pytest.raises(ValueError, match="split must be one of file, directory"):
         TextDataModule(split="by_dir")
+
+
+def test_packages_add_their_python_sources_and_an_unknown_one_is_refused(tmp_path):
+    import numpy
+
+    files, origin = list_text_files(None, max_files=3, packages=["numpy"])
+    assert len(files) == 3  # the standard library first; the limit stops the walk
+    files, origin = list_text_files([str(_families(tmp_path))], packages=["numpy"])
+    numpy_root = Path(numpy.__file__).parent.resolve()
+    from_numpy = [f for f in files if numpy_root in f.parents]
+    assert from_numpy and all(f.suffix == ".py" for f in from_numpy) and "numpy" in origin
+    assert text_mod.group_key(from_numpy[0], text_mod.corpus_roots(None, ["numpy"])).startswith("numpy/")
+    with pytest.raises(ValueError, match="packages: 'no_such_pkg_x' is not an installed package"):
+        list_text_files(None, packages=["no_such_pkg_x"])

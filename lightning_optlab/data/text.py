@@ -80,11 +80,29 @@ def _walk_sorted(root: Path, suffixes: Sequence[str] | None) -> Iterator[Path]:
                 yield path
 
 
-def corpus_roots(paths: str | Sequence[str] | None) -> list[Path]:
-    """The roots the corpus files are walked from (the standard library for ``None``)."""
-    if paths is None:
-        return [stdlib_root()]
-    return [Path(p).expanduser() for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
+def package_root(name: str) -> Path:
+    """The source directory of the installed package ``name`` (found without importing it)."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        spec = None
+    locations = list(getattr(spec, "submodule_search_locations", None) or []) if spec else []
+    if not locations:
+        raise ValueError(
+            f"TextDataModule: packages: {name!r} is not an installed package with a source "
+            "directory; install it, or leave it out of 'packages'"
+        )
+    return Path(locations[0])
+
+
+def corpus_roots(paths: str | Sequence[str] | None, packages: Sequence[str] | None = None) -> list[Path]:
+    """The roots the corpus files are walked from: ``paths`` (the standard library for ``None``),
+    then each of ``packages``' source directories."""
+    roots = [stdlib_root()] if paths is None else [
+        Path(p).expanduser() for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
+    return roots + [package_root(n) for n in (packages or [])]
 
 
 def list_text_files(
@@ -92,10 +110,13 @@ def list_text_files(
     suffixes: Sequence[str] | None = None,
     max_files: int | None = None,
     max_bytes: int | None = None,
+    packages: Sequence[str] | None = None,
 ) -> tuple[list[Path], str]:
     """The corpus files in deterministic order, and a description of where they come from.
 
     ``paths``: files and/or directories; ``None`` = the standard library's ``*.py`` files.
+    ``packages``: installed packages whose ``*.py`` sources follow (e.g. ``["torch"]``: text
+    that ships with a pinned version of a package).
     ``suffixes``: file-name endings kept when walking directories (``None``: ``.py`` for the
     default corpus, every non-binary file for given directories). Files given explicitly are
     always kept. ``max_files``/``max_bytes``: stop after that many files / once the files so far
@@ -110,6 +131,9 @@ def list_text_files(
         if not roots:
             raise ValueError("TextDataModule: 'paths' is an empty list; give files/directories or null")
         origin = ", ".join(str(r) for r in roots)
+    extra = [package_root(n) for n in (packages or [])]
+    if extra:
+        origin += " + " + ", ".join(f"{n} {_version(n)} sources at {r}" for n, r in zip(packages, extra))
     for r in roots:
         if not r.exists():
             raise FileNotFoundError(
@@ -123,14 +147,14 @@ def list_text_files(
     files: list[Path] = []
     total = 0
     seen: set[Path] = set()
-    for r in roots:
+    for r, kept in [(r, suffixes) for r in roots] + [(r, suffixes or (".py",)) for r in extra]:
         candidates = (
             [r]
             if r.is_file()
             else (
                 p
-                for p in _walk_sorted(r, suffixes)
-                if suffixes is not None or not _looks_binary(p)
+                for p in _walk_sorted(r, kept)
+                if kept is not None or not _looks_binary(p)
             )
         )
         for p in candidates:
@@ -145,6 +169,15 @@ def list_text_files(
             ):
                 return files, origin
     return files, origin
+
+
+def _version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "(version unknown)"
 
 
 def split_files(files: Sequence[Path], val_fraction: float) -> tuple[list[Path], list[Path]]:
@@ -164,14 +197,15 @@ SPLITS = ("file", "directory")
 
 def group_key(path: Path, roots: Sequence[Path]) -> str:
     """The near-duplicate group of a corpus file: its top-level directory under the root it came
-    from (``json/decoder.py`` -> ``json``), or the file itself where it lies in the root."""
+    from, or the file itself where it lies in the root, named with the root
+    (``python3.12/json/decoder.py`` -> ``python3.12/json``)."""
     for root in roots:
         root = root.resolve()
         try:
             rel = path.relative_to(root)
         except ValueError:
             continue
-        return rel.parts[0] if len(rel.parts) > 1 else str(rel)
+        return f"{root.name}/{rel.parts[0]}"
     return path.name
 
 
@@ -404,6 +438,8 @@ class TextDataModule(pl.LightningDataModule):
             (:func:`split_groups`).
         expect_digest: the :func:`corpus_digest` the run must train on; a corpus with another
             digest (another Python's standard library, an edited file) is refused.
+        packages: installed packages whose ``*.py`` sources are added to the corpus (e.g.
+            ``[torch]``: ~40 MB more, so a 3000-step GPT run sees its text about once).
         train_windows: windows drawn per training epoch; ``None`` = about one pass over the
             training bytes (``train_bytes // block_size``).
         val_windows: evenly spaced validation windows (fixed across epochs).
@@ -430,6 +466,7 @@ class TextDataModule(pl.LightningDataModule):
         seed: int = 0,
         split: str = "file",
         expect_digest: str | None = None,
+        packages: list[str] | None = None,
         num_workers: int = 0,
         pin_memory: bool = False,
     ):
@@ -458,6 +495,7 @@ class TextDataModule(pl.LightningDataModule):
         self.seed = seed
         self.split = split
         self.expect_digest = expect_digest
+        self.packages = list(packages) if packages else None
         self.digest = ""
         self.num_workers = num_workers
         self.pin_memory = pin_memory
@@ -467,13 +505,13 @@ class TextDataModule(pl.LightningDataModule):
 
     # ---- corpus -------------------------------------------------------------------------------
     def _prepare_splits(self, announce: bool = True) -> dict[str, CorpusSplit]:
-        files, origin = list_text_files(self.paths, self.suffixes, self.max_files, self.max_bytes)
+        files, origin = list_text_files(self.paths, self.suffixes, self.max_files, self.max_bytes, self.packages)
         if len(files) < 2:
             raise ValueError(
                 f"TextDataModule: found {len(files)} file(s) in {origin}; a file-level train/val split "
                 "needs at least 2 (give more paths, or raise max_files/max_bytes)"
             )
-        roots = corpus_roots(self.paths)
+        roots = corpus_roots(self.paths, self.packages)
         if self.split == "directory":
             train, val = split_groups(files, [group_key(f, roots) for f in files], self.val_fraction)
         else:
