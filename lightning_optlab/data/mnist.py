@@ -82,6 +82,8 @@ class MNISTDataModule(LightningDataModule):
         val_fraction: share of torchvision's training set held out for validation.
         seed: seed of the splits and of the shuffling (the shuffle of epoch e uses seed + e, so a
             resumed run sees the same batches as an uninterrupted one).
+        order_seed: seed of the shuffling alone (``None``: ``seed``), so runs can vary the data
+            order over one fixed split.
         num_workers: DataLoader workers (the tensors are in memory; 0 is usually fastest).
     """
 
@@ -94,6 +96,7 @@ class MNISTDataModule(LightningDataModule):
         val_fraction: float = 0.1,
         seed: int = 0,
         num_workers: int = 0,
+        order_seed: int | None = None,
     ) -> None:
         super().__init__()
         if source not in SOURCES:
@@ -162,7 +165,8 @@ class MNISTDataModule(LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        sampler = EpochSeededRandomSampler(len(self.train_set), seed=self.hparams.seed)
+        order = self.hparams.order_seed
+        sampler = EpochSeededRandomSampler(len(self.train_set), seed=self.hparams.seed if order is None else order)
         return DataLoader(
             self.train_set,
             batch_size=self.hparams.batch_size,
