@@ -344,6 +344,11 @@ def test_lightning_model_parallel_fit_with_retraction_and_monitor_equals_one_pro
     assert sharded["steps"] == single["steps"] == 4 and sharded["world"] == 2
     for name, p in single["params"].items():
         _close(sharded["params"][name], p, name)
+    # the retraction measured on the logging steps (sharded: every rank takes part), the last one here
+    distances = [k for k in single["manifold"] if "distance" in k]
+    assert distances and set(sharded["manifold"]) == set(single["manifold"])
+    for key in distances:
+        assert sharded["manifold"][key] == pytest.approx(single["manifold"][key], rel=0.05, abs=2e-6), key
     assert sharded["spectral_step"] == single["spectral_step"] == 3
     # (a gradient's condition number is set by a sigma_min at rounding level: not compared)
     figures = [k for k in single["spectral"] if "/matrix/" in k and not k.endswith("condition_number")]

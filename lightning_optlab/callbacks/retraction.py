@@ -165,8 +165,10 @@ class ManifoldRetraction(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._fit_start_done_in_checkpoint = bool(state_dict.get("fit_start_retracted", False))
 
-    def _should_log(self, trainer: Trainer) -> bool:
-        if not self.log or not trainer.is_global_zero or trainer.log_every_n_steps == 0:
+    def _should_log(self, trainer: Trainer, plan: RetractionPlan | None = None) -> bool:
+        # a sharded plan measures through collectives: every rank measures, rank zero logs
+        everywhere = plan is not None and plan.sharded
+        if not self.log or not (trainer.is_global_zero or everywhere) or trainer.log_every_n_steps == 0:
             return False
         try:  # Lightning's own decision, so our values reach the logger on the steps it writes
             return bool(trainer._logger_connector.should_update_logs)
@@ -178,7 +180,7 @@ class ManifoldRetraction(Callback):
         if not plan or self._lr_is_zero(owner):
             return
         trainer = self._trainer
-        measure = trainer is not None and self._should_log(trainer)
+        measure = trainer is not None and self._should_log(trainer, plan)
         cuda = any(p.is_cuda for p in plan.params)
         if measure and cuda:
             torch.cuda.synchronize()
@@ -277,6 +279,8 @@ class ManifoldRetraction(Callback):
         self._fit_start_done_in_checkpoint = False
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
+        if self._pending and not trainer.is_global_zero:
+            self._pending = {}  # measured with the other ranks; rank zero logs
         if self._pending:
             pending, self._pending = self._pending, {}
             pl_module.log_dict(pending, on_step=True, on_epoch=False, rank_zero_only=True)

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..optim.matrix import DEFAULT_VIEW, MatrixView, group_views
-from ..optim.sharded import is_dtensor, local_part
+from ..optim.sharded import is_dtensor, local_part, row_sharded_group
 from .sphere import SPHERE_EPS, compute_dtype, sphere_distance, sphere_retract
 from .stiefel import (
     PRECISIONS,
@@ -308,7 +308,8 @@ def plan_retractions(targets: Sequence[Target], cuda_graph: bool | str = "auto")
     batches: dict[tuple, Job] = {}
     for t in targets:
         # a shard of a row or matrix is not on the sphere or the Stiefel manifold by itself: sharded
-        # parameters are gathered whole, retracted on every rank, and each keeps its shard
+        # parameters are gathered whole, retracted on every rank, and each keeps its shard (a
+        # sphere whose rows lie within each rank's rows is retracted on the shard alone)
         sharded = is_dtensor(t.param)
         if t.constraint == "sphere":
             jobs.append(Job("sphere", [t], sharded=sharded))
@@ -324,6 +325,28 @@ def plan_retractions(targets: Sequence[Target], cuda_graph: bool | str = "auto")
             jobs.append(batches[key])
         batches[key].targets.append(t)
     return RetractionPlan(jobs, cuda_graph)
+
+
+def _rows_local(p: torch.Tensor, dim: int | tuple[int, ...]) -> bool:
+    """A row-sharded DTensor (FSDP2) whose sphere slices lie within each rank's rows: retracted
+    on the local shard, with no communication."""
+    if not is_dtensor(p) or p.ndim < 2 or row_sharded_group(p) is None:
+        return False
+    return all(d % p.ndim != 0 for d in ((dim,) if isinstance(dim, int) else dim))
+
+
+def _sphere_distance(p: torch.Tensor, o: dict[str, Any]) -> torch.Tensor:
+    """:func:`sphere_distance` of a parameter; of a row-local sharded one, the largest over the
+    ranks (an all-reduce: every rank must call it)."""
+    if not _rows_local(p, o["dim"]):
+        return sphere_distance(_whole(p), o["radius"], o["dim"])
+    import torch.distributed as dist
+
+    local = p.to_local()
+    d = sphere_distance(local, o["radius"], o["dim"]) if local.numel() else local.new_zeros((), dtype=torch.float32)
+    d = d.float().reshape(1)
+    dist.all_reduce(d, op=dist.ReduceOp.MAX, group=row_sharded_group(p))
+    return d.reshape(())
 
 
 def _whole(p: torch.Tensor) -> torch.Tensor:
@@ -364,6 +387,11 @@ class RetractionPlan:
         return bool(self.jobs)
 
     @property
+    def sharded(self) -> bool:
+        """Whether any target is a DTensor (measuring it takes collectives on every rank)."""
+        return any(is_dtensor(t.param) for job in self.jobs for t in job.targets)
+
+    @property
     def params(self) -> list[torch.Tensor]:
         return [t.param for job in self.jobs for t in job.targets]
 
@@ -382,10 +410,14 @@ class RetractionPlan:
             if job.constraint == "sphere":
                 (t,) = job.targets
                 o = t.options
-                whole = _whole(t.param)
                 if measure:
-                    merge_max(metrics, f"manifold/sphere_distance_before/{t.role}", sphere_distance(whole, o["radius"], o["dim"]))
-                _write(t.param, sphere_retract(whole, o["radius"], o["dim"], o["eps"]))
+                    merge_max(metrics, f"manifold/sphere_distance_before/{t.role}", _sphere_distance(t.param, o))
+                if _rows_local(t.param, o["dim"]):
+                    local = t.param.to_local()
+                    if local.numel():
+                        local.copy_(sphere_retract(local, o["radius"], o["dim"], o["eps"]))
+                else:
+                    _write(t.param, sphere_retract(_whole(t.param), o["radius"], o["dim"], o["eps"]))
                 continue
             if steps is None and job.schedule == "predict" and not job.sharded:
                 predicted.append(job)  # all predict buckets together: one host sync
@@ -437,7 +469,7 @@ class RetractionPlan:
         for job in self.jobs:
             for t in job.targets:
                 if job.constraint == "sphere":
-                    d = sphere_distance(_whole(t.param), t.options["radius"], t.options["dim"])
+                    d = _sphere_distance(t.param, t.options)
                 else:
                     d = stiefel_distance(as_matrix(_whole(t.param)))
                 merge_max(metrics, f"manifold/{job.constraint}_distance_after/{t.role}", d)

@@ -107,7 +107,7 @@ def local_part(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return full[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
 
 
-def _row_sharded_group(like: torch.Tensor):
+def row_sharded_group(like: torch.Tensor):
     """The process group of FSDP2's layout (``Shard(0)`` on a 1-D mesh), else None."""
     from torch.distributed.tensor import Shard
 
@@ -124,7 +124,7 @@ def assign_owners(likes: Sequence[torch.Tensor], costs: Sequence[float]) -> list
     over one 1-D mesh (then every rank computes every tensor, from an all-gather)."""
     import torch.distributed as dist
 
-    groups = {_row_sharded_group(t) for t in likes} if likes else {None}
+    groups = {row_sharded_group(t) for t in likes} if likes else {None}
     if len(groups) != 1 or None in groups:
         return None
     world = dist.get_world_size(next(iter(groups)))
@@ -168,7 +168,7 @@ def gather_to_owners(likes: Sequence[torch.Tensor], locals_: Sequence[torch.Tens
         return {i: gather_full(t, like) for i, (t, like) in enumerate(zip(locals_, likes))}
     import torch.distributed as dist
 
-    group = _row_sharded_group(likes[0])
+    group = row_sharded_group(likes[0])
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     wholes: dict[int, torch.Tensor] = {}
     for dtype in dict.fromkeys(t.dtype for t in locals_):
@@ -196,7 +196,7 @@ def scatter_from_owners(likes: Sequence[torch.Tensor], wholes: dict[int, torch.T
         return [local_part(wholes[i], like) for i, like in enumerate(likes)]
     import torch.distributed as dist
 
-    group = _row_sharded_group(likes[0])
+    group = row_sharded_group(likes[0])
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     out: list[torch.Tensor] = [None] * len(likes)  # type: ignore[list-item]
     kinds = [dtype or like.dtype for like in likes]

@@ -17,6 +17,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from benchmarks.ddp_check import RankSampler  # each step's batches over the ranks: one process's batch
@@ -52,9 +53,11 @@ def main(out: Path, world: int, mode: str) -> None:
     checkpoint = mode == "fit" and world > 1
     if checkpoint:
         callbacks.append(ModelCheckpoint(dirpath=out, every_n_train_steps=2, save_top_k=-1))
+    # a logger, so the retraction measures its distances on logging steps (collectives on every rank)
+    logger = CSVLogger(out, name=f"logs_{mode}_{world}")
     trainer = pl.Trainer(
         accelerator="cpu", devices=world, strategy=strategy, max_steps=STEPS, limit_val_batches=0,
-        use_distributed_sampler=False, logger=False, enable_checkpointing=checkpoint,
+        use_distributed_sampler=False, logger=logger, log_every_n_steps=1, enable_checkpointing=checkpoint,
         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
     )
     trainer.fit(model, train_dataloaders=loader, ckpt_path=out / CHECKPOINT if mode == "resume" else None)
@@ -62,7 +65,8 @@ def main(out: Path, world: int, mode: str) -> None:
     if trainer.global_rank == 0:
         torch.save({"params": whole, "spectral": monitor.last_metrics, "spectral_step": monitor.last_step,
                     "world": trainer.world_size, "sharded": type(next(model.parameters())).__name__,
-                    "steps": trainer.global_step, "lr": [g["lr"] for g in trainer.optimizers[0].param_groups]},
+                    "steps": trainer.global_step, "lr": [g["lr"] for g in trainer.optimizers[0].param_groups],
+                    "manifold": {k: float(v) for k, v in trainer.logged_metrics.items() if k.startswith("manifold/")}},
                    out / f"{mode}_world{world}.pt")
 
 
