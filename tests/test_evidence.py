@@ -134,3 +134,61 @@ def test_a_tiny_run_becomes_a_summary_and_a_partial_report(tmp_path):
 def test_unknown_arm_is_refused_with_the_choices(tmp_path):
     with pytest.raises(SystemExit, match="not an arm of suite 'gpt'.*gpt_muon"):
         evidence.main(["run", "--suite", "gpt", "--arms", "ns_muon3", "--out", str(tmp_path)])
+
+
+def _add(runs, arm, m, seed, loss):
+    r = _summary(arm, m, seed, loss)
+    runs[r["run"]] = r
+
+
+def test_the_x2_sweep_extends_past_an_edge_until_the_best_is_interior_or_the_limit():
+    arm = evidence.ARMS["3k_muon"]
+    runs = {}
+    assert evidence.sweep_multipliers(arm, runs=runs) == [0.5, 1.0, 2.0]
+    for m, loss in ((0.5, 0.63), (1.0, 0.637), (2.0, 0.665)):
+        _add(runs, arm, m, 0, loss)
+    assert evidence.best_multiplier(arm, runs) is None  # the best is at the low edge: x0.25 first
+    assert [m for _, m, _ in evidence.plan_runs([arm], runs, seeds=(0, 1, 2))] == [0.25]
+    _add(runs, arm, 0.25, 0, 0.6375)
+    assert evidence.best_multiplier(arm, runs) == 0.5 and not evidence.at_edge(arm, runs)
+    assert [(m, s) for _, m, s in evidence.plan_runs([arm], runs, seeds=(0, 1, 2))] == [(0.5, 1), (0.5, 2)]
+    mono = {}  # always better at a lower lr: three extra points, then the limit is the answer
+    for m in (0.0625, 0.125, 0.25, 0.5, 1.0, 2.0):
+        _add(mono, arm, m, 0, m)
+    assert evidence.sweep_multipliers(arm, runs=mono) == [0.0625, 0.125, 0.25, 0.5, 1.0, 2.0]
+    assert evidence.best_multiplier(arm, mono) == 0.0625 and evidence.at_edge(arm, mono)
+
+
+def test_a_family_is_tuned_together_and_only_its_best_variant_gets_seeds():
+    variants = [evidence.ARMS[k] for k in ("3k_adamw_b95", "3k_adamw_b999", "3k_adamw_b95_w300")]
+    runs = {}
+    for arm, best_loss in zip(variants, (0.70, 0.69, 0.71)):
+        for m, extra in ((0.5, 0.02), (1.0, 0.0), (2.0, 0.05)):
+            _add(runs, arm, m, 0, best_loss + extra)
+    assert evidence.family_best(variants[0], runs) == (variants[1], 1.0)
+    plan = evidence.plan_runs(variants, runs, seeds=(0, 1, 2))
+    assert [(a.key, m, s) for a, m, s in plan] == [("3k_adamw_b999", 1.0, 1), ("3k_adamw_b999", 1.0, 2)]
+    # a variant's config: its betas on every AdamW rule and its warm-up
+    spec = evidence.effective_config(variants[2], 2.0, 1, Path("/tmp"), device="cpu")
+    rules = spec["model"]["init_args"]["policy"]["rules"]
+    assert all(r["betas"] == [0.9, 0.95] for r in rules) and rules[0]["lr"] == pytest.approx(2 * 6e-4)
+    assert spec["model"]["init_args"]["scheduler"]["warmup_steps"] == 300
+    assert spec["data"]["init_args"]["seed"] == 1 and spec["data"]["init_args"]["split"] == "directory"
+    assert spec["trainer"]["max_steps"] == 3000 and spec["trainer"]["limit_val_batches"] == 1.0
+
+
+def test_page_comparisons_are_holm_corrected_over_the_page():
+    report.COMPARISONS.collect()
+    a, b = report.Stat([1.0, 1.1, 0.9]), report.Stat([1.5, 1.6, 1.4])
+    c, d = report.Stat([1.0, 1.1, 0.9]), report.Stat([1.25, 1.35, 1.15])
+    e, f = report.Stat([1.0, 1.1, 0.9]), report.Stat([1.01, 1.12, 0.88])
+    first = [report.differs(a, b, "strong"), report.differs(c, d, "weak"), report.differs(e, f, "none")]
+    report.COMPARISONS.adjust()
+    second = [report.differs(a, b, "strong"), report.differs(c, d, "weak"), report.differs(e, f, "none")]
+    from benchmarks import stats
+    raw = [stats.welch(x.values, y.values).p for x, y in ((a, b), (c, d), (e, f))]
+    # Holm over three: the smallest p times 3, the next times 2 (0.037 x 2 > 0.05), the last times 1
+    assert raw[0] * 3 < 0.05 and raw[1] < 0.05 < 2 * raw[1] and raw[2] > 0.5
+    assert first == [True, True, False] and second == [True, False, False]
+    with pytest.raises(AssertionError, match="same comparisons"):
+        report.differs(a, b, "another")
