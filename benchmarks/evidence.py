@@ -599,6 +599,20 @@ def cmd_collect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Print the runs a suite still needs, in the order ``run`` takes them (what is known now:
+    an extension or the seeds appear once the runs they depend on are stored)."""
+    runs = load_summaries(Path(args.store))
+    suite = SUITES[args.suite]
+    arms = [ARMS[k] for k in suite["arms"]]
+    todo = plan_runs(arms, runs, suite["seeds"])
+    done = sum(r.get("suite") == args.suite for r in runs.values())
+    print(f"evidence plan: suite {args.suite}: {done} runs stored, {len(todo)} known to be needed next")
+    for arm, m, seed in todo:
+        print(f"  {run_id(arm, m, seed)}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from benchmarks.evidence_report import write_report
 
@@ -628,6 +642,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     c = sub.add_parser("collect", help="copy a run directory's summaries into the store")
     c.add_argument("src")
     c.add_argument("--store", default=str(STORE))
+    q = sub.add_parser("plan", help="list the runs a suite still needs")
+    q.add_argument("--suite", required=True, choices=sorted(SUITES))
+    q.add_argument("--store", default=str(STORE))
     g = sub.add_parser("report", help="write docs/results.md and its figures from the stored summaries")
     g.add_argument("--store", default=str(STORE))
     g.add_argument("--docs", default=str(DOCS))
@@ -637,7 +654,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return {"run": cmd_run, "collect": cmd_collect, "report": cmd_report}[args.cmd](args)
+    return {"run": cmd_run, "collect": cmd_collect, "plan": cmd_plan, "report": cmd_report}[args.cmd](args)
 
 
 if __name__ == "__main__":

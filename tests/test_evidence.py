@@ -192,3 +192,15 @@ def test_page_comparisons_are_holm_corrected_over_the_page():
     assert first == [True, True, False] and second == [True, False, False]
     with pytest.raises(AssertionError, match="same comparisons"):
         report.differs(a, b, "another")
+
+
+def test_plan_lists_what_a_suite_still_needs(tmp_path, capsys):
+    import json
+
+    arm = evidence.ARMS["3k_muon"]
+    for m, loss in ((0.5, 0.70), (1.0, 0.65), (2.0, 0.66)):
+        (tmp_path / f"{evidence.run_id(arm, m, 0)}.json").write_text(json.dumps(_summary(arm, m, 0, loss)))
+    assert evidence.main(["plan", "--suite", "gpt3k", "--store", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "3 runs stored" in out and "3k_muon-x1-s1" in out and "3k_muon-x1-s2" in out
+    assert "3k_muon-x0.5-s0" not in out and "3k_adamw_b95-x1-s0" in out
