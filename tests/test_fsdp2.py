@@ -1,8 +1,9 @@
 """FSDP2 (fully_shard, DTensor parameters) on CPU with gloo: the element-wise rules step the
 shards, Muon and the Sinkhorn rules step whole matrices on owner ranks (all-to-all there and
-back), SPARKLES steps gathered whole tensors with its state, and the Stiefel and sphere
-retractions retract gathered parameters, exactly as one process steps the whole model; the NaN/Inf guard refuses a step on every rank when
-one rank's shard is bad; a rule that declares no sharded path (a user's one-file rule), and
+back), SPARKLES steps gathered whole tensors with its state, the Stiefel retraction runs on
+owner ranks with the count agreed over the ranks and the sphere on each rank's rows, exactly as
+one process steps the whole model; the NaN/Inf guard refuses a step on every rank when one
+rank's shard is bad; a rule that declares no sharded path (a user's one-file rule), and
 FSDP1's flat parameters, are refused when the optimizer is built."""
 
 import os
@@ -34,12 +35,14 @@ def _retracted_training(model):
     plan = plan_retractions(find_targets(model, [opt], None, {"steps": 5, "tol": "auto", "schedule": "predict",
                                                              "precision": "auto"}))
     plan.retract_to(12, 1e-6)
+    steps, before = [], {}
     for x, y in _batches():
         torch.nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
         opt.zero_grad()
-        plan.retract(measure=False)
-    return {k: float(v) for k, v in plan.distances_after().items()}
+        before = {k: float(v) for k, v in plan.retract(measure=True).items()}
+        steps.append(dict(plan.last_stiefel_steps))
+    return {**{k: float(v) for k, v in plan.distances_after().items()}, **before, "steps": steps}
 
 
 
@@ -213,16 +216,22 @@ def test_a_rule_without_a_sharded_path_refuses_fsdp2_shards(ranks):
 
 
 def test_retractions_of_sharded_parameters_equal_one_process(ranks):
-    """Stiefel on the hidden matrix and the sphere on the output rows, retracted on gathered
-    whole parameters after every step: equal to one process, on the manifold, on both ranks."""
+    """Stiefel on the hidden matrix (on its owner rank, the count agreed over the ranks) and the
+    sphere on the output rows (on each rank's rows), after every step: equal to one process, the
+    same iteration counts every step, the same measured distances, on the manifold, on every rank."""
     reference = _model()
     distances = _retracted_training(reference)
     for out in ranks:
         for name, p in reference.named_parameters():
             torch.testing.assert_close(out["retracted"][name], p.detach(), rtol=0, atol=1e-6, msg=name)
-        assert out["retracted_distances"].keys() == distances.keys()
-        for key, d in out["retracted_distances"].items():
-            assert d < 1e-3, (key, d)
+        got, want = dict(out["retracted_distances"]), dict(distances)
+        assert got.pop("steps") == want.pop("steps")  # the counts one process chose, every step
+        assert got.keys() == want.keys()
+        for key, d in got.items():
+            if "_after" in key:
+                assert d < 1e-3, (key, d)
+            else:  # measured before the retraction: the worst matrix over the ranks
+                assert d == pytest.approx(want[key], rel=1e-4, abs=1e-7), key
 
 
 def test_a_nan_in_one_ranks_shard_refuses_the_step_on_every_rank(ranks):

@@ -26,8 +26,9 @@ fit end. So it is tied to ``optimizer.step()`` itself, not to batches:
   (zero gradients, lr 0), and retracting there would shift the weights by rounding.
 * DDP: every rank holds identical weights and applies the same deterministic retraction (plain
   matmuls / norms, no randomness), so ranks stay identical without any communication.
-  ``ModelParallelStrategy`` (FSDP2): each constrained DTensor is gathered whole, retracted and
-  written back to its shards. FSDP1 and DeepSpeed are refused: their flat buffers hold no matrix.
+  ``ModelParallelStrategy`` (FSDP2): each Stiefel matrix is retracted whole on one owner rank
+  (the step count agreed over the ranks), a sphere on each rank's rows where they hold whole
+  rows, otherwise gathered whole on every rank; each rank keeps its shards. FSDP1 and DeepSpeed are refused: their flat buffers hold no matrix.
 
 Logging (rank zero, at the trainer's ``log_every_n_steps`` cadence, through ``LightningModule.log``
 in ``on_train_batch_end``): ``manifold/<constraint>_distance_before/<role>`` (how far the step

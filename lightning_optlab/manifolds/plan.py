@@ -30,13 +30,15 @@ import torch
 from torch import nn
 
 from ..optim.matrix import DEFAULT_VIEW, MatrixView, group_views
-from ..optim.sharded import is_dtensor, local_part, row_sharded_group
+from ..optim.sharded import (assign_owners, gather_to_owners, is_dtensor, local_part, row_sharded_group,
+                             scatter_from_owners)
 from .sphere import SPHERE_EPS, compute_dtype, sphere_distance, sphere_retract
 from .stiefel import (
     PRECISIONS,
     SCHEDULES,
     as_matrix,
     polar_newton_schulz,
+    polar_newton_schulz_buckets,
     release_retractors,
     retractor_for,
     stiefel_distance,
@@ -422,6 +424,8 @@ class RetractionPlan:
             if steps is None and job.schedule == "predict" and not job.sharded:
                 predicted.append(job)  # all predict buckets together: one host sync
                 continue
+            if steps is None and job.sharded and job.schedule in ("predict", "fixed") and self._on_owners(job, measure, metrics):
+                continue
             dtype = compute_dtype(job.targets[0].param.dtype)
             stack = torch.stack([as_matrix(_whole(t.param)).to(dtype) for t in job.targets])
             if steps is None:
@@ -451,6 +455,61 @@ class RetractionPlan:
             for job, result in zip(jobs, retractor()):  # in place: nothing to copy back
                 self._log_bucket(job, result.steps, result.distance_before, measure, metrics)
         return metrics
+
+    def _on_owners(self, job: Job, measure: bool, metrics: dict[str, torch.Tensor]) -> bool:
+        """A sharded Stiefel bucket retracted on owner ranks: each matrix's shards brought whole to
+        one rank (one all-to-all), the owners' matrices iterated there, each rank's rows sent back
+        (one all-to-all). The step count is the one one process would choose: ``"fixed"`` by
+        definition, ``"predict"`` from every rank's statistics (one exchange of a few floats per
+        matrix). False, with nothing changed, where the layout is not FSDP2's or the bucket is
+        too far off for the prediction (the gathered path runs instead)."""
+        import torch.distributed as dist
+
+        params = [t.param for t in job.targets]
+        owners = assign_owners(params, [1.0] * len(params))
+        if owners is None:
+            return False
+        group = row_sharded_group(params[0])
+        whole = gather_to_owners(params, [p.to_local() for p in params], owners)
+        mine = sorted(whole)
+        dtype = compute_dtype(params[0].dtype)
+        shape = tuple(as_matrix(job.targets[0].param).shape)
+        device = params[0].to_local().device
+        stack = (torch.stack([as_matrix(whole[i]).to(dtype) for i in mine]) if mine
+                 else torch.empty((0, *shape), dtype=dtype, device=device))
+        if job.schedule == "predict":
+            def agree(per_bucket: list) -> list:
+                gathered: list = [None] * dist.get_world_size(group)
+                dist.all_gather_object(gathered, per_bucket, group=group)
+                return [[row for g in gathered for row in g[b]] for b in range(len(per_bucket))]
+
+            # speculating, as the unsharded plan's in-place retractor does: the same count
+            result = polar_newton_schulz_buckets([stack], steps=job.steps, tol=job.tol, precision=job.precision,
+                                                 agree=agree, speculate=True)[0]
+            if result.fallback:  # every rank decided so from the same statistics
+                return False
+        else:
+            result = polar_newton_schulz(stack, steps=job.steps, schedule="fixed", precision=job.precision)
+        updates = {i: result.polar[j].reshape(params[i].shape) for j, i in enumerate(mine)}
+        for p, part in zip(params, scatter_from_owners(params, updates, owners)):
+            p.to_local().copy_(part)
+        key = "x".join(str(d) for d in shape)
+        ran = torch.tensor([result.steps], device=device)  # a rank without matrices here ran none
+        dist.all_reduce(ran, op=dist.ReduceOp.MAX, group=group)
+        self.last_stiefel_steps[key] = int(ran.item())
+        if measure:  # every rank measures a sharded plan: the worst matrix of each role over the ranks
+            roles = sorted({t.role for t in job.targets})
+            worst = torch.zeros(len(roles), dtype=torch.float64, device=device)
+            for j, i in enumerate(mine):
+                r = roles.index(job.targets[i].role)
+                worst[r] = torch.maximum(worst[r], result.distance_before[j].to(worst))
+            dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=group)
+            for role, value in zip(roles, worst):
+                merge_max(metrics, f"manifold/stiefel_distance_before/{role}", value)
+            count = torch.tensor(float(self.last_stiefel_steps[key]))
+            merge_max(metrics, "manifold/stiefel_steps", count)
+            merge_max(metrics, f"manifold/stiefel_steps/{key}", count)
+        return True
 
     def _log_bucket(self, job: Job, steps_run: int, distance_before: torch.Tensor, measure: bool, metrics: dict) -> None:
         shape = "x".join(str(d) for d in as_matrix(job.targets[0].param).shape)

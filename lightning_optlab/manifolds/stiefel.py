@@ -141,6 +141,7 @@ class PolarNS(NamedTuple):
     polar: torch.Tensor  # the approximate polar factor, shape and dtype of the input
     distance_before: torch.Tensor  # stiefel distance of the input, one per matrix
     steps: int  # iterations actually run (< the maximum when tol stopped it early)
+    fallback: bool = False  # "predict" only: too far off for the bound, the 'check' schedule ran
 
 
 SCHEDULES = ("fixed", "check", "predict")
@@ -707,7 +708,11 @@ class StiefelRetractor:
 
     # ---------------------------------------------------------------- the call
     @torch.no_grad()
-    def __call__(self) -> list[BucketResult]:
+    def __call__(self, agree: Callable[[list[list[list[float]]]], list[list[list[float]]]] | None = None
+                 ) -> list[BucketResult]:
+        """Retract. ``agree`` (sharded buckets, each rank holding some of a bucket's matrices)
+        maps every bucket's per-matrix statistics to those of all of its matrices over the ranks,
+        so each rank chooses the count one process would (a collective: every rank calls it)."""
         if not self.buckets:
             return []
         key = self._current_key()
@@ -717,21 +722,24 @@ class StiefelRetractor:
         with full_fp32_matmul():
             self._run_first()
             host = self.stats.cpu().tolist()  # the one host sync of the call
-            return [self._finish(b, host[rows]) for b, rows in zip(self.buckets, self.rows)]
+            mine = [host[rows] for rows in self.rows]
+            every = agree(mine) if agree is not None else mine
+            return [self._finish(b, m, e) for b, m, e in zip(self.buckets, mine, every)]
 
-    def _finish(self, b: _Bucket, rows: list[list[float]]) -> BucketResult:
+    def _finish(self, b: _Bucket, rows: list[list[float]], every: list[list[float]] | None = None) -> BucketResult:
+        every = rows if every is None else every  # the statistics the count is chosen from
         safety = MOMENT_SAFETY if b.low else 1.0
         gram_floor, rel_floor = GRAM_FLOOR[b.how], UPDATE_REL_FLOOR[b.low]
         distance_before = torch.tensor([math.sqrt(max(r[0], 0.0)) for r in rows], dtype=torch.float64)
         if self.speculate:
-            d2, m4, m8 = (max(r[i] for r in rows) for i in range(3))
+            d2, m4, m8 = (max(r[i] for r in every) for i in range(3))
             worst = predicted_distances(math.sqrt(max(d2, 0.0)), m4 * safety, m8 * safety, b.k, 1)
             if worst[1] + gram_floor + rel_floor * worst[0] <= self.tol:  # NaN compares False
                 return BucketResult(1, distance_before, False)
         counts = [
             choose_steps(math.sqrt(max(d2, 0.0)), m4 * safety, m8 * safety, b.k, self.tol, self.steps,
                          gram_floor, rel_floor)
-            for d2, m4, m8 in rows
+            for d2, m4, m8 in every
         ]
         if any(c is None for c in counts):  # too far for the bound: check every iteration
             if self.speculate:
@@ -836,6 +844,8 @@ def polar_newton_schulz_buckets(
     steps: int = 5,
     tol: float = 1e-3,
     precision: str = "auto",
+    agree: Callable[[list[list[list[float]]]], list[list[list[float]]]] | None = None,
+    speculate: bool = False,
 ) -> list[PolarNS]:
     """The ``"predict"`` schedule for several stacks of same-shaped matrices with ONE host sync.
 
@@ -849,7 +859,10 @@ def polar_newton_schulz_buckets(
     such t) are retracted with the ``"check"`` schedule instead (one sync per iteration).
     Returns one :class:`PolarNS` per stack; ``steps`` is the count that stack ran. The inputs
     are not modified: this runs :class:`StiefelRetractor` (without speculation or graph) on
-    float copies of them.
+    float copies of them (``speculate``: with the first iteration computed before the sync, so
+    the count is the in-place retraction's, at least 1 where one iteration provably suffices).
+    ``agree``: see :meth:`StiefelRetractor.__call__` (one stack on one device; an empty stack
+    still takes part).
     """
     _check_schedule(steps, tol, "predict", precision)
     copies, shapes = [], []
@@ -865,12 +878,14 @@ def polar_newton_schulz_buckets(
             by_device.setdefault(C.device, []).append(i)
         else:
             results[i] = PolarNS(C.reshape(shapes[i]), C.new_zeros(shapes[i][:-2]), 0)
+    if agree is not None and not by_device:  # nothing of ours to retract: agree all the same
+        agree([[] for _ in copies])
     for idx in by_device.values():
         retractor = StiefelRetractor([list(copies[i].unbind(0)) for i in idx], steps, tol, precision,
-                                     cuda_graph=False, speculate=False)
-        for i, res in zip(idx, retractor()):
+                                     cuda_graph=False, speculate=speculate)
+        for i, res in zip(idx, retractor(agree)):
             d = res.distance_before.to(device=copies[i].device, dtype=copies[i].dtype)
-            results[i] = PolarNS(copies[i].reshape(shapes[i]), d.reshape(shapes[i][:-2]), res.steps)
+            results[i] = PolarNS(copies[i].reshape(shapes[i]), d.reshape(shapes[i][:-2]), res.steps, res.fallback)
     return results  # type: ignore[return-value]
 
 

@@ -11,7 +11,8 @@ matrices are assigned to ranks by their cost (largest first, to the least loaded
 all-to-all brings each owner the shards of its matrices (:func:`gather_to_owners`), the owner
 runs the plain step on them, and one all-to-all sends every rank its rows of the results
 (:func:`scatter_from_owners`) -- each rank receives only what it owns, not the whole model, and
-does 1/world of the work (microsoft/dion's layout). SPARKLES (whole-tensor statistics, a stall
+does 1/world of the work (microsoft/dion's layout); the Stiefel retraction's sharded buckets
+use the same owners (``manifolds/plan.py``). SPARKLES (whole-tensor statistics, a stall
 test on the whole gradient, one noise stream per step laid out over the group) runs its plain step
 on gathered whole tensors and state on every rank (:func:`on_whole_tensors`), and keeps its
 shards. Every rule refuses FSDP1's flattened ``FlatParameter``, where a parameter is not even a
