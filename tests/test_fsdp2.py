@@ -48,6 +48,21 @@ def _retracted_training(model):
 
 
 
+def _far_retraction(model):
+    """The hidden matrix tripled, far past what the step count can be predicted for: the plan
+    falls back to checking every iteration (on 2 ranks one of them holds no matrix of the bucket)."""
+    from lightning_optlab.manifolds.plan import find_targets, plan_retractions
+
+    opt = build_optimizer(model, CONSTRAINED)
+    plan = plan_retractions(find_targets(model, [opt], None, {"steps": 12, "tol": "auto", "schedule": "predict",
+                                                             "precision": "auto"}))
+    with torch.no_grad():
+        model[2].weight.mul_(3.0)
+    metrics = plan.retract(measure=True)
+    whole = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for n, p in model.named_parameters()}
+    return whole, dict(plan.last_stiefel_steps), float(metrics["manifold/stiefel_distance_before/hidden"])
+
+
 def _model():
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, 10),
@@ -134,6 +149,7 @@ def _worker(rank, world, port, out_dir):
         model = _sharded()
         out["retracted_distances"] = _retracted_training(model)
         out["retracted"] = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
+        out["far"] = _far_retraction(_sharded())
         # a NaN in one rank's shard: both ranks refuse the step, no weight changes anywhere
         model = _sharded()
         opt = build_optimizer(model, _policy("adamw"))
@@ -232,6 +248,15 @@ def test_retractions_of_sharded_parameters_equal_one_process(ranks):
                 assert d < 1e-3, (key, d)
             else:  # measured before the retraction: the worst matrix over the ranks
                 assert d == pytest.approx(want[key], rel=1e-4, abs=1e-7), key
+
+
+def test_a_sharded_bucket_too_far_for_the_prediction_falls_back_on_every_rank(ranks):
+    params, steps, before = _far_retraction(_model())
+    for out in ranks:
+        got_params, got_steps, got_before = out["far"]
+        assert got_steps == steps and got_before == pytest.approx(before, rel=1e-6)
+        for name, p in params.items():
+            torch.testing.assert_close(got_params[name], p, rtol=0, atol=1e-6, msg=name)
 
 
 def test_a_nan_in_one_ranks_shard_refuses_the_step_on_every_rank(ranks):

@@ -486,17 +486,20 @@ class RetractionPlan:
             # speculating, as the unsharded plan's in-place retractor does: the same count
             result = polar_newton_schulz_buckets([stack], steps=job.steps, tol=job.tol, precision=job.precision,
                                                  agree=agree, speculate=True)[0]
-            if result.fallback:  # every rank decided so from the same statistics
-                return False
         else:
             result = polar_newton_schulz(stack, steps=job.steps, schedule="fixed", precision=job.precision)
+        # the ranks that hold matrices here chose the same count and fallback from the same
+        # statistics; a rank without any learns them here
+        ran = torch.tensor([result.steps, int(result.fallback)], device=device)
+        dist.all_reduce(ran, op=dist.ReduceOp.MAX, group=group)
+        count, fallback = (int(v) for v in ran.tolist())
+        if fallback:  # too far off for the prediction: the gathered path, on every rank
+            return False
         updates = {i: result.polar[j].reshape(params[i].shape) for j, i in enumerate(mine)}
         for p, part in zip(params, scatter_from_owners(params, updates, owners)):
             p.to_local().copy_(part)
         key = "x".join(str(d) for d in shape)
-        ran = torch.tensor([result.steps], device=device)  # a rank without matrices here ran none
-        dist.all_reduce(ran, op=dist.ReduceOp.MAX, group=group)
-        self.last_stiefel_steps[key] = int(ran.item())
+        self.last_stiefel_steps[key] = count
         if measure:  # every rank measures a sharded plan: the worst matrix of each role over the ranks
             roles = sorted({t.role for t in job.targets})
             worst = torch.zeros(len(roles), dtype=torch.float64, device=device)
