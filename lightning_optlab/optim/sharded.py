@@ -205,7 +205,7 @@ def scatter_from_owners(likes: Sequence[torch.Tensor], wholes: dict[int, torch.T
         idx = [i for i in range(len(likes)) if kinds[i] == kind]
         mine = [i for i in idx if owners[i] == rank]
         padded = {i: _padded(wholes[i].to(kind), _rows(likes[i], world)[0] * world) for i in mine}
-        empty = torch.empty(0, dtype=kind, device=likes[idx[0]].device)
+        empty = torch.empty(0, dtype=kind, device=likes[idx[0]].to_local().device)
         send = [torch.cat([padded[i].view(world, -1)[r] for i in mine] or [empty]) for r in range(world)]
         parts = _all_to_all(send, [sum(_rows(likes[i], world)[1] for i in idx if owners[i] == r)
                                    for r in range(world)], group)
