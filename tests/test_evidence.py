@@ -204,3 +204,20 @@ def test_plan_lists_what_a_suite_still_needs(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "3 runs stored" in out and "3k_muon-x1-s1" in out and "3k_muon-x1-s2" in out
     assert "3k_muon-x0.5-s0" not in out and "3k_adamw_b95-x1-s0" in out
+
+
+def test_timings_of_runs_that_shared_a_gpu_are_not_compared():
+    """Rows 3b and 4d compare throughput and step times; runs that shared the GPU (the 3000-step
+    suite runs several at once) give neither, and the rows say so instead of comparing them."""
+    import copy
+
+    shared = {k: {**copy.deepcopy(r), "concurrent_runs": 4} for k, r in stored_runs().items()}
+    report.COMPARISONS.collect()
+    alone = report.claim_constraints(stored_runs(), lambda name, *a, **k: name)[1]
+    report.COMPARISONS.collect()
+    together = report.claim_constraints(shared, lambda name, *a, **k: name)[1]
+    assert "tokens/s" in alone.ours and "throughput" in alone.verdict
+    assert "tokens/s" not in together.ours and together.verdict.startswith("**Cost not measured here**")
+    report.COMPARISONS.collect()
+    rows = report.claim_sinkgd(shared, lambda name, *a, **k: name)
+    assert rows[3].verdict.startswith("**Not measured here**")
