@@ -564,16 +564,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _claim(claims: Path, rid: str) -> bool:
-    """Claim run ``rid`` for this process (atomic create); True if it is ours to run."""
-    mine = claims / f"{rid}.{os.getpid()}"
-    if mine.exists():
-        return True
+    """Claim run ``rid`` for this process (atomic create); True if it is ours to run. A worker
+    runs its claim before planning again, and the run's summary then takes it off the plan."""
     try:
-        fd = os.open(claims / rid, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        os.close(os.open(claims / rid, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
     except FileExistsError:
         return False
-    os.close(fd)
-    mine.touch()
     return True
 
 

@@ -765,7 +765,7 @@ def protocol_section(runs: Runs) -> str:
            "arms are complete."]
     if not mine:
         return "\n".join(out)
-    corpus = {json_key(r["corpus"]) for r in mine if r.get("corpus")}
+    corpus = {corpus_text(r["corpus"]) for r in mine if r.get("corpus")}
     for c in sorted(corpus):
         out.append(f"\nCorpus: {c}.")
     lines = ["", "| arm | sweep at seed 0 (final val loss) | best | seeds | " + " | ".join(f"val loss @{b}" for b in BUDGETS)
@@ -797,7 +797,8 @@ def protocol_section(runs: Runs) -> str:
     return "\n".join(out)
 
 
-def json_key(corpus: dict[str, Any]) -> str:
+def corpus_text(corpus: dict[str, Any]) -> str:
+    """One line on what a run trained on (its summary's ``corpus`` record)."""
     return (f"{corpus['origin']}, split by {corpus['split']}: {corpus['train_files']:,} training files "
             f"({corpus['train_bytes']:,} bytes), {corpus['val_files']:,} validation files ({corpus['val_bytes']:,} "
             f"bytes), {100 * corpus['val_overlap_4k']:.2f}% of validation bytes verbatim in training (4 KiB pieces); "

@@ -166,19 +166,18 @@ class ManifoldRetraction(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._fit_start_done_in_checkpoint = bool(state_dict.get("fit_start_retracted", False))
 
-    def _should_log(self, trainer: Trainer, plan: RetractionPlan | None = None) -> bool:
+    def _should_log(self, trainer: Trainer, plan: RetractionPlan) -> bool:
         # a sharded plan measures through collectives: every rank measures, rank zero logs
-        everywhere = plan is not None and plan.sharded
-        if not self.log or not (trainer.is_global_zero or everywhere) or trainer.log_every_n_steps == 0:
+        if not self.log or not (trainer.is_global_zero or plan.sharded) or trainer.log_every_n_steps == 0:
             return False
         try:  # Lightning's own decision, so our values reach the logger on the steps it writes
             return bool(trainer._logger_connector.should_update_logs)
         except Exception:  # pragma: no cover - private API moved
             return (trainer.global_step + 1) % trainer.log_every_n_steps == 0
 
-    def _after_step(self, owner: int) -> None:
+    def _after_step(self, owner: int, optimizer: torch.optim.Optimizer) -> None:
         plan = self._plans.get(owner)
-        if not plan or self._lr_is_zero(owner):
+        if not plan or all(float(g["lr"]) == 0.0 for g in optimizer.param_groups):
             return
         trainer = self._trainer
         measure = trainer is not None and self._should_log(trainer, plan)
@@ -242,7 +241,7 @@ class ManifoldRetraction(Callback):
                     "torch.optim.Optimizer with register_step_post_hook"
                 )
             self._plans[oi] = plan
-            self._handles.append(opt.register_step_post_hook(lambda o, a, k, oi=oi: self._after_step(oi)))
+            self._handles.append(opt.register_step_post_hook(lambda o, a, k, oi=oi: self._after_step(oi, o)))
 
         # a strategy that restores after setup loads a checkpoint's weights and this callback's
         # state (did the checkpoint's run retract at its start?) after this hook: wait for them
@@ -254,12 +253,6 @@ class ManifoldRetraction(Callback):
         if self._fit_start_waits:
             self._fit_start_waits = False
             self._retract_at_fit_start()
-
-    def _lr_is_zero(self, owner: int) -> bool:
-        trainer = self._trainer
-        if trainer is None or owner >= len(trainer.optimizers):
-            return False
-        return all(float(g["lr"]) == 0.0 for g in trainer.optimizers[owner].param_groups)
 
     def _retract_at_fit_start(self) -> None:
         if self.targets and self.retract_on_fit_start and not self._fit_start_done_in_checkpoint:

@@ -127,7 +127,7 @@ def list_text_files(
         suffixes = (".py",) if suffixes is None else suffixes
         origin = f"Python standard library at {roots[0]}"
     else:
-        roots = [Path(p).expanduser() for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
+        roots = corpus_roots(paths)
         if not roots:
             raise ValueError("TextDataModule: 'paths' is an empty list; give files/directories or null")
         origin = ", ".join(str(r) for r in roots)

@@ -459,7 +459,7 @@ class RetractionPlan:
     def _on_owners(self, job: Job, measure: bool, metrics: dict[str, torch.Tensor]) -> bool:
         """A sharded Stiefel bucket retracted on owner ranks: each matrix's shards brought whole to
         one rank (one all-to-all), the owners' matrices iterated there, each rank's rows sent back
-        (one all-to-all). The step count is the one one process would choose: ``"fixed"`` by
+        (one all-to-all). The step count is the one a single process chooses: ``"fixed"`` by
         definition, ``"predict"`` from every rank's statistics (one exchange of a few floats per
         matrix). False, with nothing changed, where the layout is not FSDP2's or the bucket is
         too far off for the prediction (the gathered path runs instead)."""
@@ -498,23 +498,16 @@ class RetractionPlan:
         updates = {i: result.polar[j].reshape(params[i].shape) for j, i in enumerate(mine)}
         for p, part in zip(params, scatter_from_owners(params, updates, owners)):
             p.to_local().copy_(part)
-        key = "x".join(str(d) for d in shape)
-        self.last_stiefel_steps[key] = count
-        if measure:  # every rank measures a sharded plan: the worst matrix of each role over the ranks
-            roles = sorted({t.role for t in job.targets})
-            worst = torch.zeros(len(roles), dtype=torch.float64, device=device)
-            for j, i in enumerate(mine):
-                r = roles.index(job.targets[i].role)
-                worst[r] = torch.maximum(worst[r], result.distance_before[j].to(worst))
-            dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=group)
-            for role, value in zip(roles, worst):
-                merge_max(metrics, f"manifold/stiefel_distance_before/{role}", value)
-            count = torch.tensor(float(self.last_stiefel_steps[key]))
-            merge_max(metrics, "manifold/stiefel_steps", count)
-            merge_max(metrics, f"manifold/stiefel_steps/{key}", count)
+        before = None
+        if measure:  # every rank measures a sharded plan: each matrix's distance from its owner
+            before = torch.zeros(len(params), dtype=torch.float64, device=device)
+            before[mine] = result.distance_before.to(before)
+            dist.all_reduce(before, op=dist.ReduceOp.MAX, group=group)
+        self._log_bucket(job, count, before, measure, metrics)
         return True
 
-    def _log_bucket(self, job: Job, steps_run: int, distance_before: torch.Tensor, measure: bool, metrics: dict) -> None:
+    def _log_bucket(self, job: Job, steps_run: int, distance_before: torch.Tensor | None, measure: bool,
+                    metrics: dict) -> None:
         shape = "x".join(str(d) for d in as_matrix(job.targets[0].param).shape)
         self.last_stiefel_steps[shape] = steps_run
         if not measure:

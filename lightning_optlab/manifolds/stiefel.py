@@ -726,8 +726,9 @@ class StiefelRetractor:
             every = agree(mine) if agree is not None else mine
             return [self._finish(b, m, e) for b, m, e in zip(self.buckets, mine, every)]
 
-    def _finish(self, b: _Bucket, rows: list[list[float]], every: list[list[float]] | None = None) -> BucketResult:
-        every = rows if every is None else every  # the statistics the count is chosen from
+    def _finish(self, b: _Bucket, rows: list[list[float]], every: list[list[float]]) -> BucketResult:
+        # rows: this bucket's matrices' statistics; every: those the count is chosen from (all
+        # ranks' matrices of the bucket where the ranks agree, else rows)
         safety = MOMENT_SAFETY if b.low else 1.0
         gram_floor, rel_floor = GRAM_FLOOR[b.how], UPDATE_REL_FLOOR[b.low]
         distance_before = torch.tensor([math.sqrt(max(r[0], 0.0)) for r in rows], dtype=torch.float64)
