@@ -413,3 +413,69 @@ def test_lightning_distributed_checkpoint_resumes_as_if_uninterrupted(lightning_
     for key in figures:
         want = sharded["spectral"][key]
         assert resumed["spectral"][key] == (want if world == 2 else pytest.approx(want, rel=1e-3, abs=1e-5)), key
+
+
+# --- a model we did not write: HF GPT-2 (Conv1D in_out weights, the packed c_attn) -------------
+
+GPT2_POLICY = {"rules": [
+    {"match": {"role": "hidden"}, "optimizer": "muon", "lr": 0.02, "constraint": "stiefel"},
+    {"match": {"role": "embedding"}, "optimizer": "adamw", "lr": 1e-2, "constraint": "sphere"},
+    {"match": {}, "optimizer": "adamw", "lr": 1e-2},
+]}
+
+
+def _gpt2_training(shard: bool):
+    """3 steps of Muon + Stiefel on GPT-2's hidden matrices and AdamW + sphere on its embeddings,
+    each step followed by the plan's retraction; every rank sees the same batch."""
+    import transformers
+    from lightning_optlab.manifolds.plan import find_targets, plan_retractions
+
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=61, n_positions=16))
+    if shard:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.transformer.h:
+            fully_shard(block)
+        fully_shard(model)
+    opt = build_optimizer(model, GPT2_POLICY)
+    plan = plan_retractions(find_targets(model, [opt], None, {"steps": 5, "tol": "auto", "schedule": "predict",
+                                                             "precision": "auto"}))
+    g, steps = torch.Generator().manual_seed(1), []
+    for _ in range(3):
+        x = torch.randint(0, 61, (4, 16), generator=g)
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        plan.retract(measure=False)
+        steps.append(dict(plan.last_stiefel_steps))
+    whole = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for n, p in model.named_parameters()}
+    return whole, steps
+
+
+def _gpt2_worker(rank, world, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        result = _gpt2_training(shard=True)
+        if rank == 0:
+            torch.save(result, os.path.join(out_dir, "gpt2.pt"))
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+    _exit_quietly()
+
+
+def test_hf_gpt2_on_fsdp2_owner_ranks_equals_one_process(tmp_path):
+    """HF GPT-2 fully_shard-ed on 2 ranks: Muon and the Stiefel retraction on owner ranks (its
+    Conv1D weights are stored (in, out); c_attn packs q, k, v), the sphere on the embedding rows.
+    Every rank sees the same batch, so the averaged gradients are each rank's own: the
+    parameters equal one process's and each step runs the same Stiefel counts."""
+    pytest.importorskip("transformers")
+    mp.spawn(_gpt2_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    got, got_steps = torch.load(tmp_path / "gpt2.pt")
+    want, want_steps = _gpt2_training(shard=False)
+    assert got_steps == want_steps and len(want_steps[-1]) >= 3
+    for name, p in want.items():
+        torch.testing.assert_close(got[name], p, rtol=0, atol=1e-6, msg=name)
