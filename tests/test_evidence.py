@@ -33,7 +33,8 @@ def stored_runs():
 def test_page_regenerates_from_the_stored_summaries(tmp_path):
     readme = tmp_path / "README.md"
     shutil.copy(ROOT / "README.md", readme)
-    path = report.write_report(stored_runs(), docs=tmp_path / "docs", readme=readme)
+    path = report.write_report(stored_runs(), docs=tmp_path / "docs", readme=readme,
+                               repeats=evidence.load_repeats(evidence.STORE))
     text = path.read_text()
     rows = {m.group(1): line for line in text.splitlines() if (m := re.match(r"^\| (\w+) \| ", line))}
     for key in report.CLAIM_KEYS:
@@ -65,6 +66,8 @@ def test_stored_summaries_follow_the_tuning_rule():
                 best = evidence.family_best(arm, runs)
                 assert best is not None and best[0] is arm, key
                 assert all(r["multiplier"] == best[1] for r in extra), key
+            if arm.fixed_from:  # its other rules ran at the best multiplier the stored runs give now
+                assert all(r["fixed_multiplier"] == evidence.fixed_multiplier(arm, runs) for r in mine), key
             continue
         best = evidence.best_multiplier(arm, runs)
         assert best is not None, f"{key}: incomplete sweep"
@@ -221,3 +224,53 @@ def test_timings_of_runs_that_shared_a_gpu_are_not_compared():
     report.COMPARISONS.collect()
     rows = report.claim_sinkgd(shared, lambda name, *a, **k: name)
     assert rows[3].verdict.startswith("**Not measured here**")
+
+
+def test_the_adamw_control_is_the_tuned_muon_arm_but_for_the_hidden_optimizer(tmp_path):
+    """The control sweeps only its hidden rule's lr; its other rules run exactly as the Muon arm's
+    rules at that arm's best multiplier, and it waits for that sweep before it is planned."""
+    import yaml
+
+    ctl, muon = evidence.ARMS["3k_adamw_control_hidden"], evidence.ARMS["3k_muon"]
+    runs = {}
+    assert evidence.plan_runs([ctl], runs, seeds=(0, 1, 2)) == []  # Muon's best is not known yet
+    for m, loss in ((0.25, 0.6375), (0.5, 0.63), (1.0, 0.637), (2.0, 0.665)):
+        _add(runs, muon, m, 0, loss)
+    assert evidence.fixed_multiplier(ctl, runs) == 0.5
+    plan = evidence.plan_runs([ctl], runs, seeds=(0, 1, 2))
+    assert [(m, s) for _, m, s in plan] == [(0.125, 0), (0.25, 0), (0.5, 0)]
+    spec = evidence.effective_config(ctl, 0.125, 0, tmp_path, device="cpu", fixed=0.5)
+    rules = {r["name"]: r for r in spec["model"]["init_args"]["policy"]["rules"]}
+    # the Muon arm's own file, read independently: every rule but the hidden one, lrs halved
+    muon_rules = {r["name"]: r for r in yaml.safe_load((ROOT / muon.config).read_text())["model"]["init_args"]["policy"]["rules"]}
+    assert set(rules) == set(muon_rules)
+    for name in ("embedding", "rest"):
+        assert {k: v for k, v in rules[name].items() if k != "lr"} == {k: v for k, v in muon_rules[name].items() if k != "lr"}
+        assert rules[name]["lr"] == pytest.approx(0.5 * muon_rules[name]["lr"])
+    assert rules["hidden"]["optimizer"] == "adamw" and rules["hidden"]["lr"] == pytest.approx(0.125 * 3e-3)
+    assert rules["hidden"]["match"] == muon_rules["hidden"]["match"]
+    with pytest.raises(SystemExit, match="run that arm's seed-0 sweep first"):
+        evidence.effective_config(ctl, 0.125, 0, tmp_path, device="cpu")
+    bad = evidence.Arm("bad", ctl.config, "gpt3k", "bad", swept_rules=("matrices",), fixed_from="3k_muon")
+    with pytest.raises(SystemExit, match=r"swept_rules \['matrices'\] are not rules of .*'embedding', 'hidden', 'rest'"):
+        evidence.effective_config(bad, 1.0, 0, tmp_path, device="cpu", fixed=0.5)
+
+
+def test_collect_keeps_a_repeated_run_beside_the_stored_one_and_the_page_lists_it(tmp_path):
+    import json
+
+    arm = evidence.ARMS["3k_muon"]
+    store, src = tmp_path / "store", tmp_path / "src"
+    store.mkdir()
+    src.mkdir()
+    first, again = _summary(arm, 0.5, 0, 0.63), _summary(arm, 0.5, 0, 0.64)
+    (store / "3k_muon-x0.5-s0.json").write_text(json.dumps(first))
+    (src / "3k_muon-x0.5-s0.json").write_text(json.dumps(again))
+    for _ in range(2):  # collecting the same directory twice keeps one copy of the repeat
+        assert evidence.main(["collect", str(src), "--store", str(store)]) == 0
+    assert json.loads((store / "3k_muon-x0.5-s0.json").read_text()) == first  # never overwritten
+    assert [p.name for p in (store / "repeats").iterdir()] == ["3k_muon-x0.5-s0.r1.json"]
+    repeats = evidence.load_repeats(store)
+    assert [r["scalars"]["val/loss"][-1][1] for r in repeats["3k_muon-x0.5-s0"]] == [0.64]
+    text = report.protocol_section({first["run"]: first}, repeats=repeats)
+    assert "3k_muon-x0.5-s0 0.6300, again 0.6400" in text
