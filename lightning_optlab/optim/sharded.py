@@ -87,17 +87,13 @@ def gather_to_rank_zero(t: torch.Tensor) -> torch.Tensor | None:
         full = t.full_tensor()
         return full if dist.get_rank() == 0 else None
     dim, world, n = placements[0].dim, mesh.size(), t.shape[placements[0].dim]
-    local = t.to_local()
-    chunk = -(-n // world)  # torch.chunk's split, as FSDP2 shards: equal chunks, the last ranks short or empty
-    shape = list(local.shape)
-    shape[dim] = chunk
-    padded = local.new_zeros(shape)
-    padded.narrow(dim, 0, local.shape[dim]).copy_(local)
+    chunk = _chunk(n, world)
+    padded = _pad_rows(t.to_local(), chunk, dim).contiguous()
     parts = [torch.empty_like(padded) for _ in range(world)] if dist.get_rank() == 0 else None
     dist.gather(padded, parts, dst=0, group=group)
     if parts is None:
         return None
-    return torch.cat([part.narrow(dim, 0, max(0, min(chunk, n - r * chunk))) for r, part in enumerate(parts)], dim)
+    return torch.cat([part.narrow(dim, 0, _held(n, chunk, r)) for r, part in enumerate(parts)], dim)
 
 
 def local_part(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -136,19 +132,35 @@ def assign_owners(likes: Sequence[torch.Tensor], costs: Sequence[float]) -> list
     return owners
 
 
+def _chunk(n: int, world: int) -> int:
+    """Rows per rank of FSDP2's split of ``n`` rows (torch.chunk's): ceil(n / world)."""
+    return -(-n // world)
+
+
+def _held(n: int, chunk: int, rank: int) -> int:
+    """How many of its ``chunk`` rows ``rank`` holds: the last ranks' are short or empty."""
+    return max(0, min(chunk, n - rank * chunk))
+
+
 def _rows(like: torch.Tensor, world: int) -> tuple[int, int]:
-    """(rows per chunk, elements per chunk) of FSDP2's split of ``like``: equal chunks of
-    ceil(n / world) rows, the last ranks' short or empty."""
-    chunk = -(-like.shape[0] // world)
+    """(rows per chunk, elements per chunk) of FSDP2's split of ``like`` along dimension 0."""
+    chunk = _chunk(like.shape[0], world)
     return chunk, chunk * (like.numel() // max(1, like.shape[0]))
 
 
+def _pad_rows(local: torch.Tensor, chunk: int, dim: int = 0) -> torch.Tensor:
+    """``local`` zero-padded to ``chunk`` along ``dim`` (every rank sends equal chunks)."""
+    if local.shape[dim] == chunk:
+        return local
+    shape = list(local.shape)
+    shape[dim] = chunk
+    out = local.new_zeros(shape)
+    out.narrow(dim, 0, local.shape[dim]).copy_(local)
+    return out
+
+
 def _padded(local: torch.Tensor, chunk: int) -> torch.Tensor:
-    if local.shape[0] == chunk:
-        return local.reshape(-1)
-    out = local.new_zeros((chunk, *local.shape[1:]))
-    out[: local.shape[0]] = local
-    return out.reshape(-1)
+    return _pad_rows(local, chunk).reshape(-1)
 
 
 def _all_to_all(send: list[torch.Tensor], recv_sizes: list[int], group) -> list[torch.Tensor]:
@@ -212,7 +224,7 @@ def scatter_from_owners(likes: Sequence[torch.Tensor], wholes: dict[int, torch.T
         offsets = [0] * world
         for i in idx:
             o, (chunk, n) = owners[i], _rows(likes[i], world)
-            rows = max(0, min(chunk, likes[i].shape[0] - rank * chunk))
+            rows = _held(likes[i].shape[0], chunk, rank)
             out[i] = parts[o][offsets[o] : offsets[o] + n].view(chunk, *likes[i].shape[1:])[:rows]
             offsets[o] += n
     return out
