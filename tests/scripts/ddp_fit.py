@@ -37,6 +37,9 @@ def main(out: Path, policy: dict) -> None:
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     torch.save({"state": state, "backend": backend, "world": trainer.world_size, "steps": trainer.global_step},
                out / f"rank{trainer.global_rank}.pt")
+    if torch.distributed.is_initialized():  # gloo's threads must not outlive the interpreter (abort at exit)
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

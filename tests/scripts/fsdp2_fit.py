@@ -68,6 +68,11 @@ def main(out: Path, world: int, mode: str) -> None:
                     "steps": trainer.global_step, "lr": [g["lr"] for g in trainer.optimizers[0].param_groups],
                     "manifold": {k: float(v) for k, v in trainer.logged_metrics.items() if k.startswith("manifold/")}},
                    out / f"{mode}_world{world}.pt")
+    if torch.distributed.is_initialized():
+        # gloo's threads outliving the interpreter's teardown aborted one resume at exit
+        # ("terminate called without an active exception") after its fit had finished
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
