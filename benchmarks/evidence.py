@@ -28,13 +28,13 @@ Usage::
     PYTHONPATH=. python benchmarks/evidence.py run --suite mnist --out /tmp/evidence
     # GPT claims on one GPU, resumable across calls (runs already stored are skipped). On an H200
     # one 3000-step run takes about 65 s of the GPU whether 3 or 7 share it (190 s with 3, 440-490 s
-    # with 7): start several workers, they claim runs from one plan; a short --time-limit makes each
-    # take one run. Give --store the directory the stored summaries are in, or they run again.
+    # with 7): --workers N starts N processes that claim runs from one plan; a short --time-limit
+    # makes each take one run. Give --store the directory the stored summaries are in, or they
+    # run again.
     # The runs go through LightningCLI, which needs jsonargparse[signatures] (a dependency of this
     # package): on a machine without registry access, bring its wheels (jsonargparse,
     # docstring-parser, typeshed-client, importlib_resources) and `pip install --no-deps --target`.
-    for i in 0 1 2 3 4 5 6; do PYTHONPATH=. python benchmarks/evidence.py run --suite gpt3k --out /tmp/evidence \
-        --time-limit 60 --concurrent 7 & sleep 4; done; wait
+    PYTHONPATH=. python benchmarks/evidence.py run --suite gpt3k --out /tmp/evidence --workers 7 --time-limit 60
     # copy the summaries into the repo (a run id stored already goes to repeats/), then rebuild
     # the page (CPU, seconds):
     PYTHONPATH=. python benchmarks/evidence.py collect /tmp/evidence
@@ -553,6 +553,8 @@ def plan_runs(arms: list[Arm], runs: dict[str, dict[str, Any]], seeds: Iterable[
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.workers > 1:
+        return run_workers(args)
     import torch
 
     quiet_lightning()
@@ -604,6 +606,39 @@ def cmd_run(args: argparse.Namespace) -> int:
               + (f" ERROR {summary['error'][:120]}" if summary.get("error") else ""), flush=True)
     print(f"[evidence] suite {args.suite}: complete ({done} runs this call)", flush=True)
     return 0
+
+
+WORKER_STAGGER_S = 3.0  # between worker starts: their CUDA contexts and data loads do not all land at once
+
+
+def run_workers(args: argparse.Namespace) -> int:
+    """``run --workers N``: N worker processes sharing the device, claiming runs from one plan
+    (each records ``--concurrent N``); their output goes to ``<out>/workers/w<i>.log``, whose
+    last lines are printed when all have finished. The exit status is the worst worker's."""
+    import subprocess
+
+    n = int(args.workers)
+    child = [a for a in args.argv]
+    for flag in ("--workers", "--concurrent"):  # each child is one worker of n
+        while flag in child:
+            i = child.index(flag)
+            del child[i:i + 2]
+        child = [a for a in child if not a.startswith(flag + "=")]
+    child += ["--workers", "1", "--concurrent", str(n)]
+    logs = Path(args.out) / "workers"
+    logs.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for i in range(n):
+        with open(logs / f"w{i}.log", "w") as log:
+            procs.append(subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *child],
+                                          stdout=log, stderr=subprocess.STDOUT, cwd=os.getcwd()))
+        if i + 1 < n:
+            time.sleep(WORKER_STAGGER_S)
+    codes = [p.wait() for p in procs]
+    for i, code in enumerate(codes):
+        tail = [line for line in (logs / f"w{i}.log").read_text().splitlines() if line.startswith("[evidence]")][-3:]
+        print(f"[evidence] worker {i} (exit {code}):", *tail, sep="\n  ", flush=True)
+    return max(codes, key=abs)
 
 
 def _claim(claims: Path, rid: str) -> bool:
@@ -707,6 +742,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     r.add_argument("--commit", default=None, help="commit to record (default: git rev-parse HEAD)")
     r.add_argument("--concurrent", type=int, default=1,
                    help="runs sharing the device at once (recorded: their tokens/s is not one run's)")
+    r.add_argument("--workers", type=int, default=1,
+                   help="start this many worker processes sharing the device (each records --concurrent WORKERS)")
     c = sub.add_parser("collect", help="copy a run directory's summaries into the store")
     c.add_argument("src")
     c.add_argument("--store", default=str(STORE))
@@ -722,6 +759,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     return {"run": cmd_run, "collect": cmd_collect, "plan": cmd_plan, "report": cmd_report}[args.cmd](args)
 
 

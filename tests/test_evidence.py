@@ -134,6 +134,19 @@ def test_a_tiny_run_becomes_a_summary_and_a_partial_report(tmp_path):
     assert "Not run yet" in text
 
 
+def test_workers_share_one_plan_and_record_that_they_shared_the_device(tmp_path):
+    out = tmp_path / "ev"
+    assert evidence.main(["run", "--suite", "mnist", "--arms", "ns_muon3", "--sweep", "1,2", "--seeds", "0",
+                          "--max-steps", "2", "--tiny", "--out", str(out), "--store", "", "--device", "cpu",
+                          "--workers", "2", "--concurrent", "5"]) == 0
+    runs = evidence.load_summaries(out / "summaries")
+    assert {"ns_muon3-x1-s0", "ns_muon3-x2-s0"} <= set(runs)  # and the sweep's extension past an edge
+    assert all(r["concurrent_runs"] == 2 and r["steps"] == 2 and not r.get("error") for r in runs.values())
+    started = [re.findall(r"\[evidence\] (ns_muon3-x[\d.]+-s0) \(", (out / "workers" / f"w{i}.log").read_text())
+               for i in range(2)]
+    assert sorted(sum(started, [])) == sorted(runs)  # each run claimed by exactly one worker
+
+
 def test_unknown_arm_is_refused_with_the_choices(tmp_path):
     with pytest.raises(SystemExit, match="not an arm of suite 'gpt'.*gpt_muon"):
         evidence.main(["run", "--suite", "gpt", "--arms", "ns_muon3", "--out", str(tmp_path)])
