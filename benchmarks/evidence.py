@@ -146,6 +146,10 @@ ARMS: dict[str, Arm] = {a.key: a for a in [
     Arm("3k_S2", "configs/gpt/sinkgd_S2.yaml", "gpt3k", "S2 sinkhorn_tanh tau 0.05, 10 it", SINKHORN_CENTER),
     Arm("3k_S3", "configs/gpt/sinkgd_S3.yaml", "gpt3k", "S3 sinkhorn_tanh tau 0.2, 3 it", SINKHORN_CENTER),
     Arm("3k_sinkgd_paper", "configs/gpt/sinkgd_paper.yaml", "gpt3k", "SinkGD (hidden) + Adam"),
+    # the headline at a second size (issue 22): AdamW with the 42M family's best variant (beta2
+    # 0.95, warm-up 100; the other variants are not rerun here) and Muon
+    Arm("150m_adamw", "configs/gpt/adamw.yaml", "gpt3k_150m", "AdamW", betas=(0.9, 0.95)),
+    Arm("150m_muon", "configs/gpt/gradient_rank_baseline.yaml", "gpt3k_150m", "Muon, no constraint"),
 ]}
 # x2-spaced sweep of the 3000-step suite, extended by x2 past an edge that holds the best point
 # (at most EXTEND_MAX points past each edge)
@@ -210,6 +214,11 @@ SUITES: dict[str, dict[str, Any]] = {
                           "wait_if_busy": True},
     },
 }
+
+# The 3000-step protocol at the 150M preset: Muon against AdamW only (a run costs about 3.6x a
+# 42M one: 12 layers of width 1024 against 6 of 768)
+SUITES["gpt3k_150m"] = {**copy.deepcopy(SUITES["gpt3k"]), "arms": ["150m_adamw", "150m_muon"],
+                        "model": {"size": "150m"}}
 
 # Scalars kept in a summary: losses, accuracies, timings, throughput, retraction steps, and the
 # per-component spectral means (the per-matrix series stay in the event files).
@@ -307,6 +316,7 @@ def effective_config(arm: Arm, multiplier: float, seed: int, out: Path, *, devic
             rule["betas"] = list(arm.betas)
     if arm.warmup_steps is not None:
         init["scheduler"]["warmup_steps"] = int(arm.warmup_steps)
+    init.update(copy.deepcopy(suite.get("model", {})))  # the suite's model size
     trainer = spec.setdefault("trainer", {})
     trainer.update(copy.deepcopy(suite["trainer"]))
     trainer.update(enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

