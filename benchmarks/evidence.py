@@ -718,8 +718,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     suite = SUITES[args.suite]
     arms = [ARMS[k] for k in suite["arms"]]
     todo = plan_runs(arms, runs, suite["seeds"])
-    done = sum(r.get("suite") == args.suite for r in runs.values())
-    print(f"evidence plan: suite {args.suite}: {done} runs stored, {len(todo)} known to be needed next")
+    mine = [r for r in runs.values() if r.get("suite") == args.suite]
+    print(f"evidence plan: suite {args.suite}: {len(mine)} runs stored, {len(todo)} known to be needed next")
+    shares = sorted(r["fit_s"] / max(1, int(r.get("concurrent_runs", 1))) for r in mine if r.get("fit_s"))
+    if shares and todo:  # the device time a run took, its wall time over the runs that shared the device
+        each = shares[len(shares) // 2]
+        print(f"  device time: about {each:.0f} s a run (median fit time / runs sharing the device), "
+              f"{len(todo) * each / 60:.0f} min for these")
     for arm, m, seed in todo:
         print(f"  {run_id(arm, m, seed)}")
     return 0
