@@ -1034,6 +1034,11 @@ def render(rows: list[Row], runs: Runs, headlines: dict[str, str] | None = None,
             "training at 4 KiB with Python 3.11's standard library). The 3000-step suite splits by top-level "
             "directory (0% verbatim) and records the corpus digest in every summary.",
             "- The first GPT protocol's runs are 600 steps: early-training differences, not converged ones.",
+            "- Runs left out of the 3000-step suite: six pilot runs (2026-12-01) trained on the GPU image's "
+            "standard library alone (9.6 MB, seen 5.1 times in 3000 steps), where Muon x2's validation loss rose "
+            "from 0.770 at step 2749 to 0.781 at the end; the corpus then gained torch's sources and the pilots "
+            "were not stored. Three runs of the joint AdamW control ran twice (a worker's store lacked the first "
+            "results); the repeats are listed above and not used.",
             ""]
     return "\n".join(out)
 
