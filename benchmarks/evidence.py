@@ -625,10 +625,11 @@ def run_workers(args: argparse.Namespace) -> int:
     """``run --workers N``: N worker processes sharing the device, claiming runs from one plan
     (each records ``--concurrent N``); their output goes to ``<out>/workers/w<i>.log``, whose
     last lines are printed when all have finished. The exit status is the worst worker's."""
+    import signal
     import subprocess
 
     n = int(args.workers)
-    child = [a for a in args.argv]
+    child = list(args.argv)
     for flag in ("--workers", "--concurrent"):  # each child is one worker of n
         while flag in child:
             i = child.index(flag)
@@ -637,14 +638,20 @@ def run_workers(args: argparse.Namespace) -> int:
     child += ["--workers", "1", "--concurrent", str(n)]
     logs = Path(args.out) / "workers"
     logs.mkdir(parents=True, exist_ok=True)
-    procs = []
-    for i in range(n):
-        with open(logs / f"w{i}.log", "w") as log:
-            procs.append(subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *child],
-                                          stdout=log, stderr=subprocess.STDOUT, cwd=os.getcwd()))
-        if i + 1 < n:
-            time.sleep(WORKER_STAGGER_S)
-    codes = [p.wait() for p in procs]
+    procs: list[subprocess.Popen] = []
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout` stops the workers too
+    try:
+        for i in range(n):
+            with open(logs / f"w{i}.log", "w") as log:
+                procs.append(subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *child],
+                                              stdout=log, stderr=subprocess.STDOUT, cwd=os.getcwd()))
+            if i + 1 < n:
+                time.sleep(WORKER_STAGGER_S)
+        codes = [p.wait() for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
     for i, code in enumerate(codes):
         tail = [line for line in (logs / f"w{i}.log").read_text().splitlines() if line.startswith("[evidence]")][-3:]
         print(f"[evidence] worker {i} (exit {code}):", *tail, sep="\n  ", flush=True)

@@ -959,7 +959,8 @@ def build_page(runs: Runs, plot: Callable) -> tuple[list[Row], dict[str, str]]:
     over the page (two passes: the first collects the p-values and draws nothing)."""
     COMPARISONS.collect()
     _rows(runs, lambda name, *args, **kwargs: name)
-    protocol_headline(runs), scale_headline(runs)
+    protocol_headline(runs)
+    scale_headline(runs)
     COMPARISONS.adjust()
     rows = _rows(runs, plot)
     return rows, {"gpt3k": protocol_headline(runs), "gpt3k_150m": scale_headline(runs)}
