@@ -240,6 +240,12 @@ def suite_sweep(arm: Arm) -> tuple[float, ...]:
     return tuple(SUITES[arm.suite]["sweep"])
 
 
+def _swept(arm: Arm, sweep: Iterable[float] | None, runs: dict[str, dict[str, Any]] | None) -> list[float]:
+    """The seed-0 multipliers of ``arm``'s sweep (``sweep`` or the suite's, around its centre),
+    with the extension past an edge that the stored ``runs`` call for."""
+    return _extended(arm, [arm.lr_center * s for s in (suite_sweep(arm) if sweep is None else sweep)], runs)
+
+
 def _extended(arm: Arm, base: list[float], runs: dict[str, dict[str, Any]] | None) -> list[float]:
     """``base`` and the x2 steps past an edge where the best seed-0 point sits (suites with
     ``extend``), as far as the stored runs show it is needed."""
@@ -264,7 +270,7 @@ def sweep_multipliers(arm: Arm, sweep: Iterable[float] | None = None,
                       runs: dict[str, dict[str, Any]] | None = None) -> list[float]:
     """The multipliers ``arm`` is run with at seed 0: the suite's sweep around its centre and,
     given the stored ``runs``, the extension past an edge that holds the best point."""
-    ms = _extended(arm, [arm.lr_center * s for s in (suite_sweep(arm) if sweep is None else sweep)], runs)
+    ms = _swept(arm, sweep, runs)
     if arm.notes_lr_run and 1.0 not in ms:
         ms.append(1.0)
     return ms
@@ -272,7 +278,7 @@ def sweep_multipliers(arm: Arm, sweep: Iterable[float] | None = None,
 
 def at_edge(arm: Arm, runs: dict[str, dict[str, Any]], sweep: Iterable[float] | None = None) -> bool:
     """Whether the best multiplier is the smallest or largest one run (the optimum may lie outside)."""
-    ms = _extended(arm, [arm.lr_center * s for s in (suite_sweep(arm) if sweep is None else sweep)], runs)
+    ms = _swept(arm, sweep, runs)
     best = best_multiplier(arm, runs, sweep)
     return best is not None and best in (min(ms), max(ms))
 
@@ -523,7 +529,7 @@ def final_val_loss(run: dict[str, Any]) -> float:
 def best_multiplier(arm: Arm, runs: dict[str, dict[str, Any]], sweep: Iterable[float] | None = None) -> float | None:
     """The sweep multiplier with the lowest final val loss at seed 0 (None until the sweep,
     with its extension where the suite extends, is complete)."""
-    ms = _extended(arm, [arm.lr_center * s for s in (suite_sweep(arm) if sweep is None else sweep)], runs)
+    ms = _swept(arm, sweep, runs)
     scores = []
     for m in ms:
         run = runs.get(run_id(arm, m, 0))

@@ -256,6 +256,7 @@ def missing(results: dict[str, ArmResult | None], min_seeds: int) -> list[str]:
 TWINS = {"gpt_muon": "3k_muon", "gpt_sphere": "3k_sphere", "gpt_stiefel": "3k_stiefel",
          "gpt_sphere_stiefel": "3k_sphere_stiefel", "gpt_adamw": "3k_adamw_b95", "S0": "3k_S0", "S1": "3k_S1",
          "S2": "3k_S2", "S3": "3k_S3", "sinkgd_paper": "3k_sinkgd_paper"}
+PROTOCOL_SEEDS = len(SUITES["gpt3k"]["seeds"])  # seeds per arm before a row or a headline uses it
 FIRST_PROTOCOL_GAPS = ("the protocol: 600 steps, not 3000; split by file; 2 seeds, data order fixed; x3 sweep, "
                        "not extended; AdamW's beta2 and warm-up untuned; half the validation windows, last at "
                        "step 550",)
@@ -265,7 +266,7 @@ def gpt_results(runs: Runs, keys: Sequence[str]) -> tuple[dict[str, ArmResult | 
     """The row's arms from the 3000-step suite when all of their twins are complete with 3
     seeds, else from the first protocol (and the suite used)."""
     twins = {k: arm_result(runs, TWINS[k]) for k in keys}
-    if all(t is not None and t.complete and len(t.runs) >= 3 for t in twins.values()):
+    if all(t is not None and t.complete and len(t.runs) >= PROTOCOL_SEEDS for t in twins.values()):
         return twins, "gpt3k"
     return {k: arm_result(runs, k) for k in keys}, "gpt"
 
@@ -276,8 +277,8 @@ def protocol_gaps(results: Sequence[ArmResult | None], suite: str) -> list[str]:
         return list(FIRST_PROTOCOL_GAPS)
     done = [r for r in results if r is not None]
     gaps = []
-    if any(len(r.runs) < 3 for r in done):
-        gaps.append("3 seeds for every arm")
+    if any(len(r.runs) < PROTOCOL_SEEDS for r in done):
+        gaps.append(f"{PROTOCOL_SEEDS} seeds for every arm")
     if any(not r.complete for r in done):
         gaps.append("a complete sweep for every arm")
     edges = [r.arm.key for r in done if r.edge]
@@ -747,7 +748,6 @@ PROTOCOL_ARMS = ("3k_adamw_b95", "3k_adamw_b999", "3k_adamw_b95_w300", "3k_adamw
                  "3k_muon", "3k_sphere", "3k_stiefel", "3k_sphere_stiefel", "3k_S0", "3k_S1", "3k_S2", "3k_S3",
                  "3k_sinkgd_paper")
 BUDGETS = (500, 1000, 2000, 3000)
-PROTOCOL_SEEDS = 3  # the protocol's seeds per arm: no comparison of its headline before
 
 
 def protocol_headline(runs: Runs) -> str:
@@ -757,14 +757,9 @@ def protocol_headline(runs: Runs) -> str:
     if not (adamw and muon and adamw.complete and muon.complete):
         return ""
     a, m = adamw.stat(val_loss), muon.stat(val_loss)
-    steps = muon.stat(lambda x: first_reach(series(x, "val/loss"), a.mean))
-    total = SUITES["gpt3k"]["trainer"]["max_steps"]
-    speed = f" ({total / steps.mean:.2f}× fewer steps)" if steps.n and steps.mean > 0 else ""
     out = [f"**Muon against AdamW.** The tuned AdamW family's best is {adamw.arm.title} "
-           f"{multiplier_label(adamw.multiplier)}: final val loss {a.fmt()} (n={a.n}). Muon "
-           f"{multiplier_label(muon.multiplier)} ends at {m.fmt()} (n={m.n}), {pct(m.mean, a.mean):+.1f}%, and "
-           f"reaches AdamW's final loss at step {steps.fmt(4)} of {total}{speed}. "
-           + _welch_text("3000 steps: val loss, Muon vs tuned AdamW", m, a)]
+           f"{multiplier_label(adamw.multiplier)}: final val loss {a.fmt()} (n={a.n}). "
+           + _muon_vs_adamw(muon, a, "3000 steps: val loss, Muon vs tuned AdamW")]
     ctl = arm_result(runs, "3k_adamw_control_hidden")
     if ctl is None or not ctl.complete or len(ctl.runs) < PROTOCOL_SEEDS:
         out.append("The control (AdamW on the hidden matrices, every other setting the tuned Muon arm's) is not "
@@ -794,15 +789,23 @@ def scale_headline(runs: Runs) -> str:
     adamw, muon = (arm_result(runs, k) for k in SCALE_ARMS)
     if not (adamw and muon and adamw.complete and muon.complete):
         return ""
-    a, m = adamw.stat(val_loss), muon.stat(val_loss)
-    steps = muon.stat(lambda x: first_reach(series(x, "val/loss"), a.mean))
+    a = adamw.stat(val_loss)
     small_a, small_m = arm_result(runs, "3k_adamw_b95"), arm_result(runs, "3k_muon")
-    small = (f" At 42M the gap is {pct(small_m.stat(val_loss).mean, small_a.stat(val_loss).mean):+.1f}%."
+    small = (f"At 42M the gap is {pct(small_m.stat(val_loss).mean, small_a.stat(val_loss).mean):+.1f}%. "
              if small_a and small_m else "")
     return (f"**Muon against AdamW at 150M.** AdamW {multiplier_label(adamw.multiplier)} ends at {a.fmt()} "
-            f"(n={a.n}); Muon {multiplier_label(muon.multiplier)} at {m.fmt()} (n={m.n}), "
-            f"{pct(m.mean, a.mean):+.1f}%, reaching AdamW's final loss at step {steps.fmt(4)}.{small} "
-            + _welch_text("3000 steps, 150M: val loss, Muon vs AdamW", m, a))
+            f"(n={a.n}). {small}" + _muon_vs_adamw(muon, a, "3000 steps, 150M: val loss, Muon vs AdamW"))
+
+
+def _muon_vs_adamw(muon: ArmResult, a: Stat, label: str) -> str:
+    """Muon's final loss against AdamW's (``a``), the step where it reaches AdamW's final loss,
+    and the Welch test ``label`` of the page."""
+    m = muon.stat(val_loss)
+    steps = muon.stat(lambda x: first_reach(series(x, "val/loss"), a.mean))
+    total = SUITES[muon.arm.suite]["trainer"]["max_steps"]
+    speed = f" ({total / steps.mean:.2f}× fewer steps)" if steps.n and steps.mean > 0 else ""
+    return (f"Muon {multiplier_label(muon.multiplier)} ends at {m.fmt()} (n={m.n}), {pct(m.mean, a.mean):+.1f}%, "
+            f"and reaches AdamW's final loss at step {steps.fmt(4)} of {total}{speed}. " + _welch_text(label, m, a))
 
 
 def _welch_text(label: str, a: Stat, b: Stat) -> str:

@@ -317,4 +317,4 @@ def test_the_150m_suite_is_the_protocol_at_another_size_and_its_headline_is_a_pa
     muon, adamw = [0.60, 0.601, 0.598], [0.65, 0.651, 0.655]
     from benchmarks import stats
     assert w.diff == pytest.approx(stats.welch(muon, adamw).diff) and w.diff == pytest.approx(np.mean(muon) - np.mean(adamw))
-    assert "Muon x0.5 at 0.5997" in text and "AdamW x1 ends at 0.652" in text
+    assert "Muon x0.5 ends at 0.5997" in text and "AdamW x1 ends at 0.652" in text
