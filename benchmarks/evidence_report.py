@@ -465,39 +465,28 @@ def tokens_per_s(r):
 GPT_CONSTRAINTS = ("gpt_muon", "gpt_sphere", "gpt_stiefel", "gpt_sphere_stiefel")
 
 
-def claim_constraints(runs: Runs, plot: Callable) -> list[Row]:
-    res, suite = gpt_results(runs, GPT_CONSTRAINTS)
-    res = dict(zip(GPT_CONSTRAINTS, res.values()))
-    setting = suite_setting([r for r in res.values() if r], suite)
-    rows = [
-        Row("3a", "Sphere on the embeddings lowers the GPT's loss (Muon on hidden matrices)",
-            "research plan, key finding 1", "5.4% lower loss on the 42M GPT", "", setting, ""),
-        Row("3b", "Stiefel on attention/FFN costs throughput and its benefit does not justify it",
-            "research plan, key finding 2", "35% lower throughput; no matching gain", "", setting, ""),
-        Row("3c", "Combined constraints do not stack (sphere + Stiefel worse than sphere alone)",
-            "research plan, key finding 3", "full manifold underperforms sphere-only", "", setting, ""),
-    ]
-    lack = missing(res, 2)
-    if lack:
-        return [not_run(r, lack) for r in rows]
-    base, sph, sti, both = (res[k] for k in GPT_CONSTRAINTS)
-    lb, ls, lt, l2 = (x.stat(val_loss) for x in (base, sph, sti, both))
+def _sphere_row(row: Row, base: ArmResult, sph: ArmResult) -> None:
+    lb, ls = base.stat(val_loss), sph.stat(val_loss)
     d_s = pct(ls.mean, lb.mean)
-    rows[0].ours = f"val loss {ls.fmt()} vs {lb.fmt()} without constraint: {d_s:+.1f}%"
+    row.ours = f"val loss {ls.fmt()} vs {lb.fmt()} without constraint: {d_s:+.1f}%"
     d_sphere = differs(ls, lb, "3a: val loss, sphere vs no constraint")
     if d_sphere and d_s <= -2.7:
-        rows[0].verdict = "**Confirmed** (lower beyond seed noise, at least half the published size)"
+        row.verdict = "**Confirmed** (lower beyond seed noise, at least half the published size)"
     elif d_sphere and d_s < 0:
-        rows[0].verdict = "**Partly**: lower beyond seed noise, but much less than 5.4%"
+        row.verdict = "**Partly**: lower beyond seed noise, but much less than 5.4%"
     elif d_sphere:
-        rows[0].verdict = "**Not reproduced here**: the sphere raises the loss in this setting"
+        row.verdict = "**Not reproduced here**: the sphere raises the loss in this setting"
     else:
-        rows[0].verdict = "**Not reproduced here**: the difference is within seed noise" + _mde(ls, lb, lb.mean)
+        row.verdict = "**Not reproduced here**: the difference is within seed noise" + _mde(ls, lb, lb.mean)
+
+
+def _stiefel_row(row: Row, base: ArmResult, sti: ArmResult) -> None:
+    lb, lt = base.stat(val_loss), sti.stat(val_loss)
     tb, tt = base.stat(tokens_per_s), sti.stat(tokens_per_s)
     cost = -pct(tt.mean, tb.mean)
     d_t = pct(lt.mean, lb.mean)
-    rows[1].ours = (f"tokens/s {tt.fmt()} vs {tb.fmt()}: {cost:.1f}% lower; val loss {lt.fmt()} "
-                    f"({d_t:+.1f}% vs no constraint)")
+    row.ours = (f"tokens/s {tt.fmt()} vs {tb.fmt()}: {cost:.1f}% lower; val loss {lt.fmt()} "
+                f"({d_t:+.1f}% vs no constraint)")
     if cost >= 0.75 * 35:
         cost_word = "**Confirmed**"
     elif cost >= 10:
@@ -508,33 +497,74 @@ def claim_constraints(runs: Runs, plot: Callable) -> list[Row]:
         benefit = "it lowers the loss beyond seed noise" if d_t < 0 else "and it raises the loss beyond seed noise"
     else:
         benefit = "no loss change beyond seed noise" + _mde(lt, lb, lb.mean)
-    rows[1].verdict = (f"{cost_word}: with our retraction (polar iteration, step count chosen from the measured "
-                       f"distance, batched by shape) Stiefel costs {cost:.0f}% throughput, not 35%; {benefit}")
+    row.verdict = (f"{cost_word}: with our retraction (polar iteration, step count chosen from the measured "
+                   f"distance, batched by shape) Stiefel costs {cost:.0f}% throughput, not 35%; {benefit}")
     if shared_gpu([base, sti]):
-        rows[1].ours = f"val loss {lt.fmt()} ({d_t:+.1f}% vs no constraint); throughput not compared"
-        rows[1].verdict = ("**Cost not measured here**: these runs shared one GPU, so their tokens/s is not one "
-                           f"run's (bench_train.py measures it alone); {benefit}")
+        row.ours = f"val loss {lt.fmt()} ({d_t:+.1f}% vs no constraint); throughput not compared"
+        row.verdict = ("**Cost not measured here**: these runs shared one GPU, so their tokens/s is not one "
+                       f"run's (bench_train.py measures it alone); {benefit}")
+
+
+def _stacking_row(row: Row, sph: ArmResult, both: ArmResult) -> None:
+    ls, l2 = sph.stat(val_loss), both.stat(val_loss)
     d_2 = pct(l2.mean, ls.mean)
-    rows[2].ours = f"val loss sphere+Stiefel {l2.fmt()} vs sphere {ls.fmt()}: {d_2:+.1f}%"
+    row.ours = f"val loss sphere+Stiefel {l2.fmt()} vs sphere {ls.fmt()}: {d_2:+.1f}%"
     d_both = differs(l2, ls, "3c: val loss, sphere + Stiefel vs sphere")
     if d_both and d_2 > 0:
-        rows[2].verdict = "**Confirmed**: both together are worse than the sphere alone"
+        row.verdict = "**Confirmed**: both together are worse than the sphere alone"
     elif d_both:
-        rows[2].verdict = "**Refuted**: both together beat the sphere alone"
+        row.verdict = "**Refuted**: both together beat the sphere alone"
     else:
-        rows[2].verdict = ("**Not distinguishable**: within seed noise of the sphere alone (no stacking gain either)"
-                           + _mde(l2, ls, ls.mean))
-    results = [base, sph, sti, both]
+        row.verdict = ("**Not distinguishable**: within seed noise of the sphere alone (no stacking gain either)"
+                       + _mde(l2, ls, ls.mean))
+
+
+# each row compares two arms and switches to the 3000-step suite once those two are complete
+CONSTRAINT_ROWS = {"3a": (("gpt_muon", "gpt_sphere"), _sphere_row),
+                   "3b": (("gpt_muon", "gpt_stiefel"), _stiefel_row),
+                   "3c": (("gpt_sphere", "gpt_sphere_stiefel"), _stacking_row)}
+
+
+def claim_constraints(runs: Runs, plot: Callable) -> list[Row]:
+    rows = [
+        Row("3a", "Sphere on the embeddings lowers the GPT's loss (Muon on hidden matrices)",
+            "research plan, key finding 1", "5.4% lower loss on the 42M GPT", "", "", ""),
+        Row("3b", "Stiefel on attention/FFN costs throughput and its benefit does not justify it",
+            "research plan, key finding 2", "35% lower throughput; no matching gain", "", "", ""),
+        Row("3c", "Combined constraints do not stack (sphere + Stiefel worse than sphere alone)",
+            "research plan, key finding 3", "full manifold underperforms sphere-only", "", "", ""),
+    ]
+    suites = {}
+    for row in rows:
+        keys, fill = CONSTRAINT_ROWS[row.key]
+        res, suites[row.key] = gpt_results(runs, keys)
+        row.setting = suite_setting([r for r in res.values() if r], suites[row.key])
+        lack = missing(res, 2)
+        if lack:
+            not_run(row, lack)
+            continue
+        fill(row, *(res[k] for k in keys))
+        with_gaps(row, protocol_gaps(list(res.values()), suites[row.key]))
+    # the section shows one suite's four arms: the 3000-step ones once every row has switched
+    suite = "gpt3k" if set(suites.values()) == {"gpt3k"} else "gpt"
+    results = [arm_result(runs, TWINS[k] if suite == "gpt3k" else k) for k in GPT_CONSTRAINTS]
+    if any(r is None for r in results):
+        return rows
     cols = [("final val loss", lambda r: r.stat(val_loss).fmt()),
             ("tokens/s", lambda r: r.stat(tokens_per_s).fmt(4)),
             ("retraction ms/step", lambda r: r.stat(lambda x: mean_of(x, "step_time/retraction_ms", 1)).fmt(3)),
             ("optimizer ms/step", lambda r: r.stat(lambda x: mean_of(x, "step_time/optimizer_ms", 1)).fmt(3))]
     fig = plot("evidence_gpt_constraints.png", results, [("val/loss", "validation loss")], x="tokens")
+    switched = [k for k, s in suites.items() if s == "gpt3k"]
+    note = ""
+    if switched and suite == "gpt":
+        note = (f"Row{'s' if len(switched) > 1 else ''} {', '.join(switched)} already use{'' if len(switched) > 1 else 's'} "
+                "the 3000-step runs (their arms are complete there; see \"The 3000-step protocol\"); the tables "
+                "and the figure here are the first protocol's, which the other rows still use.\n\n")
     for r in rows:
         r.figures = [fig]
-        with_gaps(r, protocol_gaps(results, suite))
-    rows[0].section = (detail_table(results, cols) + "\n\nSweep (final val loss at seed 0):\n\n" + sweep_table(results)
-                       + f"\n\n![constraints]({FIGURE_DIR}/{fig})")
+    rows[0].section = (note + detail_table(results, cols) + "\n\nSweep (final val loss at seed 0):\n\n"
+                       + sweep_table(results) + f"\n\n![constraints]({FIGURE_DIR}/{fig})")
     return rows
 
 

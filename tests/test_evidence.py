@@ -318,3 +318,43 @@ def test_the_150m_suite_is_the_protocol_at_another_size_and_its_headline_is_a_pa
     from benchmarks import stats
     assert w.diff == pytest.approx(stats.welch(muon, adamw).diff) and w.diff == pytest.approx(np.mean(muon) - np.mean(adamw))
     assert "Muon x0.5 ends at 0.5997" in text and "AdamW x1 ends at 0.652" in text
+
+
+def _like(template, arm, m, seed, loss):
+    """A stored summary of ``arm``'s suite with another arm, multiplier, seed and final val loss."""
+    r = {**template, "run": evidence.run_id(arm, m, seed), "arm": arm.key, "suite": arm.suite,
+         "multiplier": m, "seed": seed}
+    r.pop("error", None)
+    r["scalars"] = {**template["scalars"], "val/loss": [[10, 2.0], [template["steps"] - 1, loss]]}
+    return r
+
+
+def test_each_constraint_row_switches_to_the_3000_step_runs_when_its_own_two_arms_are_complete():
+    stored = stored_runs()
+    first, third = stored["gpt_muon-x1-s0"], stored["3k_muon-x0.5-s0"]
+    runs = {}
+    for i, key in enumerate(report.GPT_CONSTRAINTS):  # the first protocol: every arm complete, 2 seeds
+        arm = evidence.ARMS[key]
+        for m, loss in zip(evidence.sweep_multipliers(arm), (1.1, 0.9 + i / 100, 1.5)):
+            r = _like(first, arm, m, 0, loss)
+            runs[r["run"]] = r
+        r = _like(first, arm, 1.0, 1, 0.91 + i / 100)
+        runs[r["run"]] = r
+    muon, sphere = (0.630, 0.631, 0.629), (0.610, 0.612, 0.611)  # seeds 0, 1, 2 at x1
+    for key, losses in (("3k_muon", muon), ("3k_sphere", sphere)):
+        arm = evidence.ARMS[key]
+        for m, loss in zip((0.5, 1.0, 2.0), (0.66, losses[0], 0.70)):
+            r = _like(third, arm, m, 0, loss)
+            runs[r["run"]] = r
+        for seed in (1, 2):
+            r = _like(third, arm, 1.0, seed, losses[seed])
+            runs[r["run"]] = r
+    report.COMPARISONS.collect()
+    a, b, c = report.claim_constraints(runs, lambda name, *args, **kwargs: name)
+    assert "3000 steps" in a.setting and "600 steps" in b.setting and "600 steps" in c.setting
+    assert a.ours.startswith(f"val loss {np.mean(sphere):.4g} ± ") and f"{100 * (np.mean(sphere) / np.mean(muon) - 1):+.1f}%" in a.ours
+    label, w = report.COMPARISONS.tests[0]
+    assert label.startswith("3a") and w.diff == pytest.approx(np.mean(sphere) - np.mean(muon))
+    assert "lacks" not in a.verdict and "lacks the protocol" in b.verdict
+    assert a.section.startswith("Row 3a already uses the 3000-step runs")
+    assert "| Muon + Stiefel on attention/FFN | embedding 0.003" in a.section  # the first protocol's table
