@@ -205,6 +205,7 @@ class Row:
     verdict: str
     section: str = ""
     figures: list[str] = field(default_factory=list)
+    suite: str = ""  # the suite whose runs it reads
 
 
 def suite_setting(results: list[ArmResult], suite: str) -> str:
@@ -470,7 +471,8 @@ def by_their_arms(runs: Runs, rows: Sequence[Row], needs: dict[str, tuple[tuple[
     for row in rows:
         keys, fill = needs[row.key]
         res, suites[row.key] = gpt_results(runs, keys)
-        row.setting = suite_setting([r for r in res.values() if r], suites[row.key])
+        row.suite = suites[row.key]
+        row.setting = suite_setting([r for r in res.values() if r], row.suite)
         lack = missing(res, min_seeds)
         if lack:
             not_run(row, lack)
@@ -796,7 +798,7 @@ def claim_spectral(runs: Runs, plot: Callable) -> Row:
     res, suite = gpt_results(runs, SPECTRAL)
     row = Row("6", "Spectral dynamics of the hidden matrices under AdamW, Muon and SinkGD",
               "research plan, understanding experiment 4", "no figure published (plots, no verdict asked)", "", "", "")
-    row.setting = suite_setting([r for r in res.values() if r], suite)
+    row.suite, row.setting = suite, suite_setting([r for r in res.values() if r], suite)
     lack = missing(res, 1)
     if lack:
         return not_run(row, lack)
@@ -847,8 +849,15 @@ def protocol_headline(runs: Runs) -> str:
            + _muon_vs_adamw(muon, a, "3000 steps: val loss, Muon vs tuned AdamW")]
     ctl = arm_result(runs, "3k_adamw_control_hidden")
     if ctl is None or not ctl.complete or len(ctl.runs) < PROTOCOL_SEEDS:
+        so_far = ""
+        if ctl is not None:
+            best = min(ctl.sweep, key=lambda t: t[1])
+            so_far = (" Its seed-0 sweep so far: " + ", ".join(f"{multiplier_label(k)} {v:.4f}" for k, v in ctl.sweep)
+                      + f". Against its best so far ({multiplier_label(best[0])}, one seed), Muon's mean is "
+                      f"{_relative(m.mean, best[1])} it, and it is {_relative(best[1], a.mean)} the tuned AdamW's mean"
+                      + ("; the sweep goes on past that edge" if not ctl.complete else "") + ".")
         out.append("The control (AdamW on the hidden matrices, every other setting the tuned Muon arm's) is not "
-                   "complete yet; how much of the gap Muon itself buys waits on it.")
+                   "complete yet; how much of the gap Muon itself buys waits on it." + so_far)
     else:
         c = ctl.stat(val_loss)
         out.append(f"The control, AdamW on the hidden matrices with every other setting the tuned Muon arm's "
@@ -893,6 +902,12 @@ def _muon_vs_adamw(muon: ArmResult, a: Stat, label: str) -> str:
             f"and reaches AdamW's final loss at step {steps.fmt(4)} of {total}{speed}. " + _welch_text(label, m, a))
 
 
+def _relative(x: float, ref: float) -> str:
+    """'8.5% below' / '1.2% above': ``x`` against ``ref``."""
+    d = pct(x, ref)
+    return f"{abs(d):.1f}% {'below' if d < 0 else 'above'}"
+
+
 def _welch_text(label: str, a: Stat, b: Stat) -> str:
     """The Welch test of ``a`` against ``b`` in words (recorded in the page's comparisons)."""
     if min(a.n, b.n) < PROTOCOL_SEEDS:
@@ -934,6 +949,15 @@ def planned_runs(suite_key: str, runs: Sequence[dict[str, Any]], stopped: Sequen
     return len(suite["arms"]) * (len(suite["sweep"]) + len(suite["seeds"]) - 1) + sum(r["arm"] in stopped for r in runs)
 
 
+STOPPED_ARMS = tuple(k for k in PROTOCOL_ARMS if k not in SUITES["gpt3k"]["arms"])  # stored, not continued
+
+
+def protocol_progress(runs: Runs) -> tuple[int, int]:
+    """The 3000-step suite's stored runs and about how many it takes."""
+    mine = [r for r in runs.values() if r.get("suite") == "gpt3k"]
+    return len(mine), planned_runs("gpt3k", mine, STOPPED_ARMS)
+
+
 def protocol_section(runs: Runs, headlines: dict[str, str] | None = None,
                      repeats: dict[str, list[dict[str, Any]]] | None = None) -> str:
     """The 3000-step suites so far: the corpus, each arm's sweep, budgets, minimum and seeds, the
@@ -942,7 +966,7 @@ def protocol_section(runs: Runs, headlines: dict[str, str] | None = None,
     headlines = headlines or {}
     mine = [r for r in runs.values() if r.get("suite") == "gpt3k"]
     suite = SUITES["gpt3k"]
-    stopped = [k for k in PROTOCOL_ARMS if k not in suite["arms"]]
+    done, planned = protocol_progress(runs)
     out = ["Issue 22's protocol, run on the GPU across sessions (`benchmarks/evidence.py run --suite gpt3k`): "
            f"the configs' {suite['trainer']['max_steps']} steps of {suite['data']['batch_size']} × 1,024 bytes; the "
            "standard library and torch's Python sources split by top-level directory; "
@@ -953,14 +977,14 @@ def protocol_section(runs: Runs, headlines: dict[str, str] | None = None,
            "warm-up (100, 300) tuned as one family; the AdamW control sweeps its hidden matrices' lr only "
            "(×{" + ", ".join(f"{m:g}" for m in sweep_multipliers(ARMS["3k_adamw_control_hidden"])) + "}), every "
            "other lr at the Muon arm's best; then 3 seeds at the best point. "
-           f"**{len(mine)} of about {planned_runs('gpt3k', mine, stopped)} runs done**; a row above switches to these "
+           f"**{done} of about {planned} runs done**; a row above switches to these "
            "runs when all of its arms are complete."]
     if not mine:
         return "\n".join(out)
     corpus = {corpus_text(r["corpus"]) for r in mine if r.get("corpus")}
     for c in sorted(corpus):
         out.append(f"\nCorpus: {c}.")
-    out += [""] + protocol_table(runs, PROTOCOL_ARMS, stopped)
+    out += [""] + protocol_table(runs, PROTOCOL_ARMS, STOPPED_ARMS)
     if headlines.get("gpt3k"):
         out += ["", headlines["gpt3k"]]
     again = {rid: reps for rid, reps in sorted((repeats or {}).items())
@@ -1132,14 +1156,33 @@ def render(rows: list[Row], runs: Runs, headlines: dict[str, str] | None = None,
     return "\n".join(out)
 
 
-def readme_block(rows: list[Row]) -> str:
+def readme_block(rows: list[Row], runs: Runs, headlines: dict[str, str]) -> str:
+    """The claims' verdicts and the 3000-step protocol's state: how far it is, where it ran, which
+    rows read it, and its headline comparisons (the page's sentences)."""
     lines = [README_START, "",
              "Each claim of the research material, re-measured with the configs in `configs/` "
              "([docs/results.md](docs/results.md): figures, settings, seeds, sweeps):", ""]
     for r in rows:
         head, lacking, _ = r.verdict.partition(" — *lacks")
         verdict = re.sub(r"\*\*", "", head.split(":")[0]).strip()
-        lines.append(f"- {r.key}. {r.claim}: **{verdict}**" + (" (runs lack part of the protocol)" if lacking else ""))
+        note = " (runs lack part of the protocol)" if lacking else " (3000-step protocol)" if r.suite == "gpt3k" else ""
+        lines.append(f"- {r.key}. {r.claim}: **{verdict}**{note}")
+    done, planned = protocol_progress(runs)
+    mine = [r for r in runs.values() if r.get("suite") == "gpt3k"]
+    if mine:
+        where = ", ".join(sorted({r["device_name"] for r in mine}))
+        dates = sorted({r["date"][:10] for r in mine})
+        when = dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}"
+        switched = [r.key for r in rows if r.suite == "gpt3k"]
+        lines += ["", f"Issue 22's 3000-step protocol, run across sessions: {done} of about {planned} runs done "
+                  f"(one {where}, {when}); "
+                  + (f"row{'s' if len(switched) > 1 else ''} {', '.join(switched)} read{'' if len(switched) > 1 else 's'} "
+                     "its runs, the other GPT rows still the first 600-step protocol's."
+                     if switched else "the GPT rows still read the first 600-step protocol's runs.")]
+        # the Muon-vs-AdamW and control paragraphs (the earlier control's history stays on the page)
+        paragraphs = headlines.get("gpt3k", "").split("\n\n")[:2] + [headlines.get("gpt3k_150m", "")]
+        for p in filter(None, paragraphs):
+            lines += ["", p]
     lines += ["", README_END]
     return "\n".join(lines)
 
@@ -1159,5 +1202,5 @@ def write_report(runs: Runs, docs: Path, readme: Path | None = None,
         if README_START in text and README_END in text:
             head, rest = text.split(README_START, 1)
             _, tail = rest.split(README_END, 1)
-            readme.write_text(head + readme_block(rows) + tail)
+            readme.write_text(head + readme_block(rows, runs, headlines) + tail)
     return path

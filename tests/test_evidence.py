@@ -50,6 +50,10 @@ def test_page_regenerates_from_the_stored_summaries(tmp_path):
     # the committed page and README block are the script's output, not hand edits
     assert (ROOT / "docs" / "results.md").read_text() == text, "docs/results.md differs: rerun evidence.py report"
     assert readme.read_text() == (ROOT / "README.md").read_text(), "README results block differs: rerun the report"
+    # the block's protocol line counts the stored 3000-step summaries (read here from the files)
+    import json
+    n = sum(json.loads(f.read_text()).get("suite") == "gpt3k" for f in evidence.STORE.glob("*.json"))
+    assert f"3000-step protocol, run across sessions: {n} of about " in readme.read_text()
 
 
 def test_stored_summaries_follow_the_tuning_rule():
@@ -402,3 +406,39 @@ def test_the_sinkgd_steps_row_switches_with_its_two_arms_while_the_ablation_rows
     target = np.mean([report.val_loss(r) for r in adamw.runs])
     assert rows["4e"].ours == f"SinkGD never reaches AdamW's final val loss {target:.4f} in 3000 steps (ends at 0.72 ± 0.001)"
     assert rows["4a"].section.startswith("Row 4e already uses the 3000-step runs")
+
+
+def test_the_protocol_headline_splits_muons_gap_with_the_control_once_the_control_is_complete():
+    runs = {}
+
+    def sweep(key, losses, seeds=()):
+        arm = evidence.ARMS[key]
+        for m, loss in losses:
+            _add(runs, arm, m, 0, loss)
+        for seed, loss in seeds:
+            _add(runs, arm, evidence.best_multiplier(arm, runs), seed, loss)
+
+    sweep("3k_adamw_b95", ((0.5, 0.72), (1.0, 0.70), (2.0, 0.74)), ((1, 0.705), (2, 0.695)))
+    sweep("3k_adamw_b999", ((0.5, 0.73), (1.0, 0.71), (2.0, 0.80)))
+    sweep("3k_adamw_b95_w300", ((0.5, 0.73), (1.0, 0.72), (2.0, 0.75)))
+    sweep("3k_muon", ((0.25, 0.64), (0.5, 0.63), (1.0, 0.637), (2.0, 0.665)), ((1, 0.632), (2, 0.631)))
+    adamw, muon = [0.70, 0.705, 0.695], [0.63, 0.632, 0.631]
+    sweep("3k_adamw_control_hidden", ((0.125, 0.69), (0.25, 0.72), (0.5, 1.1)))  # best at the low edge
+    report.COMPARISONS.collect()
+    text = report.protocol_headline(runs)
+    assert "is not complete yet" in text and "x0.125 0.6900, x0.25 0.7200, x0.5 1.1000" in text
+    assert f"Muon's mean is {100 * (1 - np.mean(muon) / 0.69):.1f}% below it" in text
+    assert f"it is {100 * (1 - 0.69 / np.mean(adamw)):.1f}% below the tuned AdamW's mean" in text
+    assert "the sweep goes on past that edge" in text
+    control = [0.69, 0.692, 0.689]  # x0.0625 is worse: x0.125 is an interior best
+    sweep("3k_adamw_control_hidden", ((0.0625, 0.70),), ((1, control[1]), (2, control[2])))
+    report.COMPARISONS.collect()
+    text = report.protocol_headline(runs)
+    labels = [label for label, _ in report.COMPARISONS.tests]
+    assert labels == ["3000 steps: val loss, Muon vs tuned AdamW", "3000 steps: val loss, Muon vs AdamW control",
+                      "3000 steps: val loss, AdamW control vs tuned AdamW"]
+    diffs = [w.diff for _, w in report.COMPARISONS.tests]
+    assert diffs == pytest.approx([np.mean(muon) - np.mean(adamw), np.mean(muon) - np.mean(control),
+                                   np.mean(control) - np.mean(adamw)])
+    assert "(x0.125 of its hidden lr)" in text and "not complete" not in text
+    assert f"Muon vs the control {100 * (np.mean(muon) / np.mean(control) - 1):+.1f}%" in text
