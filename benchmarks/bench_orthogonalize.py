@@ -140,9 +140,6 @@ def measure(name: str, device, repeats: int, sample: int) -> dict[str, Any]:
             except Exception:  # noqa: BLE001 - a torch without that private helper
                 pass
     rec["polar_error"] = {k: sum(v) / len(v) for k, v in errors.items()}
-    del model, params, grads
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return rec
 
 
@@ -163,6 +160,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             rec = measure(name, device, args.repeats, args.sample)
         except Exception as exc:  # noqa: BLE001
             rec = {"model": name, **error_record(exc)}
+        if device.type == "cuda":  # the model, its optimizers and grads are freed once measure returns
+            torch.cuda.empty_cache()
         floor_ms = rec.get("ns_floor_flops", 0) / (tflops * 1e12) * 1e3 if "ns_floor_flops" in rec else None
         rec["ns_floor_ms"] = floor_ms
         records.append(rec)
