@@ -587,10 +587,11 @@ def claim_constraints(runs: Runs, plot: Callable) -> list[Row]:
     results, note = section_results(runs, GPT_CONSTRAINTS, by_their_arms(runs, rows, CONSTRAINT_ROWS))
     if any(r is None for r in results):
         return rows
+    shared = " (runs sharing the GPU)" if shared_gpu(results) else ""
     cols = [("final val loss", lambda r: r.stat(val_loss).fmt()),
-            ("tokens/s", lambda r: r.stat(tokens_per_s).fmt(4)),
-            ("retraction ms/step", lambda r: r.stat(lambda x: mean_of(x, "step_time/retraction_ms", 1)).fmt(3)),
-            ("optimizer ms/step", lambda r: r.stat(lambda x: mean_of(x, "step_time/optimizer_ms", 1)).fmt(3))]
+            ("tokens/s" + shared, lambda r: r.stat(tokens_per_s).fmt(4)),
+            ("retraction ms/step" + shared, lambda r: r.stat(lambda x: mean_of(x, "step_time/retraction_ms", 1)).fmt(3)),
+            ("optimizer ms/step" + shared, lambda r: r.stat(lambda x: mean_of(x, "step_time/optimizer_ms", 1)).fmt(3))]
     fig = plot("evidence_gpt_constraints.png", results, [("val/loss", "validation loss")], x="tokens")
     for r in rows:
         r.figures = [fig]
@@ -724,10 +725,11 @@ def claim_sinkgd(runs: Runs, plot: Callable) -> list[Row]:
     results, note = section_results(runs, SINKGD, suites)
     if any(r is None for r in results):
         return rows
+    shared = " (runs sharing the GPU)" if shared_gpu(results) else ""
     cols = [("final val loss", lambda r: r.stat(val_loss).fmt()),
             ("train-loss roughness", lambda r: r.stat(smoothness).fmt(3)),
-            ("optimizer ms/step", lambda r: r.stat(lambda x: mean_of(x, "step_time/optimizer_ms", 1)).fmt(3)),
-            ("tokens/s", lambda r: r.stat(tokens_per_s).fmt(4)),
+            ("optimizer ms/step" + shared, lambda r: r.stat(lambda x: mean_of(x, "step_time/optimizer_ms", 1)).fmt(3)),
+            ("tokens/s" + shared, lambda r: r.stat(tokens_per_s).fmt(4)),
             ("optimizer state B/param", lambda r: f"{r.runs[0].get('optimizer_state', {}).get('bytes_per_param', math.nan):.2f}")]
     fig = plot("evidence_gpt_sinkgd.png", results, [("val/loss", "validation loss"), ("train/loss", "training loss")],
                x="tokens")

@@ -382,6 +382,7 @@ def test_each_constraint_row_switches_to_the_3000_step_runs_when_its_own_two_arm
     assert "20.0% lower (timed on the first protocol's runs, each alone on an NVIDIA H100" in b.ours
     assert "val loss 0.661 ± 0.001" in b.ours and "val loss sphere+Stiefel 0.671 ± 0.001 vs sphere 0.611" in c.ours
     assert a.section.startswith("| arm |") and "| Muon + Stiefel on attention/FFN | embedding 0.0015" in a.section
+    assert "| tokens/s (runs sharing the GPU) |" in a.section.splitlines()[0]
     for rid in [k for k in runs if runs[k]["suite"] == "gpt"]:  # without them, the cost is not measured
         del runs[rid]
     report.COMPARISONS.collect()
