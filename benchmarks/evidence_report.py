@@ -464,30 +464,27 @@ def tokens_per_s(r):
 
 
 def by_their_arms(runs: Runs, rows: Sequence[Row], needs: dict[str, tuple[tuple[str, ...], Callable]],
-                  min_seeds: int = 2) -> dict[str, str]:
+                  min_seeds: int = 2) -> None:
     """Fill each row from its own arms (``needs[row.key]``: the keys and the function that fills
-    it), taken from the 3000-step suite once those arms are complete there; returns each row's suite."""
-    suites = {}
+    it), taken from the 3000-step suite once those arms are complete there (``row.suite``)."""
     for row in rows:
         keys, fill = needs[row.key]
-        res, suites[row.key] = gpt_results(runs, keys)
-        row.suite = suites[row.key]
+        res, row.suite = gpt_results(runs, keys)
         row.setting = suite_setting([r for r in res.values() if r], row.suite)
         lack = missing(res, min_seeds)
         if lack:
             not_run(row, lack)
             continue
         fill(row, res, runs)
-        with_gaps(row, protocol_gaps(list(res.values()), suites[row.key]))
-    return suites
+        with_gaps(row, protocol_gaps(list(res.values()), row.suite))
 
 
-def section_results(runs: Runs, keys: Sequence[str], suites: dict[str, str]) -> tuple[list[ArmResult | None], str]:
+def section_results(runs: Runs, keys: Sequence[str], rows: Sequence[Row]) -> tuple[list[ArmResult | None], str]:
     """A section's arms from one suite (the 3000-step one once every row there has switched),
     and the sentence naming the rows that switched before the others."""
-    suite = "gpt3k" if set(suites.values()) == {"gpt3k"} else "gpt"
+    switched = [r.key for r in rows if r.suite == "gpt3k"]
+    suite = "gpt3k" if len(switched) == len(rows) else "gpt"
     results = [arm_result(runs, TWINS[k] if suite == "gpt3k" else k) for k in keys]
-    switched = [k for k, s in suites.items() if s == "gpt3k"]
     note = ""
     if switched and suite == "gpt":
         many = len(switched) > 1
@@ -584,7 +581,8 @@ def claim_constraints(runs: Runs, plot: Callable) -> list[Row]:
         Row("3c", "Combined constraints do not stack (sphere + Stiefel worse than sphere alone)",
             "research plan, key finding 3", "full manifold underperforms sphere-only", "", "", ""),
     ]
-    results, note = section_results(runs, GPT_CONSTRAINTS, by_their_arms(runs, rows, CONSTRAINT_ROWS))
+    by_their_arms(runs, rows, CONSTRAINT_ROWS)
+    results, note = section_results(runs, GPT_CONSTRAINTS, rows)
     if any(r is None for r in results):
         return rows
     shared = " (runs sharing the GPU)" if shared_gpu(results) else ""
@@ -721,8 +719,8 @@ def claim_sinkgd(runs: Runs, plot: Callable) -> list[Row]:
         Row("4f", "SinkGD needs SGD-like optimizer memory", "reference/sinkgd-paper-pytorch-readme.md",
             "stateless: same memory as SGD", "", "", ""),
     ]
-    suites = by_their_arms(runs, rows, SINKGD_ROWS)
-    results, note = section_results(runs, SINKGD, suites)
+    by_their_arms(runs, rows, SINKGD_ROWS)
+    results, note = section_results(runs, SINKGD, rows)
     if any(r is None for r in results):
         return rows
     shared = " (runs sharing the GPU)" if shared_gpu(results) else ""
@@ -954,10 +952,10 @@ def planned_runs(suite_key: str, runs: Sequence[dict[str, Any]], stopped: Sequen
 STOPPED_ARMS = tuple(k for k in PROTOCOL_ARMS if k not in SUITES["gpt3k"]["arms"])  # stored, not continued
 
 
-def protocol_progress(runs: Runs) -> tuple[int, int]:
+def protocol_progress(runs: Runs) -> tuple[list[dict[str, Any]], int]:
     """The 3000-step suite's stored runs and about how many it takes."""
     mine = [r for r in runs.values() if r.get("suite") == "gpt3k"]
-    return len(mine), planned_runs("gpt3k", mine, STOPPED_ARMS)
+    return mine, planned_runs("gpt3k", mine, STOPPED_ARMS)
 
 
 def protocol_section(runs: Runs, headlines: dict[str, str] | None = None,
@@ -966,9 +964,8 @@ def protocol_section(runs: Runs, headlines: dict[str, str] | None = None,
     headline comparisons (:func:`protocol_headline`, :func:`scale_headline`) and runs repeated
     with the same seed."""
     headlines = headlines or {}
-    mine = [r for r in runs.values() if r.get("suite") == "gpt3k"]
     suite = SUITES["gpt3k"]
-    done, planned = protocol_progress(runs)
+    mine, planned = protocol_progress(runs)
     out = ["Issue 22's protocol, run on the GPU across sessions (`benchmarks/evidence.py run --suite gpt3k`): "
            f"the configs' {suite['trainer']['max_steps']} steps of {suite['data']['batch_size']} × 1,024 bytes; the "
            "standard library and torch's Python sources split by top-level directory; "
@@ -979,7 +976,7 @@ def protocol_section(runs: Runs, headlines: dict[str, str] | None = None,
            "warm-up (100, 300) tuned as one family; the AdamW control sweeps its hidden matrices' lr only "
            "(×{" + ", ".join(f"{m:g}" for m in sweep_multipliers(ARMS["3k_adamw_control_hidden"])) + "}), every "
            "other lr at the Muon arm's best; then 3 seeds at the best point. "
-           f"**{done} of about {planned} runs done**; a row above switches to these "
+           f"**{len(mine)} of about {planned} runs done**; a row above switches to these "
            "runs when all of its arms are complete."]
     if not mine:
         return "\n".join(out)
@@ -1169,14 +1166,13 @@ def readme_block(rows: list[Row], runs: Runs, headlines: dict[str, str]) -> str:
         verdict = re.sub(r"\*\*", "", head.split(":")[0]).strip()
         note = " (runs lack part of the protocol)" if lacking else " (3000-step protocol)" if r.suite == "gpt3k" else ""
         lines.append(f"- {r.key}. {r.claim}: **{verdict}**{note}")
-    done, planned = protocol_progress(runs)
-    mine = [r for r in runs.values() if r.get("suite") == "gpt3k"]
+    mine, planned = protocol_progress(runs)
     if mine:
         where = ", ".join(sorted({r["device_name"] for r in mine}))
         dates = sorted({r["date"][:10] for r in mine})
         when = dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}"
         switched = [r.key for r in rows if r.suite == "gpt3k"]
-        lines += ["", f"Issue 22's 3000-step protocol, run across sessions: {done} of about {planned} runs done "
+        lines += ["", f"Issue 22's 3000-step protocol, run across sessions: {len(mine)} of about {planned} runs done "
                   f"(one {where}, {when}); "
                   + (f"row{'s' if len(switched) > 1 else ''} {', '.join(switched)} read{'' if len(switched) > 1 else 's'} "
                      "its runs, the other GPT rows still the first 600-step protocol's."
