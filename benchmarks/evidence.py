@@ -28,13 +28,16 @@ Usage::
     PYTHONPATH=. python benchmarks/evidence.py run --suite mnist --out /tmp/evidence
     # GPT claims on one GPU, resumable across calls (runs already stored are skipped). Several
     # runs sharing one GPU take about the GPU time of one after another: --workers N starts N
-    # processes that claim runs from one plan, and a short --time-limit makes each take one run.
-    # `plan` lists what a suite still needs and its device time, from the stored runs' fit times.
+    # processes that claim runs from one plan. --time-limit counts from the call's start: a worker
+    # starts only runs that its arm's stored runs say end before it (leave the set-up a margin
+    # under the call's own limit). A run stopped from outside (a signal, `timeout`) writes no
+    # summary and runs again in a later call. `plan --workers N` lists what a suite still needs,
+    # with each run's expected wall time when N share the device.
     # Give --store the directory the stored summaries are in, or they run again.
     # The runs go through LightningCLI, which needs jsonargparse[signatures] (a dependency of this
     # package): on a machine without registry access, bring its wheels (jsonargparse,
     # docstring-parser, typeshed-client, importlib_resources) and `pip install --no-deps --target`.
-    PYTHONPATH=. python benchmarks/evidence.py run --suite gpt3k --out /tmp/evidence --workers 7 --time-limit 60
+    PYTHONPATH=. python benchmarks/evidence.py run --suite gpt3k --out /tmp/evidence --workers 7 --time-limit 540
     # copy the summaries into the repo (a run id stored already goes to repeats/), then rebuild
     # the page (CPU, seconds):
     PYTHONPATH=. python benchmarks/evidence.py collect /tmp/evidence
@@ -53,6 +56,7 @@ import math
 import os
 import re
 import shutil
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -411,6 +415,7 @@ def run_one(arm: Arm, multiplier: float, seed: int, out: Path, *, device: str, c
 
     from lightning_optlab.cli import main as cli_main
 
+    t_setup = time.perf_counter()
     rid = run_id(arm, multiplier, seed)
     spec = effective_config(arm, multiplier, seed, out, device=device, max_steps=max_steps, tiny=tiny, fixed=fixed)
     cfg_dir = out / "configs"
@@ -463,6 +468,9 @@ def run_one(arm: Arm, multiplier: float, seed: int, out: Path, *, device: str, c
         if dev.type == "cuda":
             summary["cuda_peak_bytes"] = int(torch.cuda.max_memory_allocated())
     except Exception as exc:  # noqa: BLE001 - recorded; a diverged lr is a result of the sweep
+        if _STOPPED or interruption(exc):
+            raise RunInterrupted(f"{rid} was stopped at step {int(cli.trainer.global_step) if cli else 0}: "
+                                 f"{_STOPPED[0] if _STOPPED else exc}") from exc
         summary.update(error_record(exc))
         summary["fit_s"] = time.perf_counter() - t0
         summary["diverged"] = isinstance(exc, FloatingPointError) or "nan" in str(exc).lower()
@@ -472,6 +480,7 @@ def run_one(arm: Arm, multiplier: float, seed: int, out: Path, *, device: str, c
         sys.argv = argv
         if cli is not None and cli.trainer.logger is not None:
             cli.trainer.logger.finalize("success")
+    summary["run_s"] = time.perf_counter() - t_setup
     summary["scalars"] = read_scalars(log_dir) if log_dir.exists() else {}
     final = summary.get("final_val", {})
     for tag in ("val/loss", "val/bpb"):
@@ -483,6 +492,37 @@ def run_one(arm: Arm, multiplier: float, seed: int, out: Path, *, device: str, c
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     return summary
+
+
+class RunInterrupted(Exception):
+    """A run stopped from outside (a signal, its data-loader workers killed): not a result of the
+    sweep, so no summary is written and a later call runs it again."""
+
+
+_STOPPED: list[str] = []  # the signal this worker was stopped by, once it was
+
+
+def _stop(signum: int, _frame) -> None:
+    # Lightning chains this after its own SIGTERM notifier; raising ends the run wherever it is.
+    import signal
+
+    _STOPPED.append(signal.Signals(signum).name)
+    raise SystemExit(128 + signum)
+
+
+_KILLED = re.compile(r"killed by signal|SIGTERM|SIGKILL|Terminated")
+
+
+def interruption(exc: BaseException | str | None) -> bool:
+    """Whether an exception (or a summary's recorded ``error``) says the run was stopped from
+    outside: a data-loader worker killed by a signal is the machine's doing, not the optimizer's."""
+    if isinstance(exc, str):
+        return bool(_KILLED.search(exc))
+    while exc is not None:
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)) or _KILLED.search(str(exc)):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 _OVERLAP: dict[str, float] = {}
@@ -589,39 +629,94 @@ def cmd_run(args: argparse.Namespace) -> int:
     seeds = tuple(int(s) for s in args.seeds.split(",")) if args.seeds else suite["seeds"]
     sweep = tuple(float(eval_fraction(s)) for s in args.sweep.split(",")) if args.sweep else None
     commit = git_commit(args.commit)
-    t_start = time.perf_counter()
+    t_start = float(os.environ.get(START_ENV, time.time()))  # the workers' parent's start, if any
     longest = 0.0
     done = 0
     claims = out / "claims"  # several workers on one GPU share the plan: each run is claimed once
     claims.mkdir(parents=True, exist_ok=True)
-    while True:
-        runs = load_summaries(Path(args.store) if args.store else None, summaries)
-        todo = plan_runs(arms, runs, seeds, sweep)
-        if not todo:
-            break
-        elapsed = time.perf_counter() - t_start
-        if args.time_limit and elapsed + 1.2 * longest > args.time_limit:
-            print(f"[evidence] time limit: {len(todo)}+ runs left for a later call", flush=True)
-            return 0
-        mine = next((item for item in todo if _claim(claims, run_id(*item))), None)
-        if mine is None:  # the rest is running in other workers, or waits on their results
-            time.sleep(5)
-            continue
-        arm, m, seed = mine
-        rid = run_id(arm, m, seed)
-        print(f"[evidence] {rid} ({elapsed:.0f} s elapsed) ...", flush=True)
-        t0 = time.perf_counter()
-        summary = run_one(arm, m, seed, out, device=device, commit=commit, max_steps=args.max_steps, tiny=args.tiny,
-                          fixed=fixed_multiplier(arm, runs))
-        summary["concurrent_runs"] = int(args.concurrent)
-        longest = max(longest, time.perf_counter() - t0)
-        write_json(summaries, f"{rid}.json", summary)
-        done += 1
-        v = final_val_loss(summary)
-        print(f"[evidence] {rid}: val/loss {v:.4f} test {summary.get('test')} in {summary['fit_s']:.1f} s"
-              + (f" ERROR {summary['error'][:120]}" if summary.get("error") else ""), flush=True)
+    import signal
+
+    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while True:
+            runs = load_summaries(Path(args.store) if args.store else None, summaries)
+            todo = plan_runs(arms, runs, seeds, sweep)
+            if not todo:
+                break
+            elapsed = time.time() - t_start
+            ready = startable(todo, runs, elapsed=elapsed, time_limit=args.time_limit, concurrent=args.concurrent,
+                              longest=longest, timed=not (args.tiny or args.max_steps))  # smoke runs: not their size
+            if not ready:
+                print(f"[evidence] time limit: {len(todo)}+ runs left for a later call", flush=True)
+                return 0
+            mine = next((item for item in ready if _claim(claims, run_id(*item))), None)
+            if mine is None:  # the rest is running in other workers, or waits on their results
+                time.sleep(5)
+                continue
+            arm, m, seed = mine
+            rid = run_id(arm, m, seed)
+            print(f"[evidence] {rid} ({elapsed:.0f} s elapsed) ...", flush=True)
+            t0 = time.perf_counter()
+            try:
+                summary = run_one(arm, m, seed, out, device=device, commit=commit, max_steps=args.max_steps,
+                                  tiny=args.tiny, fixed=fixed_multiplier(arm, runs))
+            except RunInterrupted as exc:
+                print(f"[evidence] {exc}; no summary written, a later call runs it again", flush=True)
+                return 143
+            summary["concurrent_runs"] = int(args.concurrent)
+            longest = max(longest, time.perf_counter() - t0)
+            write_json(summaries, f"{rid}.json", summary)
+            done += 1
+            v = final_val_loss(summary)
+            print(f"[evidence] {rid}: val/loss {v:.4f} test {summary.get('test')} in {summary['fit_s']:.1f} s"
+                  + (f" ERROR {summary['error'][:120]}" if summary.get("error") else ""), flush=True)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     print(f"[evidence] suite {args.suite}: complete ({done} runs this call)", flush=True)
     return 0
+
+
+START_ENV = "OPTLAB_EVIDENCE_START"  # the wall clock at which `run --workers` began (its time limit's origin)
+
+
+def startable(todo: list[tuple[Arm, float, int]], runs: dict[str, dict[str, Any]], *, elapsed: float,
+              time_limit: float | None, concurrent: int, longest: float, timed: bool = True
+              ) -> list[tuple[Arm, float, int]]:
+    """The planned runs expected to end by ``time_limit`` (seconds from the call's start) if
+    started ``elapsed`` seconds in: timed by their arm's stored runs (``expected_run_s``), or, with
+    none or ``timed`` off, by 1.2 times the longest run of this call so far."""
+    if not time_limit:
+        return list(todo)
+    out = []
+    for item in todo:
+        expected = expected_run_s(item[0], runs, concurrent) if timed else None
+        if elapsed + (expected if expected is not None else 1.2 * longest) <= time_limit:
+            out.append(item)
+    return out
+
+
+def expected_run_s(arm: Arm, runs: dict[str, dict[str, Any]], concurrent: int) -> float | None:
+    """A run's expected wall time with ``concurrent`` runs sharing the device: the median device
+    share (wall time over the runs sharing the device) of the stored runs of ``arm``, times
+    ``concurrent`` -- runs sharing one GPU take turns on it. An arm without stored runs: its suite's
+    median, scaled by what the same config cost relative to its suite in another suite (the
+    Sinkhorn arms' steps are dearer than most). None without any stored run of the suite. A
+    summary's ``run_s`` counts set-up and the last validation; older ones hold only ``fit_s``."""
+    def median_share(keep) -> float | None:
+        s = [(r.get("run_s") or r["fit_s"]) / max(1, int(r.get("concurrent_runs", 1)))
+             for r in runs.values() if keep(r) and r.get("fit_s") and not r.get("error")]
+        return statistics.median(s) if s else None
+
+    share = median_share(lambda r: r.get("arm") == arm.key)
+    if share is None:
+        share = median_share(lambda r: r.get("suite") == arm.suite)
+        for other in {r.get("suite") for r in runs.values()} - {arm.suite}:
+            there = median_share(lambda r: r.get("suite") == other and r.get("config") == arm.config)
+            if share is not None and there is not None:
+                share *= there / median_share(lambda r: r.get("suite") == other)
+                break
+    return share * max(1, int(concurrent)) if share is not None else None
 
 
 WORKER_STAGGER_S = 3.0  # between worker starts: their CUDA contexts and data loads do not all land at once
@@ -646,11 +741,12 @@ def run_workers(args: argparse.Namespace) -> int:
     logs.mkdir(parents=True, exist_ok=True)
     procs: list[subprocess.Popen] = []
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout` stops the workers too
+    env = {**os.environ, START_ENV: str(time.time())}  # every worker's time limit counts from here
     try:
         for i in range(n):
             with open(logs / f"w{i}.log", "w") as log:
                 procs.append(subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *child],
-                                              stdout=log, stderr=subprocess.STDOUT, cwd=os.getcwd()))
+                                              stdout=log, stderr=subprocess.STDOUT, cwd=os.getcwd(), env=env))
             if i + 1 < n:
                 time.sleep(WORKER_STAGGER_S)
         codes = [p.wait() for p in procs]
@@ -693,7 +789,12 @@ def cmd_collect(args: argparse.Namespace) -> int:
     store = Path(args.store)
     store.mkdir(parents=True, exist_ok=True)
     new = same = repeated = 0
+    stopped = []
     for f in files:
+        data = json.loads(f.read_text())
+        if data.get("error") and interruption(data["error"]):  # written before run_one knew to skip them
+            stopped.append(f.stem)
+            continue
         dest = store / f.name
         if dest.exists() and dest.read_bytes() != f.read_bytes():
             rep = store / REPEATS
@@ -710,7 +811,9 @@ def cmd_collect(args: argparse.Namespace) -> int:
             new += 1
         shutil.copy2(f, dest)
     print(f"evidence collect: {new} new summaries -> {store}, {same} stored already, "
-          f"{repeated} repeats of stored runs -> {store / REPEATS}")
+          f"{repeated} repeats of stored runs -> {store / REPEATS}"
+          + (f"; {len(stopped)} runs stopped from outside, not results, left out: {', '.join(stopped)}"
+             if stopped else ""))
     return 0
 
 
@@ -733,13 +836,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     todo = plan_runs(arms, runs, suite["seeds"])
     mine = [r for r in runs.values() if r.get("suite") == args.suite]
     print(f"evidence plan: suite {args.suite}: {len(mine)} runs stored, {len(todo)} known to be needed next")
-    shares = sorted(r["fit_s"] / max(1, int(r.get("concurrent_runs", 1))) for r in mine if r.get("fit_s"))
-    if shares and todo:  # the device time a run took, its wall time over the runs that shared the device
-        each = shares[len(shares) // 2]
-        print(f"  device time: about {each:.0f} s a run (median fit time / runs sharing the device), "
-              f"{len(todo) * each / 60:.0f} min for these")
-    for arm, m, seed in todo:
-        print(f"  {run_id(arm, m, seed)}")
+    w = max(1, int(args.workers))
+    device = [expected_run_s(arm, runs, 1) for arm, _, _ in todo]  # a run's share of the device
+    if todo and all(d is not None for d in device):
+        print(f"  device time: about {sum(device) / 60:.0f} min for these (each arm's median stored run: "
+              f"its wall time over the runs sharing the device); each line: the wall time of one run "
+              f"when {w} share the device (run --workers {w})")
+    for (arm, m, seed), d in zip(todo, device):
+        print(f"  {run_id(arm, m, seed)}" + (f"  about {d * w:.0f} s" if d is not None else "  (no stored run to time it)"))
     return 0
 
 
@@ -766,7 +870,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     r.add_argument("--max-steps", type=int, default=None, help="override the budget (smoke runs)")
     r.add_argument("--tiny", action="store_true", help="smallest model and data (smoke runs)")
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    r.add_argument("--time-limit", type=float, default=None, help="start no run that would end after this many seconds")
+    r.add_argument("--time-limit", type=float, default=None,
+                   help="seconds from the start of the call: start no run expected to end later (its arm's stored runs "
+                        "time it; an arm without any, the longest run of this call)")
     r.add_argument("--commit", default=None, help="commit to record (default: git rev-parse HEAD)")
     r.add_argument("--concurrent", type=int, default=1,
                    help="runs sharing the device at once (recorded: their tokens/s is not one run's)")
@@ -778,6 +884,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     q = sub.add_parser("plan", help="list the runs a suite still needs")
     q.add_argument("--suite", required=True, choices=sorted(SUITES))
     q.add_argument("--store", default=str(STORE))
+    q.add_argument("--workers", type=int, default=1, help="runs sharing the device: each run's wall time at that many")
     g = sub.add_parser("report", help="write docs/results.md and its figures from the stored summaries")
     g.add_argument("--store", default=str(STORE))
     g.add_argument("--docs", default=str(DOCS))

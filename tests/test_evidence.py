@@ -151,6 +151,97 @@ def test_workers_share_one_plan_and_record_that_they_shared_the_device(tmp_path)
     assert sorted(sum(started, [])) == sorted(runs)  # each run claimed by exactly one worker
 
 
+def _stop_training_at_step(monkeypatch, step, stop):
+    """Patch Lightning's training-epoch loop so that ``stop()`` happens as step ``step`` begins."""
+    from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
+
+    advance = _TrainingEpochLoop.advance
+
+    def stopping(self, *a, **k):
+        if self.trainer.global_step == step:
+            stop()
+        return advance(self, *a, **k)
+
+    monkeypatch.setattr(_TrainingEpochLoop, "advance", stopping)
+
+
+TINY_RUN = ["run", "--suite", "mnist", "--arms", "ns_muon3", "--sweep", "1", "--seeds", "0",
+            "--max-steps", "4", "--tiny", "--store", "", "--device", "cpu"]
+
+
+def test_a_run_stopped_by_sigterm_writes_no_summary_and_runs_again_later(tmp_path, monkeypatch):
+    """`timeout` and the device's limit stop a call with SIGTERM; what the run logged until then is
+    not a result of the sweep (it used to be stored as a failed run, scoring +inf)."""
+    import os
+    import signal
+
+    out = tmp_path / "ev"
+    before = signal.getsignal(signal.SIGTERM)
+    _stop_training_at_step(monkeypatch, 2, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    with pytest.raises(SystemExit) as stopped:
+        evidence.main([*TINY_RUN, "--out", str(out)])
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before  # the worker's handler is undone
+    assert evidence.load_summaries(out / "summaries") == {}
+    monkeypatch.undo()
+    shutil.rmtree(out / "claims")  # a later call starts with its own claims
+    assert evidence.main([*TINY_RUN, "--out", str(out)]) == 0
+    assert evidence.load_summaries(out / "summaries")["ns_muon3-x1-s0"]["steps"] == 4
+
+
+def test_a_run_whose_data_loader_workers_were_killed_is_not_a_result(tmp_path, monkeypatch, capsys):
+    def killed():
+        raise RuntimeError("DataLoader worker (pid 4971) is killed by signal: Terminated. ")
+
+    out = tmp_path / "ev"
+    _stop_training_at_step(monkeypatch, 1, killed)
+    assert evidence.main([*TINY_RUN, "--out", str(out)]) == 143
+    assert evidence.load_summaries(out / "summaries") == {}
+    assert "ns_muon3-x1-s0 was stopped at step 1" in capsys.readouterr().out
+
+
+def test_collect_leaves_out_summaries_of_runs_stopped_from_outside(tmp_path, capsys):
+    import json
+
+    arm = evidence.ARMS["3k_S2"]
+    store, src = tmp_path / "store", tmp_path / "src"
+    src.mkdir()
+    stopped = _summary(arm, 50, 0, 2.66, "RuntimeError: DataLoader worker (pid 6126) is killed by signal: Terminated. ")
+    diverged = _summary(arm, 200, 0, 0.1, "FloatingPointError: non-finite loss")
+    for r in (stopped, diverged):
+        (src / f"{r['run']}.json").write_text(json.dumps(r))
+    assert evidence.main(["collect", str(src), "--store", str(store)]) == 0
+    assert sorted(p.name for p in store.glob("*.json")) == ["3k_S2-x200-s0.json"]  # a divergence is a result
+    assert "1 runs stopped from outside, not results, left out: 3k_S2-x50-s0" in capsys.readouterr().out
+
+
+def test_a_time_limited_call_starts_only_the_runs_its_arms_stored_runs_say_will_end_in_time():
+    runs = {}
+    for arm_key, m, seed, fit_s, k in (("3k_muon", 0.5, 0, 455.0, 7), ("3k_muon", 0.5, 1, 420.0, 7),
+                                       ("3k_muon", 1.0, 0, 130.0, 2), ("3k_stiefel", 0.5, 0, 480.0, 7),
+                                       ("gpt_muon", 1.0, 0, 100.0, 1), ("S1", 1.0, 0, 150.0, 1),
+                                       ("S1", 3.0, 0, 160.0, 1)):
+        arm = evidence.ARMS[arm_key]
+        r = {**_summary(arm, m, seed, 0.7), "fit_s": fit_s, "concurrent_runs": k, "config": arm.config}
+        runs[r["run"]] = r
+    failed = {**_summary(evidence.ARMS["3k_muon"], 2.0, 0, 0.1, "CUDA error"), "fit_s": 9.0, "concurrent_runs": 7}
+    runs[failed["run"]] = failed  # a failed run's time is not a run's
+    muon, stiefel, s1 = (evidence.ARMS[k] for k in ("3k_muon", "3k_stiefel", "3k_S1"))
+    muon_share = float(np.median([455 / 7, 420 / 7, 130 / 2]))
+    assert evidence.expected_run_s(muon, runs, 7) == pytest.approx(7 * muon_share)
+    # an arm never run in its suite: the suite's median, times its config's cost relative to the other suite
+    suite_share = float(np.median([455 / 7, 420 / 7, 130 / 2, 480 / 7]))
+    ratio = float(np.median([150.0, 160.0])) / float(np.median([100.0, 150.0, 160.0]))
+    assert evidence.expected_run_s(s1, runs, 6) == pytest.approx(6 * suite_share * ratio)
+    assert evidence.expected_run_s(evidence.ARMS["ns_muon3"], runs, 1) is None  # no stored run of its suite
+    todo = [(stiefel, 0.5, 1), (muon, 1.0, 1)]
+    ready = evidence.startable(todo, runs, elapsed=20, time_limit=20 + 7 * muon_share + 1, concurrent=7, longest=0)
+    assert ready == [(muon, 1.0, 1)]  # Stiefel's runs are longer than what is left
+    assert evidence.startable(todo, runs, elapsed=20, time_limit=None, concurrent=7, longest=0) == todo
+    untimed = evidence.startable(todo, runs, elapsed=100, time_limit=200, concurrent=7, longest=90, timed=False)
+    assert untimed == []  # 100 + 1.2 * 90 > 200
+
+
 def test_unknown_arm_is_refused_with_the_choices(tmp_path):
     with pytest.raises(SystemExit, match="not an arm of suite 'gpt'.*gpt_muon"):
         evidence.main(["run", "--suite", "gpt", "--arms", "ns_muon3", "--out", str(tmp_path)])
