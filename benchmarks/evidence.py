@@ -29,8 +29,9 @@ Usage::
     # GPT claims on one GPU, resumable across calls (runs already stored are skipped). Several
     # runs sharing one GPU take about the GPU time of one after another: --workers N starts N
     # processes that claim runs from one plan. --time-limit counts from the call's start: a worker
-    # starts only runs that its arm's stored runs say end before it (leave the set-up a margin
-    # under the call's own limit). A run stopped from outside (a signal, `timeout`) writes no
+    # starts only runs that its arm's stored runs say end before it, and stops a run, a tenth of
+    # the way in, whose pace ends it later (leave the set-up and the copying-back a margin under
+    # the call's own limit). A run stopped from outside (a signal, `timeout`) or early writes no
     # summary and runs again in a later call. `plan --workers N` lists what a suite still needs,
     # with each run's expected wall time when N share the device.
     # Give --store the directory the stored summaries are in, or they run again.
@@ -61,7 +62,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -409,7 +410,10 @@ def optimizer_state_by_rule(optimizer) -> dict[str, dict[str, int]]:
 
 
 def run_one(arm: Arm, multiplier: float, seed: int, out: Path, *, device: str, commit: str,
-            max_steps: int | None = None, tiny: bool = False, fixed: float | None = None) -> dict[str, Any]:
+            max_steps: int | None = None, tiny: bool = False, fixed: float | None = None,
+            deadline: float | None = None) -> dict[str, Any]:
+    """Train one run and return its summary. ``deadline`` (a ``time.time()`` value): the run stops
+    early, with no summary (``DeadlinePassed``), once its pace says it would end later."""
     import torch
     import yaml
 
@@ -444,6 +448,8 @@ def run_one(arm: Arm, multiplier: float, seed: int, out: Path, *, device: str, c
     argv, sys.argv = sys.argv, sys.argv[:1]  # the CLI gets its args explicitly, not this script's
     try:
         cli = cli_main(["--config", str(cfg_path)], run=False)
+        if deadline is not None:
+            cli.trainer.callbacks.append(_deadline_stop(deadline))
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
         summary["fit_s"] = time.perf_counter() - t0
         summary["steps"] = int(cli.trainer.global_step)
@@ -468,6 +474,9 @@ def run_one(arm: Arm, multiplier: float, seed: int, out: Path, *, device: str, c
         if dev.type == "cuda":
             summary["cuda_peak_bytes"] = int(torch.cuda.max_memory_allocated())
     except Exception as exc:  # noqa: BLE001 - recorded; a diverged lr is a result of the sweep
+        passed = next((e for e in _chain(exc) if isinstance(e, DeadlinePassed)), None)
+        if passed is not None:
+            raise passed
         if _STOPPED or interruption(exc):
             raise RunInterrupted(f"{rid} was stopped at step {int(cli.trainer.global_step) if cli else 0}: "
                                  f"{_STOPPED[0] if _STOPPED else exc}") from exc
@@ -499,6 +508,48 @@ class RunInterrupted(Exception):
     sweep, so no summary is written and a later call runs it again."""
 
 
+class DeadlinePassed(RunInterrupted):
+    """A run stopped early because its pace says it would end after the call's time limit."""
+
+    def __init__(self, message: str, projected_s: float):
+        super().__init__(message)
+        self.projected_s = projected_s  # the run's projected length, seconds
+
+
+DEADLINE_CHECK = 0.1  # of the steps, done before the pace is trusted (past the first validation)
+DEADLINE_MARGIN = 1.05  # on the projected rest, which also holds the last validation
+
+
+def _deadline_stop(deadline: float):
+    """A callback that stops the fit (``DeadlinePassed``) once ``DEADLINE_CHECK`` of its steps are
+    done and its pace so far projects its end past ``deadline``: a run the call cannot finish gives
+    its share of the device back at once instead of being killed near its end."""
+    from lightning.pytorch import Callback
+
+    class DeadlineStop(Callback):
+        def on_train_start(self, trainer, pl_module) -> None:
+            self.t0 = time.time()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            step, total = trainer.global_step, trainer.max_steps
+            if total is None or total <= 0 or step < max(1, DEADLINE_CHECK * total):
+                return
+            now = time.time()
+            end = now + DEADLINE_MARGIN * (now - self.t0) / step * (total - step)
+            if end > deadline:
+                over = end - deadline
+                raise DeadlinePassed(f"stopped at step {step} of {total}: its pace ends it {over:.0f} s past "
+                                     f"the time limit", projected_s=end - self.t0)
+
+    return DeadlineStop()
+
+
+def _chain(exc: BaseException | None) -> Iterator[BaseException]:
+    while exc is not None:
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
 _STOPPED: list[str] = []  # the signal this worker was stopped by, once it was
 
 
@@ -518,11 +569,8 @@ def interruption(exc: BaseException | str | None) -> bool:
     outside: a data-loader worker killed by a signal is the machine's doing, not the optimizer's."""
     if isinstance(exc, str):
         return bool(_KILLED.search(exc))
-    while exc is not None:
-        if isinstance(exc, (KeyboardInterrupt, SystemExit)) or _KILLED.search(str(exc)):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
+    return any(isinstance(e, (KeyboardInterrupt, SystemExit, RunInterrupted)) or _KILLED.search(str(e))
+               for e in _chain(exc))
 
 
 _OVERLAP: dict[str, float] = {}
@@ -643,6 +691,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             todo = plan_runs(arms, runs, seeds, sweep)
             if not todo:
                 break
+            given_up = [item for item in todo if (claims / f"{run_id(*item)}{STOPPED_EARLY}").exists()]
+            if len(given_up) == len(todo):
+                print(f"[evidence] time limit: {len(todo)}+ runs left for a later call", flush=True)
+                return 0
+            todo = [item for item in todo if item not in given_up]
             elapsed = time.time() - t_start
             ready = startable(todo, runs, elapsed=elapsed, time_limit=args.time_limit, concurrent=args.concurrent,
                               longest=longest, timed=not (args.tiny or args.max_steps))  # smoke runs: not their size
@@ -659,7 +712,13 @@ def cmd_run(args: argparse.Namespace) -> int:
             t0 = time.perf_counter()
             try:
                 summary = run_one(arm, m, seed, out, device=device, commit=commit, max_steps=args.max_steps,
-                                  tiny=args.tiny, fixed=fixed_multiplier(arm, runs))
+                                  tiny=args.tiny, fixed=fixed_multiplier(arm, runs),
+                                  deadline=t_start + args.time_limit if args.time_limit else None)
+            except DeadlinePassed as exc:
+                print(f"[evidence] {rid} {exc}; no summary written, a later call runs it again", flush=True)
+                longest = max(longest, exc.projected_s)
+                (claims / f"{rid}{STOPPED_EARLY}").touch()  # no worker of this call starts it again
+                continue
             except RunInterrupted as exc:
                 print(f"[evidence] {exc}; no summary written, a later call runs it again", flush=True)
                 return 143
@@ -677,6 +736,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+STOPPED_EARLY = ".stopped"  # beside a run's claim: it passed the deadline, this call leaves it
 START_ENV = "OPTLAB_EVIDENCE_START"  # the wall clock at which `run --workers` began (its time limit's origin)
 
 

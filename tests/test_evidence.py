@@ -200,6 +200,22 @@ def test_a_run_whose_data_loader_workers_were_killed_is_not_a_result(tmp_path, m
     assert "ns_muon3-x1-s0 was stopped at step 1" in capsys.readouterr().out
 
 
+def test_a_run_whose_pace_ends_it_past_the_time_limit_stops_early_and_a_later_call_runs_it(
+        tmp_path, monkeypatch, capsys):
+    """A run the call cannot finish gives the device back at a tenth of its steps, not near its end."""
+    out = tmp_path / "ev"
+    run = [*TINY_RUN, "--max-steps", "40", "--out", str(out), "--time-limit", "600"]  # the last --max-steps wins
+    monkeypatch.setattr(evidence, "DEADLINE_MARGIN", 1e6)  # any pace then ends past 600 s
+    assert evidence.main(run) == 0
+    log = capsys.readouterr().out
+    assert "ns_muon3-x1-s0 stopped at step 4 of 40" in log and "runs left for a later call" in log
+    assert evidence.load_summaries(out / "summaries") == {}
+    monkeypatch.undo()
+    shutil.rmtree(out / "claims")
+    assert evidence.main(run) == 0  # at its real pace it ends well inside 600 s
+    assert evidence.load_summaries(out / "summaries")["ns_muon3-x1-s0"]["steps"] == 40
+
+
 def test_collect_leaves_out_summaries_of_runs_stopped_from_outside(tmp_path, capsys):
     import json
 
