@@ -27,7 +27,7 @@ def results(tmp_path_factory):
 
 
 def test_bench_ops_writes_every_section(results, capsys):
-    root, ops = results[0], results[1]
+    root = results[0]
     data = json.loads((root / "ops" / "ops.json").read_text())
     assert META_KEYS <= set(data)
     assert data["commit"] == "abc123" and data["kind"] == "ops" and data["mode"] == "tiny"
@@ -63,14 +63,14 @@ def test_bench_ops_writes_every_section(results, capsys):
 
 
 def test_bench_ops_prints_tables(results, capsys):
-    root, ops = results[0], results[1]
+    ops = results[1]
     bench_ops.print_tables(ops)
     out = capsys.readouterr().out
     assert "muon step" in out and "torch.optim.Muon" in out and "PASS" in out  # sinkgd's 0 B/param
 
 
 def test_bench_train_runs_every_policy(results, capsys):
-    root, train = results[0], results[2]
+    root = results[0]
     data = json.loads((root / "train" / "train.json").read_text())
     assert META_KEYS <= set(data) and data["kind"] == "train"
     labels = [r["label"] for r in data["runs"]]

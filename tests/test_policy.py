@@ -3,7 +3,6 @@
 import re
 
 import pytest
-import torch
 from torch import nn
 
 from conftest import TinyGPT

@@ -1,8 +1,6 @@
 """ManifoldRetraction in real (tiny, CPU) fits: on the manifold after every optimizer step, once per
 step under accumulation / manual optimization / GradScaler skips, exact resume, errors."""
 
-import math
-
 import lightning as L
 import pytest
 import torch

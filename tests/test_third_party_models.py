@@ -19,7 +19,6 @@ from torch import nn
 
 from lightning_optlab import OptLabMixin, build_optimizer, describe_parameters, explain
 from lightning_optlab.callbacks import ManifoldRetraction, SpectralMonitor
-from lightning_optlab.manifolds import stiefel_distance
 from lightning_optlab.optim.matrix import MatrixView
 
 transformers = pytest.importorskip("transformers")
