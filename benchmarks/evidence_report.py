@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable, Sequence
 from benchmarks import stats
 from benchmarks.common import first_reach
 from benchmarks.evidence import (ARMS, SUITES, Arm, at_edge, best_multiplier, family_best, final_val_loss,
-                                 multiplier_label, run_id, sweep_multipliers)
+                                 fixed_multiplier, multiplier_label, plan_runs, run_id, sweep_multipliers)
 
 Runs = dict[str, dict[str, Any]]
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
@@ -942,11 +942,18 @@ def protocol_table(runs: Runs, keys: Sequence[str], stopped: Sequence[str] = ())
     return lines
 
 
-def planned_runs(suite_key: str, runs: Sequence[dict[str, Any]], stopped: Sequence[str] = ()) -> int:
-    """About how many runs a suite takes: each arm's sweep and its extra seeds, and the runs of arms
-    that are stored but not continued."""
+def planned_runs(suite_key: str, runs: Runs) -> int:
+    """About how many runs a suite takes: those stored (arms not continued included), those its plan
+    knows it needs next (extensions past an edge included), a sweep for each arm still waiting on
+    another arm's best, and the extra seeds of each family (or lone arm) whose best is not known yet."""
     suite = SUITES[suite_key]
-    return len(suite["arms"]) * (len(suite["sweep"]) + len(suite["seeds"]) - 1) + sum(r["arm"] in stopped for r in runs)
+    arms = [ARMS[k] for k in suite["arms"]]
+    extra_seeds = len(suite["seeds"]) - 1
+    stored = sum(r.get("suite") == suite_key for r in runs.values())
+    waiting = [a for a in arms if fixed_multiplier(a, runs) is None]
+    unknown = {a.family or a.key for a in arms if family_best(a, runs) is None}
+    return (stored + len(plan_runs(arms, runs, suite["seeds"])) + len(unknown) * extra_seeds
+            + sum(len(sweep_multipliers(a)) for a in waiting))
 
 
 STOPPED_ARMS = tuple(k for k in PROTOCOL_ARMS if k not in SUITES["gpt3k"]["arms"])  # stored, not continued
@@ -955,7 +962,7 @@ STOPPED_ARMS = tuple(k for k in PROTOCOL_ARMS if k not in SUITES["gpt3k"]["arms"
 def protocol_progress(runs: Runs) -> tuple[list[dict[str, Any]], int]:
     """The 3000-step suite's stored runs and about how many it takes."""
     mine = [r for r in runs.values() if r.get("suite") == "gpt3k"]
-    return mine, planned_runs("gpt3k", mine, STOPPED_ARMS)
+    return mine, planned_runs("gpt3k", runs)
 
 
 def protocol_section(runs: Runs, headlines: dict[str, str] | None = None,
@@ -997,7 +1004,7 @@ def protocol_section(runs: Runs, headlines: dict[str, str] | None = None,
     out += ["", "### A second size: 150M", "",
             "The same protocol at the GPT's 150M preset (12 layers of width 1024, 152.7M parameters), for "
             "Muon against AdamW only: AdamW with the 42M family's best variant (beta2 0.95, warm-up 100), "
-            f"Muon with the Muon arm's config. **{len(big)} of about {planned_runs('gpt3k_150m', big)} runs done.**"]
+            f"Muon with the Muon arm's config. **{len(big)} of about {planned_runs('gpt3k_150m', runs)} runs done.**"]
     if big:
         out += [""] + protocol_table(runs, SCALE_ARMS)
     if headlines.get("gpt3k_150m"):

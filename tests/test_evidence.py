@@ -550,3 +550,16 @@ def test_the_protocol_headline_splits_muons_gap_with_the_control_once_the_contro
                                    np.mean(control) - np.mean(adamw)])
     assert "(x0.125 of its hidden lr)" in text and "not complete" not in text
     assert f"Muon vs the control {100 * (np.mean(muon) / np.mean(control) - 1):+.1f}%" in text
+
+
+def test_the_protocols_run_count_counts_sweeps_extensions_and_the_seeds_still_to_come():
+    # 13 arms x a 3-point sweep, then 2 more seeds for each of 11 tuning units (the AdamW family
+    # of 3 variants is one unit, the other 10 arms one each)
+    assert report.planned_runs("gpt3k", {}) == 13 * 3 + 11 * 2
+    assert report.planned_runs("gpt3k_150m", {}) == 2 * 3 + 2 * 2
+    arm = evidence.ARMS["3k_muon"]
+    runs = {}
+    for m, loss in ((0.5, 0.64), (1.0, 0.65), (2.0, 0.70)):  # best at the low edge: x0.25 is needed too
+        r = _summary(arm, m, 0, loss)
+        runs[r["run"]] = r
+    assert report.planned_runs("gpt3k", runs) == 13 * 3 + 11 * 2 + 1
