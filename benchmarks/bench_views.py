@@ -20,17 +20,18 @@ from benchmarks.common import pick_device, run_metadata, text_table, time_fn, wr
 from lightning_optlab import build_optimizer
 
 
-def _models(device):
+def _models():
+    """(label, a function building the model): the model then lives only inside ``_measure``."""
     import transformers
 
     from lightning_optlab.models import GPT
 
     warnings.filterwarnings("ignore", module="transformers")
-    yield "HF GPT-2 124M", transformers.GPT2LMHeadModel(transformers.GPT2Config())
+    yield "HF GPT-2 124M", lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config())
     cfg = transformers.LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=12,
                                    num_attention_heads=16, num_key_value_heads=4, vocab_size=32000)
-    yield "HF Llama 12 x 1024 (GQA)", transformers.LlamaForCausalLM(cfg)
-    yield "GPT 44M (this project)", GPT()
+    yield "HF Llama 12 x 1024 (GQA)", lambda: transformers.LlamaForCausalLM(cfg)
+    yield "GPT 44M (this project)", GPT
 
 
 def _policy(split: bool, cuda_graph: bool | str):
@@ -41,6 +42,38 @@ def _policy(split: bool, cuda_graph: bool | str):
     ]}
 
 
+def _measure(label: str, model: torch.nn.Module, device: torch.device, repeats: int):
+    """Table rows and JSON records of one model: packed projections whole and split."""
+    out = []
+    gen = torch.Generator(device=device).manual_seed(0)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, device=device, generator=gen) * 1e-3
+    for split in (False, True):
+        times, finals = {}, {}
+        for graph in ("auto", False):
+            m = copy.deepcopy(model)
+            for p, q in zip(m.parameters(), model.parameters()):
+                p.grad = q.grad.clone()
+            opt = build_optimizer(m, _policy(split, graph))
+            muon = [g for g in opt.param_groups if g["algorithm"] == "muon"]
+            for g in opt.param_groups:  # time the Muon groups alone
+                if g["algorithm"] != "muon":
+                    g["lr"] = 0.0
+            for _ in range(4):
+                opt.step()
+            finals[graph] = [p.detach().clone() for g in muon for p in g["params"]]
+            times[graph] = time_fn(opt.step, device, repeats, warmup=3)["median_ms"]
+            if graph == "auto":
+                used_graph = any("muon_graph" in g.get("_runtime", {}) for g in muon)
+        count = sum(len(g["params"]) for g in muon)
+        diff = max(float((a - b).abs().max()) for a, b in zip(finals["auto"], finals[False]))
+        packed = "split" if split else "whole"
+        out.append(([label, packed, count, times["auto"], times[False], "yes" if used_graph else "no", f"{diff:.1e}"],
+               {"model": label, "packed": packed, "matrices": count, "muon_ms": times["auto"],
+                "muon_eager_ms": times[False], "graph": used_graph, "max_abs_diff_graph_vs_eager": diff}))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto")
@@ -49,37 +82,11 @@ def main() -> None:
     args = parser.parse_args()
     device = pick_device(args.device)
     rows, records = [], []
-    for label, model in _models(device):
-        model = model.to(device)
-        gen = torch.Generator(device=device).manual_seed(0)
-        for p in model.parameters():
-            p.grad = torch.randn(p.shape, device=device, generator=gen) * 1e-3
-        for split in (False, True):
-            times, finals = {}, {}
-            for graph in ("auto", False):
-                m = copy.deepcopy(model)
-                for p, q in zip(m.parameters(), model.parameters()):
-                    p.grad = q.grad.clone()
-                opt = build_optimizer(m, _policy(split, graph))
-                muon = [g for g in opt.param_groups if g["algorithm"] == "muon"]
-                for g in opt.param_groups:  # time the Muon groups alone
-                    if g["algorithm"] != "muon":
-                        g["lr"] = 0.0
-                for _ in range(4):
-                    opt.step()
-                finals[graph] = [p.detach().clone() for g in muon for p in g["params"]]
-                times[graph] = time_fn(opt.step, device, args.repeats, warmup=3)["median_ms"]
-                if graph == "auto":
-                    used_graph = any("muon_graph" in g.get("_runtime", {}) for g in muon)
-            count = sum(len(g["params"]) for g in muon)
-            diff = max(float((a - b).abs().max()) for a, b in zip(finals["auto"], finals[False]))
-            rows.append([label, "split" if split else "whole", count, times["auto"], times[False],
-                         "yes" if used_graph else "no", f"{diff:.1e}"])
-            records.append({"model": label, "packed": "split" if split else "whole", "matrices": count,
-                            "muon_ms": times["auto"], "muon_eager_ms": times[False], "graph": used_graph,
-                            "max_abs_diff_graph_vs_eager": diff})
-        del model
-        if device.type == "cuda":
+    for label, build in _models():
+        for row, record in _measure(label, build().to(device), device, args.repeats):
+            rows.append(row)
+            records.append(record)
+        if device.type == "cuda":  # after _measure returned: its model, copies and optimizers are gone
             torch.cuda.empty_cache()
     header = ["model", "packed QKV", "matrices", "muon ms (auto)", "muon ms (eager)", "graph", "graph - eager"]
     print(text_table(header, rows))

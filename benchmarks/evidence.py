@@ -931,8 +931,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     r.add_argument("--tiny", action="store_true", help="smallest model and data (smoke runs)")
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     r.add_argument("--time-limit", type=float, default=None,
-                   help="seconds from the start of the call: start no run expected to end later (its arm's stored runs "
-                        "time it; an arm without any, the longest run of this call)")
+                   help="seconds from the start of the call by which every run must end: one expected to end later "
+                        "(its arm's stored runs time it; without any, the longest run of this call) is not started, "
+                        "and one whose pace passes it stops a tenth of the way in")
     r.add_argument("--commit", default=None, help="commit to record (default: git rev-parse HEAD)")
     r.add_argument("--concurrent", type=int, default=1,
                    help="runs sharing the device at once (recorded: their tokens/s is not one run's)")
