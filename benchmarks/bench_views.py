@@ -6,6 +6,7 @@ eligible, and forced eager), with packed projections whole and split (``split_pa
 largest deviation of the graph step from the eager step after a few steps.
 
     python benchmarks/bench_views.py --out benchmarks/results
+    python benchmarks/bench_views.py --models gpt --repeats 1   # one model, a quick check
 """
 
 from __future__ import annotations
@@ -21,17 +22,17 @@ from lightning_optlab import build_optimizer
 
 
 def _models():
-    """(label, a function building the model): the model then lives only inside ``_measure``."""
+    """key -> (label, a function building the model): the model then lives only inside ``_measure``."""
     import transformers
 
     from lightning_optlab.models import GPT
 
     warnings.filterwarnings("ignore", module="transformers")
-    yield "HF GPT-2 124M", lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config())
     cfg = transformers.LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=12,
                                    num_attention_heads=16, num_key_value_heads=4, vocab_size=32000)
-    yield "HF Llama 12 x 1024 (GQA)", lambda: transformers.LlamaForCausalLM(cfg)
-    yield "GPT 44M (this project)", GPT
+    return {"gpt2": ("HF GPT-2 124M", lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config())),
+            "llama": ("HF Llama 12 x 1024 (GQA)", lambda: transformers.LlamaForCausalLM(cfg)),
+            "gpt": ("GPT 44M (this project)", GPT)}
 
 
 def _policy(split: bool, cuda_graph: bool | str):
@@ -79,10 +80,16 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default=None)
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--models", default="gpt2,llama,gpt", help="comma-separated: gpt2, llama, gpt")
     args = parser.parse_args()
     device = pick_device(args.device)
+    models = _models()
+    keys = args.models.split(",")
+    unknown = [k for k in keys if k not in models]
+    if unknown:
+        parser.error(f"--models: {', '.join(unknown)} unknown; choose from {', '.join(models)}")
     rows, records = [], []
-    for label, build in _models():
+    for label, build in (models[k] for k in keys):
         for row, record in _measure(label, build().to(device), device, args.repeats):
             rows.append(row)
             records.append(record)
