@@ -487,7 +487,7 @@ def run_one(arm: Arm, multiplier: float, seed: int, out: Path, *, device: str, c
             summary["steps"] = int(cli.trainer.global_step)
     finally:
         sys.argv = argv
-        if cli is not None and cli.trainer.logger is not None:
+        if cli is not None and cli.trainer.logger is not None and not _STOPPED:  # a stopped run is dropped
             cli.trainer.logger.finalize("success")
     summary["run_s"] = time.perf_counter() - t_setup
     summary["scalars"] = read_scalars(log_dir) if log_dir.exists() else {}
@@ -557,8 +557,10 @@ def _stop(signum: int, _frame) -> None:
     # Lightning chains this after its own SIGTERM notifier; raising ends the run wherever it is.
     import signal
 
+    first = not _STOPPED
     _STOPPED.append(signal.Signals(signum).name)
-    raise SystemExit(128 + signum)
+    if first:  # a second signal (the group's and the parent's) must not cut the way out short
+        raise SystemExit(128 + signum)
 
 
 _KILLED = re.compile(r"killed by signal|SIGTERM|SIGKILL|Terminated")
@@ -684,6 +686,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     claims.mkdir(parents=True, exist_ok=True)
     import signal
 
+    _STOPPED.clear()
     previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         while True:
@@ -722,6 +725,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             except RunInterrupted as exc:
                 print(f"[evidence] {exc}; no summary written, a later call runs it again", flush=True)
                 return 143
+            except SystemExit:  # a signal (``_stop``) while it trained
+                print(f"[evidence] {rid} was stopped by {_STOPPED[0] if _STOPPED else 'SystemExit'}; no summary written, "
+                      "a later call runs it again", flush=True)
+                raise
             summary["concurrent_runs"] = int(args.concurrent)
             longest = max(longest, time.perf_counter() - t0)
             write_json(summaries, f"{rid}.json", summary)
@@ -809,15 +816,22 @@ def run_workers(args: argparse.Namespace) -> int:
                                               stdout=log, stderr=subprocess.STDOUT, cwd=os.getcwd(), env=env))
             if i + 1 < n:
                 time.sleep(WORKER_STAGGER_S)
-        codes = [p.wait() for p in procs]
-    finally:
+        for p in procs:
+            p.wait()
+    finally:  # also when this process is stopped: the workers stop too, and their last lines are told
         for p in procs:
             if p.poll() is None:
                 p.terminate()
-    for i, code in enumerate(codes):
-        tail = [line for line in (logs / f"w{i}.log").read_text().splitlines() if line.startswith("[evidence]")][-3:]
-        print(f"[evidence] worker {i} (exit {code}):", *tail, sep="\n  ", flush=True)
-    return max(codes, key=abs)
+        for p in procs:
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        for i, p in enumerate(procs):
+            tail = [line for line in (logs / f"w{i}.log").read_text().splitlines() if line.startswith("[evidence]")]
+            print(f"[evidence] worker {i} (exit {p.returncode}):", *tail[-3:], sep="\n  ", flush=True)
+    return max((p.returncode for p in procs), key=abs)
 
 
 def _claim(claims: Path, rid: str) -> bool:

@@ -189,6 +189,38 @@ def test_a_run_stopped_by_sigterm_writes_no_summary_and_runs_again_later(tmp_pat
     assert evidence.load_summaries(out / "summaries")["ns_muon3-x1-s0"]["steps"] == 4
 
 
+def test_a_call_stopped_by_timeout_stops_its_workers_and_says_what_they_were_running(tmp_path):
+    """The device's case: `timeout` signals the whole process group of `run --workers 2`; no run
+    leaves a summary, and the parent prints each worker's last lines before it exits."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "ev"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "evidence.py"), "run", "--suite", "mnist", "--arms", "ns_muon3",
+           "--sweep", "1,2", "--seeds", "0", "--max-steps", "100000", "--tiny", "--out", str(out), "--store", "",
+           "--device", "cpu", "--workers", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True)
+    try:
+        logs = [out / "workers" / f"w{i}.log" for i in range(2)]
+        deadline = time.time() + 240
+        while not all(log.exists() and "elapsed) ..." in log.read_text() for log in logs):
+            assert time.time() < deadline and proc.poll() is None, "the workers did not start their runs"
+            time.sleep(1)
+        time.sleep(3)  # inside their fits
+        os.killpg(proc.pid, signal.SIGTERM)
+        text, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143
+    assert len(re.findall(r"ns_muon3-x[12]-s0 was stopped by SIGTERM; no summary written", text)) == 2, text
+    assert not (out / "summaries").exists() or not list((out / "summaries").glob("*.json"))
+
+
 def test_a_run_whose_data_loader_workers_were_killed_is_not_a_result(tmp_path, monkeypatch, capsys):
     def killed():
         raise RuntimeError("DataLoader worker (pid 4971) is killed by signal: Terminated. ")
