@@ -69,9 +69,9 @@ def _measure(label: str, model: torch.nn.Module, device: torch.device, repeats: 
         count = sum(len(g["params"]) for g in muon)
         diff = max(float((a - b).abs().max()) for a, b in zip(finals["auto"], finals[False]))
         packed = "split" if split else "whole"
-        out.append(([label, packed, count, times["auto"], times[False], "yes" if used_graph else "no", f"{diff:.1e}"],
-               {"model": label, "packed": packed, "matrices": count, "muon_ms": times["auto"],
-                "muon_eager_ms": times[False], "graph": used_graph, "max_abs_diff_graph_vs_eager": diff}))
+        row = [label, packed, count, times["auto"], times[False], "yes" if used_graph else "no", f"{diff:.1e}"]
+        out.append((row, {"model": label, "packed": packed, "matrices": count, "muon_ms": times["auto"],
+                          "muon_eager_ms": times[False], "graph": used_graph, "max_abs_diff_graph_vs_eager": diff}))
     return out
 
 

@@ -694,13 +694,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             todo = plan_runs(arms, runs, seeds, sweep)
             if not todo:
                 break
-            given_up = [item for item in todo if (claims / f"{run_id(*item)}{STOPPED_EARLY}").exists()]
-            if len(given_up) == len(todo):
-                print(f"[evidence] time limit: {len(todo)}+ runs left for a later call", flush=True)
-                return 0
-            todo = [item for item in todo if item not in given_up]
+            left = [item for item in todo if not (claims / f"{run_id(*item)}{STOPPED_EARLY}").exists()]
             elapsed = time.time() - t_start
-            ready = startable(todo, runs, elapsed=elapsed, time_limit=args.time_limit, concurrent=args.concurrent,
+            ready = startable(left, runs, elapsed=elapsed, time_limit=args.time_limit, concurrent=args.concurrent,
                               longest=longest, timed=not (args.tiny or args.max_steps))  # smoke runs: not their size
             if not ready:
                 print(f"[evidence] time limit: {len(todo)}+ runs left for a later call", flush=True)
@@ -718,16 +714,15 @@ def cmd_run(args: argparse.Namespace) -> int:
                                   tiny=args.tiny, fixed=fixed_multiplier(arm, runs),
                                   deadline=t_start + args.time_limit if args.time_limit else None)
             except DeadlinePassed as exc:
-                print(f"[evidence] {rid} {exc}; no summary written, a later call runs it again", flush=True)
+                print(f"[evidence] {rid} {exc}; {RERUN}", flush=True)
                 longest = max(longest, exc.projected_s)
                 (claims / f"{rid}{STOPPED_EARLY}").touch()  # no worker of this call starts it again
                 continue
             except RunInterrupted as exc:
-                print(f"[evidence] {exc}; no summary written, a later call runs it again", flush=True)
+                print(f"[evidence] {exc}; {RERUN}", flush=True)
                 return 143
             except SystemExit:  # a signal (``_stop``) while it trained
-                print(f"[evidence] {rid} was stopped by {_STOPPED[0] if _STOPPED else 'SystemExit'}; no summary written, "
-                      "a later call runs it again", flush=True)
+                print(f"[evidence] {rid} was stopped by {_STOPPED[0] if _STOPPED else 'SystemExit'}; {RERUN}", flush=True)
                 raise
             summary["concurrent_runs"] = int(args.concurrent)
             longest = max(longest, time.perf_counter() - t0)
@@ -744,6 +739,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 STOPPED_EARLY = ".stopped"  # beside a run's claim: it passed the deadline, this call leaves it
+RERUN = "no summary written, a later call runs it again"
 START_ENV = "OPTLAB_EVIDENCE_START"  # the wall clock at which `run --workers` began (its time limit's origin)
 
 
@@ -776,11 +772,10 @@ def expected_run_s(arm: Arm, runs: dict[str, dict[str, Any]], concurrent: int) -
         return statistics.median(s) if s else None
 
     share = median_share(lambda r: r.get("arm") == arm.key)
-    if share is None:
-        share = median_share(lambda r: r.get("suite") == arm.suite)
+    if share is None and (share := median_share(lambda r: r.get("suite") == arm.suite)) is not None:
         for other in {r.get("suite") for r in runs.values()} - {arm.suite}:
             there = median_share(lambda r: r.get("suite") == other and r.get("config") == arm.config)
-            if share is not None and there is not None:
+            if there is not None:
                 share *= there / median_share(lambda r: r.get("suite") == other)
                 break
     return share * max(1, int(concurrent)) if share is not None else None
@@ -807,7 +802,7 @@ def run_workers(args: argparse.Namespace) -> int:
     logs = Path(args.out) / "workers"
     logs.mkdir(parents=True, exist_ok=True)
     procs: list[subprocess.Popen] = []
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout` stops the workers too
+    signal.signal(signal.SIGTERM, _stop)  # `timeout` stops the workers too; a second signal lets the tails print
     env = {**os.environ, START_ENV: str(time.time())}  # every worker's time limit counts from here
     try:
         for i in range(n):
@@ -865,16 +860,17 @@ def cmd_collect(args: argparse.Namespace) -> int:
     new = same = repeated = 0
     stopped = []
     for f in files:
-        data = json.loads(f.read_text())
-        if data.get("error") and interruption(data["error"]):  # written before run_one knew to skip them
+        raw = f.read_bytes()
+        error = json.loads(raw).get("error")
+        if error and interruption(error):  # written before run_one knew to skip them
             stopped.append(f.stem)
             continue
         dest = store / f.name
-        if dest.exists() and dest.read_bytes() != f.read_bytes():
+        if dest.exists() and dest.read_bytes() != raw:
             rep = store / REPEATS
             rep.mkdir(exist_ok=True)
             n = 1
-            while (rep / f"{f.stem}.r{n}.json").exists() and (rep / f"{f.stem}.r{n}.json").read_bytes() != f.read_bytes():
+            while (rep / f"{f.stem}.r{n}.json").exists() and (rep / f"{f.stem}.r{n}.json").read_bytes() != raw:
                 n += 1
             dest = rep / f"{f.stem}.r{n}.json"
             repeated += 1
