@@ -738,14 +738,19 @@ def claim_sinkgd(runs: Runs, plot: Callable) -> list[Row]:
                  "(see `SINKHORN_CENTER` in benchmarks/evidence.py).")
     for r in rows:
         r.figures = [fig]
-    rows[0].section = (note + f"Roughness: the standard deviation of the logged training loss (every 10 steps, one batch each) "
-                       f"around its centred {SMOOTH_WINDOW}-point moving average, after the first quarter of the steps. "
-                       "Most of the wiggle is batch difficulty: every arm sees the same batches in the same order, "
-                       "and a model that has learned less (S1–S3 sit ~0.6 nats higher) also differs less from batch "
-                       "to batch, so a lower roughness here is not only the optimizer's doing. "
-                       "Steps to target: the first step (linear between validations every 50 steps) at which the "
-                       "validation loss reaches AdamW's final mean validation loss. The AdamW reference itself is "
-                       "far from Muon at this budget (see row 3a's runs), so \"Adam's loss\" is a modest target.\n\n"
+    r0 = results[0].runs[0]["trainer"]
+    by_key = dict(zip(SINKGD, results))
+    gap = statistics.fmean(by_key[k].stat(val_loss).mean for k in TANH) - by_key["S0"].stat(val_loss).mean
+    order = ("at one seed, every arm sees the same batches in the same order" if results[0].arm.suite == "gpt3k"
+             else "every arm sees the same batches in the same order")
+    rows[0].section = (note + f"Roughness: the standard deviation of the logged training loss (every "
+                       f"{r0.get('log_every_n_steps')} steps, one batch each) around its centred {SMOOTH_WINDOW}-point "
+                       f"moving average, after the first quarter of the steps. Most of the wiggle is batch difficulty: "
+                       f"{order}, and a model that has learned less (S1–S3 end {gap:+.2f} nats from S0) also differs "
+                       "less from batch to batch, so a lower roughness here is not only the optimizer's doing. "
+                       f"Steps to target: the first step (linear between validations every "
+                       f"{r0.get('val_check_interval')} steps) at which the validation loss reaches AdamW's final mean "
+                       "validation loss; how far AdamW itself is from Muon is row 3a's.\n\n"
                        + detail_table(results, cols) + "\n\nSweep (final val loss at seed 0):\n\n" + sweep_table(results)
                        + notes + f"\n\n![sinkgd]({FIGURE_DIR}/{fig})")
     return rows

@@ -548,6 +548,31 @@ def test_the_sinkgd_steps_row_switches_with_its_two_arms_while_the_ablation_rows
     assert rows["4a"].section.startswith("Row 4e already uses the 3000-step runs")
 
 
+def test_the_sinkgd_section_states_the_3000_step_runs_own_cadence_and_gap_once_every_row_switched():
+    runs = dict(stored_runs())
+    template = runs["3k_S1-x25-s0"]
+    for key in ("3k_S1", "3k_S2", "3k_S3"):  # complete the ablation: x25 interior, seeds 1 and 2
+        arm = evidence.ARMS[key]
+        if evidence.best_multiplier(arm, runs) is None:
+            r = _like(template, arm, 12.5, 0, 2.9)
+            runs[r["run"]] = r
+        assert evidence.best_multiplier(arm, runs) == 25.0
+        for seed in (1, 2):
+            r = _like(template, arm, 25.0, seed, 2.58 + seed / 100)
+            runs[r["run"]] = r
+    report.COMPARISONS.collect()
+    rows = {r.key: r for r in report.claim_sinkgd(runs, lambda name, *args, **kwargs: name)}
+    assert all("3000 steps" in rows[k].setting for k in ("4a", "4b", "4c", "4d", "4e"))
+    section = rows["4a"].section
+    assert section.startswith("Roughness:"), "every row switched: no note about rows switching first"
+    s0 = np.mean([report.val_loss(r) for r in report.arm_result(runs, "3k_S0").runs])
+    tanh = np.mean([np.mean([report.val_loss(r) for r in report.arm_result(runs, k).runs])
+                    for k in ("3k_S1", "3k_S2", "3k_S3")])
+    assert f"S1–S3 end {tanh - s0:+.2f} nats from S0" in section
+    assert "validations every 250 steps" in section and "every 50 steps" not in section
+    assert "at one seed, every arm sees the same batches" in section
+
+
 def test_the_protocol_headline_splits_muons_gap_with_the_control_once_the_control_is_complete():
     runs = {}
 
