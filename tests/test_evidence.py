@@ -571,6 +571,9 @@ def test_the_sinkgd_section_states_the_3000_step_runs_own_cadence_and_gap_once_e
     assert f"S1–S3 end {tanh - s0:+.2f} nats from S0" in section
     assert "validations every 250 steps" in section and "every 50 steps" not in section
     assert "at one seed, every arm sees the same batches" in section
+    behind = 100 * (min(np.mean([report.val_loss(r) for r in report.arm_result(runs, k).runs])
+                        for k in ("3k_S1", "3k_S2", "3k_S3")) / s0 - 1)
+    assert rows["4c"].verdict.startswith("**Confirmed**") and f"{behind:.0f}%+ above S0's (row 4a)" in rows["4c"].verdict
 
 
 def test_the_protocol_headline_splits_muons_gap_with_the_control_once_the_control_is_complete():
