@@ -248,6 +248,28 @@ def test_a_run_whose_pace_ends_it_past_the_time_limit_stops_early_and_a_later_ca
     assert evidence.load_summaries(out / "summaries")["ns_muon3-x1-s0"]["steps"] == 40
 
 
+def test_the_deadline_reads_the_pace_after_the_start_up_not_from_the_first_step(monkeypatch):
+    """A 3000-step run whose first 150 steps take 60 s (start-up) and then 0.16 s each ends at
+    60 + 2850 * 0.16 = 516 s: inside a 575 s limit, though its average pace at step 300 (0.28 s)
+    would project 877 s."""
+    from types import SimpleNamespace
+
+    clock = {"t": 0.0}
+    monkeypatch.setattr(evidence.time, "time", lambda: clock["t"])
+    stop = evidence._deadline_stop(deadline=575.0)
+    trainer = SimpleNamespace(global_step=0, max_steps=3000)
+    stop.on_train_start(trainer, None)
+    for step in range(1, 601):
+        clock["t"] = 0.4 * step if step <= 150 else 60 + 0.16 * (step - 150)
+        trainer.global_step = step
+        stop.on_train_batch_end(trainer, None, None, None, step)  # never raises: 516 s < 575 s
+    with pytest.raises(evidence.DeadlinePassed, match="stopped at step 601 of 3000"):
+        clock["t"] += 100  # a stall: the pace since step 150 now ends it past the limit
+        trainer.global_step = 601
+        stop.on_train_batch_end(trainer, None, None, None, 601)
+    assert evidence.projected_end(84.0, 300, 3000, (60.0, 150)) == pytest.approx(84 + 1.05 * 0.16 * 2700)
+
+
 def test_collect_leaves_out_summaries_of_runs_stopped_from_outside(tmp_path, capsys):
     import json
 
