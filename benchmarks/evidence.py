@@ -524,8 +524,8 @@ def projected_end(now: float, step: int, total: int, mark: tuple[float, int]) ->
     """When a run ends at the pace it kept since ``mark`` (a time and the step reached then).
 
     The pace is not counted from the start: the first steps carry the CUDA start-up, the
-    allocator's growth and the other workers' set-up on the CPUs, and on the H200 they made a run
-    that ended in 488 s look like one of 600 s (2026-12-02)."""
+    allocator's growth and the other workers' set-up on the CPUs, enough to make a run that would
+    end well inside the limit look like one that passes it."""
     t_mark, s_mark = mark
     return now + DEADLINE_MARGIN * (now - t_mark) / max(1, step - s_mark) * (total - step)
 
