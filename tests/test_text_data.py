@@ -106,6 +106,24 @@ def test_cache_is_reused_and_invalidated_by_a_changed_file(tmp_path, monkeypatch
     assert third.splits["train"].array().tobytes().startswith(b"changed content")
 
 
+def test_prepare_data_then_setup_lists_and_hashes_the_corpus_once_and_still_states_it(tmp_path, monkeypatch):
+    root, _ = _corpus(tmp_path, n=4)
+    listed, said = [], []
+    real = text_mod.list_text_files
+    monkeypatch.setattr(text_mod, "list_text_files", lambda *a: listed.append(a) or real(*a))
+    monkeypatch.setattr(text_mod, "rank_zero_info", said.append)
+    dm = TextDataModule(paths=str(root), block_size=16, cache_dir=str(tmp_path / "c"))
+    dm.prepare_data()  # what Trainer.fit does on the process that also runs setup
+    dm.setup("fit")
+    assert len(listed) == 1
+    n_train = len(dm.splits["train"].files)
+    assert any(line.startswith(f"TextDataModule train split: {n_train} files") for line in said)
+    assert said[-1].endswith(dm.digest)
+    other_rank = TextDataModule(paths=str(root), block_size=16, cache_dir=str(tmp_path / "c"))
+    other_rank.setup("fit")  # a rank where prepare_data did not run builds its own view
+    assert len(listed) == 2 and other_rank.digest == dm.digest
+
+
 def test_batches_are_shifted_windows_of_the_train_bytes(tmp_path):
     root, files = _corpus(tmp_path)
     dm = TextDataModule(

@@ -548,8 +548,10 @@ class TextDataModule(pl.LightningDataModule):
         return splits
 
     def prepare_data(self) -> None:
-        # Builds the caches (once per node); setup() opens them and states what they hold.
-        self._prepare_splits(announce=False)
+        # Builds the caches (once per node). The process that ran it keeps the splits, so its
+        # setup() does not list, split and hash the corpus a second time; other ranks build theirs there.
+        self.splits = self._prepare_splits(announce=False)
+        self._announced = False
 
     def setup(self, stage: str | None = None) -> None:
         if self.block_size is None:
@@ -563,6 +565,12 @@ class TextDataModule(pl.LightningDataModule):
             self.block_size = int(context)
         if not self.splits:
             self.splits = self._prepare_splits()  # cheap when cached; needed where prepare_data did not run
+        elif not getattr(self, "_announced", True):
+            for split in self.splits.values():
+                rank_zero_info(f"TextDataModule {split.name} split: {len(split.files)} files from {self.origin}, "
+                               f"{split.num_bytes:,} bytes (at {split.path})")
+            rank_zero_info(f"TextDataModule corpus digest (sha256 of file lists and bytes): {self.digest}")
+        self._announced = True
 
     def summary(self) -> str:
         """Which files and how many bytes each split holds."""
