@@ -73,6 +73,14 @@ class Welch:
     p: float  # two-sided
     df: float
     mde: float  # the smallest |diff| detectable at ALPHA with POWER, at these variances and seeds
+    se: float = 0.0  # the standard error of diff
+
+    def detectable(self, alpha: float = ALPHA) -> float:
+        """The smallest |diff| a two-sided test at level ``alpha`` detects with ``POWER`` at these
+        variances and seeds (``mde`` at ``ALPHA``; a Holm-corrected page uses down to alpha / m)."""
+        if self.se == 0.0:
+            return 0.0
+        return (t_ppf(1 - alpha / 2, self.df) + t_ppf(POWER, self.df)) * self.se
 
     def fmt(self, digits: int = 3, scale: float = 1.0, unit: str = "") -> str:
         s = scale
@@ -94,7 +102,7 @@ def welch(a: Sequence[float], b: Sequence[float]) -> Welch | None:
     t = diff / se
     crit = t_ppf(1 - ALPHA / 2, df)
     p = 2.0 * (1.0 - t_cdf(abs(t), df))
-    return Welch(diff, diff - crit * se, diff + crit * se, p, df, (crit + t_ppf(POWER, df)) * se)
+    return Welch(diff, diff - crit * se, diff + crit * se, p, df, (crit + t_ppf(POWER, df)) * se, se)
 
 
 def holm(pvalues: Sequence[float]) -> list[float]:

@@ -371,6 +371,16 @@ def test_page_comparisons_are_holm_corrected_over_the_page():
     # Holm over three: the smallest p times 3, the next times 2 (0.037 x 2 > 0.05), the last times 1
     assert raw[0] * 3 < 0.05 and raw[1] < 0.05 < 2 * raw[1] and raw[2] > 0.5
     assert first == [True, True, False] and second == [True, False, False]
+    # each comparison's detectable effect (80% power), uncorrected and at Holm's strictest step (0.05 / 3)
+    table = report.comparisons_table().splitlines()
+    assert "α/3 (Holm's strictest step)" in table[0]
+    weak = next(line for line in table if line.startswith("| weak |")).split(" | ")
+    sd = 0.1  # both sides: the same spread
+    se, df = math.sqrt(2 * sd ** 2 / 3), 4.0  # Welch's df with equal variances and sizes: 2 (n - 1)
+    assert float(weak[5].rstrip(" |")) == pytest.approx((stats.t_ppf(1 - 0.05 / 6, df) + stats.t_ppf(0.8, df)) * se,
+                                                       rel=2e-3)
+    assert float(weak[4]) == pytest.approx((stats.t_ppf(0.975, df) + stats.t_ppf(0.8, df)) * se, rel=2e-3)
+    assert float(weak[4]) < float(weak[5].rstrip(" |"))
     with pytest.raises(AssertionError, match="same comparisons"):
         report.differs(a, b, "another")
 

@@ -23,6 +23,8 @@ def test_t_and_welch_against_scipy():
         for t in (-3.1, -0.4, 0.0, 1.7, 6.0):
             assert stats.t_cdf(t, df) == pytest.approx(sp.t.cdf(t, df), abs=1e-10)
         assert stats.t_ppf(0.8, df) == pytest.approx(sp.t.ppf(0.8, df), abs=1e-8)
+        # the far quantile a Holm-corrected page's strictest step needs (21 comparisons)
+        assert stats.t_ppf(1 - 0.05 / 42, df) == pytest.approx(sp.t.ppf(1 - 0.05 / 42, df), rel=1e-8)
     a, b = [0.71, 0.69, 0.73, 0.70], [0.64, 0.66, 0.61]
     ours, ref = stats.welch(a, b), sp.ttest_ind(a, b, equal_var=False)
     assert ours.p == pytest.approx(ref.pvalue, rel=1e-8)
@@ -38,6 +40,10 @@ def test_welch_by_hand_and_its_detectable_effect():
     assert w.diff == -2.0 and w.df == pytest.approx(df)
     se = math.sqrt(va + vb)
     assert w.mde == pytest.approx((stats.t_ppf(0.975, df) + stats.t_ppf(0.8, df)) * se)
+    assert w.detectable() == pytest.approx(w.mde)
+    # at Holm's strictest step over 20 comparisons (alpha / 20) the same seeds need a larger effect
+    assert w.detectable(0.05 / 20) == pytest.approx((stats.t_ppf(1 - 0.05 / 40, df) + stats.t_ppf(0.8, df)) * se)
+    assert w.detectable(0.05 / 20) > 1.5 * w.mde
     assert stats.welch([1.0], b) is None
     same = stats.welch([0.5, 0.5], [0.5, 0.5])
     assert same.p == 1.0 and same.diff == 0.0
