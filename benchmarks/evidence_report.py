@@ -625,15 +625,29 @@ def _behind_s0(res: dict[str, ArmResult]) -> dict[str, float]:
     return {k: pct(res[k].stat(val_loss).mean, l0) for k in TANH}
 
 
+def late_drop(r: dict[str, Any]) -> float | None:
+    """How much the validation loss falls over the last five sixths of a run, in %: a run that
+    is slow still falls there, one that has stalled does not."""
+    early = at_step(series(r, "val/loss"), (r.get("steps") or 0) / 6)
+    end = val_loss(r)
+    return 100 * (1 - end / early) if early and end is not None else None
+
+
 def _comparable_row(row: Row, res: dict[str, ArmResult], runs: Runs) -> None:
     ds = _behind_s0(res)
-    row.ours = f"val loss S0 {res['S0'].stat(val_loss).fmt()}; " + ", ".join(
+    drops = {k: res[k].stat(late_drop) for k in ("S0", *TANH)}
+    row.ours = (f"val loss S0 {res['S0'].stat(val_loss).fmt()}; " + ", ".join(
         f"{k} {res[k].stat(val_loss).fmt()} ({ds[k]:+.1f}%)" for k in TANH)
+        + "; fall over the last five sixths of the steps: " + ", ".join(f"{k} {v.fmt(2)}%" for k, v in drops.items()))
     ok = [k for k, d in ds.items() if d <= 100 * COMPARABLE_LOSS]
     edges = [k for k in TANH if res[k].edge]
+    most = max(drops[k].mean for k in TANH)
+    stalled = not ok and most < 0.25 * drops["S0"].mean
     row.verdict = ("**Confirmed**" if len(ok) == 3 else "**Not reproduced here**" if not ok else "**Partly**") + (
         f": comparable = within {100 * COMPARABLE_LOSS:.0f}% of S0 or better; "
         + (f"{', '.join(ok)} meet it" if ok else "none of S1–S3 meets it")
+        + (f"; they have stalled, not slowed: after the first sixth of the steps their loss falls {most:.0f}% "
+           f"at most, S0's {drops['S0'].mean:.0f}%" if stalled else "")
         + (f"; best lr at the sweep edge for {', '.join(edges)}" if edges else ""))
 
 

@@ -591,9 +591,18 @@ def test_the_sinkgd_section_states_the_3000_step_runs_own_cadence_and_gap_once_e
         assert evidence.best_multiplier(arm, runs) == 25.0
         for seed in (1, 2):
             r = _like(template, arm, 25.0, seed, 2.58 + seed / 100)
+            r["scalars"]["val/loss"] = [[499, 2.70], [2999, 2.58 + seed / 100]]  # as the stored runs: ~4% after step 500
             runs[r["run"]] = r
     report.COMPARISONS.collect()
     rows = {r.key: r for r in report.claim_sinkgd(runs, lambda name, *args, **kwargs: name)}
+    def drop(key):  # % the val loss falls from step 499 (the validation at a sixth of 3000) to the end
+        return np.mean([100 * (1 - report.val_loss(r) / dict(r["scalars"]["val/loss"])[499])
+                        for r in report.arm_result(runs, key).runs])
+
+    s0_drop, most = drop("3k_S0"), max(drop(k) for k in ("3k_S1", "3k_S2", "3k_S3"))
+    assert s0_drop > 50 and most < 6
+    assert f"they have stalled, not slowed: after the first sixth of the steps their loss falls {most:.0f}% at most, " \
+           f"S0's {s0_drop:.0f}%" in rows["4a"].verdict
     assert all("3000 steps" in rows[k].setting for k in ("4a", "4b", "4c", "4d", "4e"))
     section = rows["4a"].section
     assert section.startswith("Roughness:"), "every row switched: no note about rows switching first"
