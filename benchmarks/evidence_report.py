@@ -446,7 +446,7 @@ def holm_floor() -> float:
 
 
 def detectable(w: stats.Welch, scale: float = 1.0, unit: str = "", digits: int = 2) -> str:
-    """'X or more (Y under Holm)': the smallest difference the test detects with 80% power,
+    """'X or more (Y at Holm's strictest level)': the smallest difference the test detects with 80% power,
     uncorrected and at Holm's strictest step. A comparison's real threshold lies between the two
     (it depends on the page's other p-values), so both are stated."""
     lo, hi = w.detectable() * scale, w.detectable(holm_floor()) * scale

@@ -72,15 +72,20 @@ class Welch:
     high: float
     p: float  # two-sided
     df: float
-    mde: float  # the smallest |diff| detectable at ALPHA with POWER, at these variances and seeds
-    se: float = 0.0  # the standard error of diff
+    se: float  # the standard error of diff
 
     def detectable(self, alpha: float = ALPHA) -> float:
         """The smallest |diff| a two-sided test at level ``alpha`` detects with ``POWER`` at these
-        variances and seeds (``mde`` at ``ALPHA``; a Holm-corrected page uses down to alpha / m)."""
+        variances and seeds: ``(t_{1-alpha/2} + t_POWER) * se`` at ``df``. A Holm-corrected page's
+        comparisons face a level between alpha / m and alpha."""
         if self.se == 0.0:
             return 0.0
         return (t_ppf(1 - alpha / 2, self.df) + t_ppf(POWER, self.df)) * self.se
+
+    @property
+    def mde(self) -> float:
+        """The smallest |diff| detectable at ``ALPHA`` with ``POWER``: ``detectable()``."""
+        return self.detectable()
 
     def fmt(self, digits: int = 3, scale: float = 1.0, unit: str = "") -> str:
         s = scale
@@ -97,12 +102,12 @@ def welch(a: Sequence[float], b: Sequence[float]) -> Welch | None:
     se = math.sqrt(va + vb)
     diff = ma - mb
     if se == 0.0:  # identical runs on both sides: only an exact difference is significant
-        return Welch(diff, diff, diff, 1.0 if diff == 0 else 0.0, math.inf, 0.0)
+        return Welch(diff, diff, diff, 1.0 if diff == 0 else 0.0, math.inf, 0.0)  # se 0: nothing to detect
     df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
     t = diff / se
     crit = t_ppf(1 - ALPHA / 2, df)
     p = 2.0 * (1.0 - t_cdf(abs(t), df))
-    return Welch(diff, diff - crit * se, diff + crit * se, p, df, (crit + t_ppf(POWER, df)) * se, se)
+    return Welch(diff, diff - crit * se, diff + crit * se, p, df, se)
 
 
 def holm(pvalues: Sequence[float]) -> list[float]:
