@@ -500,11 +500,13 @@ class TextDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.splits: dict[str, CorpusSplit] = {}
+        self._prepared: dict[str, CorpusSplit] | None = None  # prepare_data's splits, until setup takes them
         self.origin = ""
         self.train_sampler: RandomWindowSampler | None = None
 
     # ---- corpus -------------------------------------------------------------------------------
-    def _prepare_splits(self, announce: bool = True) -> dict[str, CorpusSplit]:
+    def _prepare_splits(self) -> dict[str, CorpusSplit]:
+        """List, split and hash the corpus, building each split's cache where it is missing."""
         files, origin = list_text_files(self.paths, self.suffixes, self.max_files, self.max_bytes, self.packages)
         if len(files) < 2:
             raise ValueError(
@@ -523,17 +525,11 @@ class TextDataModule(pl.LightningDataModule):
             meta = path.with_suffix(".json")
             if path.is_file() and meta.is_file():
                 num_bytes = path.stat().st_size
-                cached = True
             else:
                 num_bytes = build_byte_array(group, path)
                 meta.write_text(json.dumps({"origin": origin, "files": [str(f) for f in group]}))
-                cached = False
+                rank_zero_info(f"TextDataModule: wrote the {name} split's cache to {path}")
             splits[name] = CorpusSplit(name, list(group), path, num_bytes)
-            if announce or not cached:
-                rank_zero_info(
-                    f"TextDataModule {name} split: {len(group)} files from {origin}, {num_bytes:,} bytes "
-                    f"({'cached at' if cached else 'written to'} {path}; the file list is in {meta.name})"
-                )
         self.origin = origin
         self.digest = corpus_digest(list(splits.values()), roots)
         if self.expect_digest is not None and self.digest != self.expect_digest:
@@ -543,15 +539,22 @@ class TextDataModule(pl.LightningDataModule):
                 "text (another Python's standard library, edited files, other max_files/max_bytes). "
                 "Train on the pinned corpus, or set expect_digest to null"
             )
-        if announce:
-            rank_zero_info(f"TextDataModule corpus digest (sha256 of file lists and bytes): {self.digest}")
         return splits
 
+    def _announce(self) -> None:
+        """What the splits hold and the corpus digest, once per module (from setup)."""
+        for split in self.splits.values():
+            rank_zero_info(
+                f"TextDataModule {split.name} split: {len(split.files)} files from {self.origin}, "
+                f"{split.num_bytes:,} bytes (cached at {split.path}; the file list is in "
+                f"{split.path.with_suffix('.json').name})"
+            )
+        rank_zero_info(f"TextDataModule corpus digest (sha256 of file lists and bytes): {self.digest}")
+
     def prepare_data(self) -> None:
-        # Builds the caches (once per node). The process that ran it keeps the splits, so its
-        # setup() does not list, split and hash the corpus a second time; other ranks build theirs there.
-        self.splits = self._prepare_splits(announce=False)
-        self._announced = False
+        # Builds the caches (once per node). This process's setup() takes the splits from here
+        # rather than listing, splitting and hashing the corpus again; other ranks build theirs there.
+        self._prepared = self._prepare_splits()
 
     def setup(self, stage: str | None = None) -> None:
         if self.block_size is None:
@@ -564,13 +567,9 @@ class TextDataModule(pl.LightningDataModule):
                 )
             self.block_size = int(context)
         if not self.splits:
-            self.splits = self._prepare_splits()  # cheap when cached; needed where prepare_data did not run
-        elif not getattr(self, "_announced", True):
-            for split in self.splits.values():
-                rank_zero_info(f"TextDataModule {split.name} split: {len(split.files)} files from {self.origin}, "
-                               f"{split.num_bytes:,} bytes (at {split.path})")
-            rank_zero_info(f"TextDataModule corpus digest (sha256 of file lists and bytes): {self.digest}")
-        self._announced = True
+            # cheap when cached; needed where prepare_data did not run
+            self.splits, self._prepared = self._prepared or self._prepare_splits(), None
+            self._announce()
 
     def summary(self) -> str:
         """Which files and how many bytes each split holds."""
