@@ -78,6 +78,9 @@ RULE_CASES: list[tuple[str, str, str, dict[str, Any], str, float | None]] = [
     ("muon", "muon", "hidden", {"lr": 0.02}, "muon", None),  # muon has its own targets
     ("sinkgd", "sinkgd", "hidden", {"lr": 1e-3}, "adamw_fused", 2.0),
     ("sinkhorn_tanh", "sinkhorn_tanh", "hidden", {"lr": 3e-4, "tau": 0.1, "n_iter": 5}, "adamw_fused", 2.0),
+    # the SinkGD notes' ablation arms S2 and S3 alone (evidence row 4d: is 10 iterations dearer than 3?)
+    ("sinkhorn_tanh S2 (all)", "sinkhorn_tanh", "all", {"lr": 3e-4, "tau": 0.05, "n_iter": 10}, "adamw_fused", None),
+    ("sinkhorn_tanh S3 (all)", "sinkhorn_tanh", "all", {"lr": 3e-4, "tau": 0.2, "n_iter": 3}, "adamw_fused", None),
     # opt-in CUDA graphs: faster, but they keep ~4-5 B/param of workspace (see optim/sinkgd.py)
     ("sinkgd, cuda_graph", "sinkgd", "hidden", {"lr": 1e-3, "cuda_graph": "auto"}, "adamw_fused", 2.0),
     ("sinkhorn_tanh, cuda_graph", "sinkhorn_tanh", "hidden", {"lr": 3e-4, "tau": 0.1, "n_iter": 5, "cuda_graph": "auto"},

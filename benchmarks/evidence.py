@@ -72,6 +72,7 @@ from benchmarks.common import ROOT, error_record, git_commit, quiet_lightning, r
 STORE = ROOT / "benchmarks" / "results" / "evidence"
 REPEATS = "repeats"  # under the store: runs repeated with a stored run's id (kept, not used for tuning)
 DOCS = ROOT / "docs"
+OPS_JSON = ROOT / "benchmarks" / "results" / "h200" / "ops.json"  # bench_ops.py on the GPU the suites ran on
 SUMMARY_SCHEMA = 1
 SWEEP = (1 / 3, 1.0, 3.0)  # the GPT suite's (the budget allows three)
 MNIST_SWEEP = (0.25, 0.5, 1.0, 2.0, 4.0)  # x2 spacing; MNIST runs take seconds
@@ -931,12 +932,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_ops(path: Path = OPS_JSON) -> dict[str, Any] | None:
+    """A ``bench_ops.py`` result (the rules timed alone), or None where there is none."""
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from benchmarks.evidence_report import write_report
 
     runs = load_summaries(Path(args.store))
+    ops = load_ops(Path(args.ops)) if args.ops else None
     path = write_report(runs, docs=Path(args.docs), readme=Path(args.readme) if args.readme else None,
-                        repeats=load_repeats(Path(args.store)))
+                        repeats=load_repeats(Path(args.store)), ops=ops)
     print(f"evidence report: {len(runs)} runs -> {path}")
     return 0
 
@@ -974,6 +981,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--store", default=str(STORE))
     g.add_argument("--docs", default=str(DOCS))
     g.add_argument("--readme", default=str(ROOT / "README.md"), help="README to update between its results markers ('' to skip)")
+    g.add_argument("--ops", default=str(OPS_JSON),
+                   help="bench_ops.py JSON with the rules timed alone, for row 4d ('' to skip)")
     return p.parse_args(argv)
 
 
