@@ -633,16 +633,23 @@ def late_drop(r: dict[str, Any]) -> float | None:
     return 100 * (1 - end / early) if early and end is not None else None
 
 
+def _late_drops(res: dict[str, ArmResult]) -> tuple[dict[str, Stat], bool]:
+    """S0's and S1-S3's :func:`late_drop`, and whether S1-S3 have stalled: none of them within
+    reach of S0's loss, each falling less than a quarter as much as S0 over those steps."""
+    drops = {k: res[k].stat(late_drop) for k in ("S0", *TANH)}
+    far = all(d > 100 * COMPARABLE_LOSS for d in _behind_s0(res).values())
+    return drops, far and max(drops[k].mean for k in TANH) < 0.25 * drops["S0"].mean
+
+
 def _comparable_row(row: Row, res: dict[str, ArmResult], runs: Runs) -> None:
     ds = _behind_s0(res)
-    drops = {k: res[k].stat(late_drop) for k in ("S0", *TANH)}
+    drops, stalled = _late_drops(res)
     row.ours = (f"val loss S0 {res['S0'].stat(val_loss).fmt()}; " + ", ".join(
         f"{k} {res[k].stat(val_loss).fmt()} ({ds[k]:+.1f}%)" for k in TANH)
         + "; fall over the last five sixths of the steps: " + ", ".join(f"{k} {v.fmt(2)}%" for k, v in drops.items()))
     ok = [k for k, d in ds.items() if d <= 100 * COMPARABLE_LOSS]
     edges = [k for k in TANH if res[k].edge]
     most = max(drops[k].mean for k in TANH)
-    stalled = not ok and most < 0.25 * drops["S0"].mean
     row.verdict = ("**Confirmed**" if len(ok) == 3 else "**Not reproduced here**" if not ok else "**Partly**") + (
         f": comparable = within {100 * COMPARABLE_LOSS:.0f}% of S0 or better; "
         + (f"{', '.join(ok)} meet it" if ok else "none of S1–S3 meets it")
@@ -685,9 +692,15 @@ def _stable_row(row: Row, res: dict[str, ArmResult], runs: Runs) -> None:
     row.ours = (f"final val loss spread across S1–S3 {rel:.1f}% of their mean; {fails} of {swept} sweep runs failed; "
                 f"all three end {behind:.0f}%+ above S0")
     # stable is not the same as converging well: a spread this small also holds for three runs stuck together
-    row.verdict = (("**Confirmed**: all three train without failing, within a few percent of each other"
-                    + (f", though to a loss {behind:.0f}%+ above S0's (row 4a)" if behind > 100 * COMPARABLE_LOSS else ""))
-                   if rel < 5 and fails == 0 else f"**Not confirmed**: spread {rel:.1f}%, {fails} failed runs")
+    _, stalled = _late_drops(res)
+    if rel >= 5 or fails:
+        row.verdict = f"**Not confirmed**: spread {rel:.1f}%, {fails} failed runs"
+    elif stalled:
+        row.verdict = (f"**Stable, but stalled**: all three train without failing and end within {rel:.1f}% of each "
+                       f"other, on the plateau where they stop learning, {behind:.0f}%+ above S0's loss (row 4a)")
+    else:
+        row.verdict = ("**Confirmed**: all three train without failing, within a few percent of each other"
+                       + (f", though to a loss {behind:.0f}%+ above S0's (row 4a)" if behind > 100 * COMPARABLE_LOSS else ""))
 
 
 RULE_ALONE = {"S2": "sinkhorn_tanh S2 (all)", "S3": "sinkhorn_tanh S3 (all)"}  # bench_ops.py's labels
@@ -1187,7 +1200,8 @@ def render(rows: list[Row], runs: Runs, headlines: dict[str, str] | None = None,
            repeats: dict[str, list[dict[str, Any]]] | None = None) -> str:
     n_mnist = sum(r["suite"] == "mnist" for r in runs.values())
     n_gpt = sum(r["suite"] == "gpt" for r in runs.values())
-    n_3k = sum(str(r["suite"]).startswith("gpt3k") for r in runs.values())
+    n_3k = sum(r["suite"] == "gpt3k" for r in runs.values())
+    n_150m = sum(r["suite"] == "gpt3k_150m" for r in runs.values())
     out = [
         "# What we measured: the research material's claims, re-measured",
         "",
@@ -1195,8 +1209,8 @@ def render(rows: list[Row], runs: Runs, headlines: dict[str, str] | None = None,
         "Do not edit by hand: rerun the script. -->",
         "",
         f"Regenerate (CPU, seconds): `PYTHONPATH=. python benchmarks/evidence.py report`. The runs behind it "
-        f"({n_mnist} MNIST runs on CPU; {n_gpt} GPT runs of the first protocol and {n_3k} of the 3000-step one on "
-        "the GPU) are configs under `configs/` trained by `benchmarks/evidence.py run` (see its docstring); each "
+        f"({n_mnist} MNIST runs on CPU; {n_gpt} GPT runs of the first protocol and {n_3k} of the 3000-step one"
+        + (f", {n_150m} more at 150M" if n_150m else "") + " on the GPU) are configs under `configs/` trained by `benchmarks/evidence.py run` (see its docstring); each "
         "leaves a JSON summary of its TensorBoard scalars in `benchmarks/results/evidence/`.",
         "",
         "**Tuning rule, the same for every arm.** Each run multiplies every learning rate of its config by "

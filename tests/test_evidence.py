@@ -579,6 +579,8 @@ def test_the_sinkgd_steps_row_switches_with_its_two_arms_while_the_ablation_rows
     target = np.mean([report.val_loss(r) for r in adamw.runs])
     assert rows["4e"].ours == f"SinkGD never reaches AdamW's final val loss {target:.4f} in 3000 steps (ends at 0.72 ± 0.001)"
     assert rows["4a"].section.startswith("Row 4e already uses the 3000-step runs")
+    # the 600-step runs still fall 14-15% after their first sixth (S0 21%): slowed, not stalled
+    assert rows["4c"].verdict.startswith("**Confirmed**: all three train without failing")
 
 
 def test_the_sinkgd_section_states_the_3000_step_runs_own_cadence_and_gap_once_every_row_switched():
@@ -615,7 +617,12 @@ def test_the_sinkgd_section_states_the_3000_step_runs_own_cadence_and_gap_once_e
     assert "at one seed, every arm sees the same batches" in section
     behind = 100 * (min(np.mean([report.val_loss(r) for r in report.arm_result(runs, k).runs])
                         for k in ("3k_S1", "3k_S2", "3k_S3")) / s0 - 1)
-    assert rows["4c"].verdict.startswith("**Confirmed**") and f"{behind:.0f}%+ above S0's (row 4a)" in rows["4c"].verdict
+    finals = [np.mean([report.val_loss(r) for r in report.arm_result(runs, k).runs]) for k in ("3k_S1", "3k_S2", "3k_S3")]
+    spread = 100 * (max(finals) - min(finals)) / np.mean(finals)
+    # stalled (row 4a), so "stable" is not called a confirmed convergence
+    assert rows["4c"].verdict == (f"**Stable, but stalled**: all three train without failing and end within "
+                                  f"{spread:.1f}% of each other, on the plateau where they stop learning, "
+                                  f"{behind:.0f}%+ above S0's loss (row 4a)")
 
 
 def test_the_protocol_headline_splits_muons_gap_with_the_control_once_the_control_is_complete():
