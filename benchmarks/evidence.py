@@ -926,7 +926,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if todo and all(d is not None for d in device):
         print(f"  device time: about {sum(device) / 60:.0f} min for these (each arm's median stored run: "
               f"its wall time over the runs sharing the device); each line: the wall time of one run "
-              f"when {w} share the device (run --workers {w})")
+              + (f"when {w} share the device (run --workers {w})" if w > 1 else "alone on the device"))
     for (arm, m, seed), d in zip(todo, device):
         print(f"  {run_id(arm, m, seed)}" + (f"  about {d * w:.0f} s" if d is not None else "  (no stored run to time it)"))
     return 0

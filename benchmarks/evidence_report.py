@@ -977,14 +977,30 @@ def scale_headline(runs: Runs) -> str:
     """Muon against AdamW at the 150M preset (the same protocol), next to the 42M gap: a Welch
     test of the page, so this runs in both passes of :func:`build_page`."""
     adamw, muon = (arm_result(runs, k) for k in SCALE_ARMS)
-    if not (adamw and muon and adamw.complete and muon.complete):
+    if not (adamw and muon):
         return ""
+    if not (adamw.complete and muon.complete and min(len(adamw.runs), len(muon.runs)) >= PROTOCOL_SEEDS):
+        return _scale_so_far(runs, adamw, muon)
     a = adamw.stat(val_loss)
     small_a, small_m = arm_result(runs, "3k_adamw_b95"), arm_result(runs, "3k_muon")
     small = (f"At 42M the gap is {pct(small_m.stat(val_loss).mean, small_a.stat(val_loss).mean):+.1f}%. "
              if small_a and small_m else "")
     return (f"**Muon against AdamW at 150M.** AdamW {multiplier_label(adamw.multiplier)} ends at {a.fmt()} "
             f"(n={a.n}). {small}" + _muon_vs_adamw(muon, a, "3000 steps, 150M: val loss, Muon vs AdamW"))
+
+
+def _scale_so_far(runs: Runs, adamw: ArmResult, muon: ArmResult) -> str:
+    """The seed-0 bests so far, while a sweep or the seeds are still running: no test yet."""
+    (ma, la), (mm, lm) = (min(r.sweep, key=lambda t: t[1]) for r in (adamw, muon))
+    reach = first_reach(series(runs[run_id(muon.arm, mm, 0)], "val/loss"), la)
+    left = [f"the {r.arm.title} sweep goes on past its edge" for r in (adamw, muon) if not r.complete]
+    left += [f"{PROTOCOL_SEEDS - len(r.runs)} more seeds of {r.arm.title}" for r in (adamw, muon)
+             if r.complete and len(r.runs) < PROTOCOL_SEEDS]
+    return (f"**Muon against AdamW at 150M, so far** (seed 0; no test until both arms are complete with "
+            f"{PROTOCOL_SEEDS} seeds): Muon's best, "
+            f"{multiplier_label(mm)} at {lm:.4f}, is {_relative(lm, la)} AdamW's, {multiplier_label(ma)} at {la:.4f}"
+            + (f", and reaches that loss at step {reach:.0f}" if reach is not None else "") + ". Left: "
+            + "; ".join(left) + ".")
 
 
 def _muon_vs_adamw(muon: ArmResult, a: Stat, label: str) -> str:

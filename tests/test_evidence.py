@@ -495,6 +495,22 @@ def test_the_150m_suite_is_the_protocol_at_another_size_and_its_headline_is_a_pa
     assert "Muon x0.5 ends at 0.5997" in text and "AdamW x1 ends at 0.652" in text
 
 
+def test_the_150m_headline_before_the_suite_is_complete_compares_seed_0_bests_and_tests_nothing():
+    runs = {}
+    adamw, muon = evidence.ARMS["150m_adamw"], evidence.ARMS["150m_muon"]
+    for m, loss in ((0.25, 0.70), (0.5, 0.68), (1.0, 0.69), (2.0, 1.1)):
+        _add(runs, adamw, m, 0, loss)
+    for m, loss in ((0.5, 0.60), (1.0, 0.62), (2.0, 0.66)):  # best at the low edge: x0.25 still to run
+        _add(runs, muon, m, 0, loss)
+    runs["150m_muon-x0.5-s0"]["scalars"]["val/loss"] = [[1000, 0.80], [2000, 0.64], [2999, 0.60]]
+    report.COMPARISONS.collect()
+    text = report.scale_headline(runs)
+    assert not report.COMPARISONS.tests  # no Welch test on one seed
+    assert "x0.5 at 0.6000, is 11.8% below AdamW's, x0.5 at 0.6800" in text
+    assert "reaches that loss at step 1750" in text  # 0.68 is 3/4 of the way from 0.80 (step 1000) to 0.64 (2000)
+    assert "Muon, no constraint sweep goes on past its edge" in text and "2 more seeds of AdamW" in text
+
+
 def _like(template, arm, m, seed, loss, speed=1.0):
     """A stored summary of ``arm``'s suite with another arm, multiplier, seed, final val loss and
     throughput (``speed`` times the template's)."""
