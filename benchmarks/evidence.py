@@ -33,7 +33,8 @@ Usage::
     # the way in, whose pace ends it later (leave the set-up and the copying-back a margin under
     # the call's own limit). A run stopped from outside (a signal, `timeout`) or early writes no
     # summary and runs again in a later call. `plan --workers N` lists what a suite still needs,
-    # with each run's expected wall time when N share the device.
+    # with each run's expected wall time when N share the device; `run --only ID,...` runs just
+    # those of its runs, so calls whose results are not collected in between do not repeat one.
     # Give --store the directory the stored summaries are in, or they run again.
     # The runs go through LightningCLI, which needs jsonargparse[signatures] (a dependency of this
     # package): on a machine without registry access, bring its wheels (jsonargparse,
@@ -674,16 +675,6 @@ def plan_runs(arms: list[Arm], runs: dict[str, dict[str, Any]], seeds: Iterable[
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    if args.workers > 1:
-        return run_workers(args)
-    import torch
-
-    quiet_lightning()
-    out = Path(args.out)
-    summaries = out / "summaries"
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda":
-        torch.set_float32_matmul_precision("high")
     suite = SUITES[args.suite]
     keys = args.arms.split(",") if args.arms else suite["arms"]
     for k in keys:
@@ -693,6 +684,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     arms = [ARMS[k] for k in keys]
     seeds = tuple(int(s) for s in args.seeds.split(",")) if args.seeds else suite["seeds"]
     sweep = tuple(float(eval_fraction(s)) for s in args.sweep.split(",")) if args.sweep else None
+    only = [r.strip() for r in args.only.split(",") if r.strip()] if args.only else None
+    if only:
+        known = {run_id(*item) for item in plan_runs(arms, load_summaries(Path(args.store) if args.store else None,
+                                                                          Path(args.out) / "summaries"), seeds, sweep)}
+        unknown = [r for r in only if r not in known]
+        if unknown:
+            raise SystemExit(f"evidence run --only: {', '.join(unknown)} not among the runs the plan needs now "
+                             f"(stored already, or waiting on runs not stored yet); `evidence plan --suite "
+                             f"{args.suite}` lists those")
+    if args.workers > 1:  # the checks above first, so a bad argument stops the call, not each worker
+        return run_workers(args)
+    import torch
+
+    quiet_lightning()
+    out = Path(args.out)
+    summaries = out / "summaries"
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda":
+        torch.set_float32_matmul_precision("high")
     commit = git_commit(args.commit)
     t_start = float(os.environ.get(START_ENV, time.time()))  # the workers' parent's start, if any
     longest = 0.0
@@ -706,7 +716,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         while True:
             runs = load_summaries(Path(args.store) if args.store else None, summaries)
-            todo = plan_runs(arms, runs, seeds, sweep)
+            todo = [item for item in plan_runs(arms, runs, seeds, sweep) if only is None or run_id(*item) in only]
             if not todo:
                 break
             left = [item for item in todo if not (claims / f"{run_id(*item)}{STOPPED_EARLY}").exists()]
@@ -957,7 +967,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     r.add_argument("--store", default=str(STORE), help="runs already stored here are skipped ('' to ignore)")
     r.add_argument("--arms", default=None, help="comma-separated subset of the suite's arms")
     r.add_argument("--seeds", default=None, help="comma-separated seeds (default: the suite's)")
-    r.add_argument("--sweep", default=None, help="comma-separated lr multipliers (default: the suite's)")
+    r.add_argument("--sweep", default=None,
+                   help="comma-separated lr multipliers (default: the suite's), extended past an edge like the suite's")
+    r.add_argument("--only", default=None,
+                   help="comma-separated run ids from `plan`: run those alone (to split one plan over calls "
+                        "whose results are not collected in between)")
     r.add_argument("--max-steps", type=int, default=None, help="override the budget (smoke runs)")
     r.add_argument("--tiny", action="store_true", help="smallest model and data (smoke runs)")
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

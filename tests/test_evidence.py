@@ -151,6 +151,17 @@ def test_workers_share_one_plan_and_record_that_they_shared_the_device(tmp_path)
     assert sorted(sum(started, [])) == sorted(runs)  # each run claimed by exactly one worker
 
 
+def test_only_runs_the_named_runs_of_the_plan_and_refuses_one_it_does_not_need(tmp_path):
+    out = tmp_path / "ev"
+    common = ["run", "--suite", "mnist", "--arms", "ns_muon3", "--sweep", "1,2", "--seeds", "0", "--max-steps", "2",
+              "--tiny", "--out", str(out), "--store", "", "--device", "cpu"]
+    assert evidence.main([*common, "--only", "ns_muon3-x2-s0"]) == 0
+    assert set(evidence.load_summaries(out / "summaries")) == {"ns_muon3-x2-s0"}  # not x1, nor an extension
+    for wrong in ("ns_muon3-x2-s0", "ns_muon3-x8-s0"):  # stored now; past the edge, not known to be needed
+        with pytest.raises(SystemExit, match=f"--only: {wrong} not among the runs the plan needs now"):
+            evidence.main([*common, "--only", wrong, "--workers", "2"])
+
+
 def _stop_training_at_step(monkeypatch, step, stop):
     """Patch Lightning's training-epoch loop so that ``stop()`` happens as step ``step`` begins."""
     from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
