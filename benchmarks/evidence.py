@@ -684,10 +684,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     arms = [ARMS[k] for k in keys]
     seeds = tuple(int(s) for s in args.seeds.split(",")) if args.seeds else suite["seeds"]
     sweep = tuple(float(eval_fraction(s)) for s in args.sweep.split(",")) if args.sweep else None
+    out = Path(args.out)
+    summaries = out / "summaries"
+    store = Path(args.store) if args.store else None
     only = [r.strip() for r in args.only.split(",") if r.strip()] if args.only else None
     if only:
-        known = {run_id(*item) for item in plan_runs(arms, load_summaries(Path(args.store) if args.store else None,
-                                                                          Path(args.out) / "summaries"), seeds, sweep)}
+        known = {run_id(*item) for item in plan_runs(arms, load_summaries(store, summaries), seeds, sweep)}
         unknown = [r for r in only if r not in known]
         if unknown:
             raise SystemExit(f"evidence run --only: {', '.join(unknown)} not among the runs the plan needs now "
@@ -698,8 +700,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     import torch
 
     quiet_lightning()
-    out = Path(args.out)
-    summaries = out / "summaries"
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda":
         torch.set_float32_matmul_precision("high")
@@ -715,7 +715,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         while True:
-            runs = load_summaries(Path(args.store) if args.store else None, summaries)
+            runs = load_summaries(store, summaries)
             todo = [item for item in plan_runs(arms, runs, seeds, sweep) if only is None or run_id(*item) in only]
             if not todo:
                 break

@@ -980,7 +980,7 @@ def scale_headline(runs: Runs) -> str:
     if not (adamw and muon):
         return ""
     if not (adamw.complete and muon.complete and min(len(adamw.runs), len(muon.runs)) >= PROTOCOL_SEEDS):
-        return _scale_so_far(runs, adamw, muon)
+        return _scale_so_far(adamw, muon)
     a = adamw.stat(val_loss)
     small_a, small_m = arm_result(runs, "3k_adamw_b95"), arm_result(runs, "3k_muon")
     small = (f"At 42M the gap is {pct(small_m.stat(val_loss).mean, small_a.stat(val_loss).mean):+.1f}%. "
@@ -989,10 +989,10 @@ def scale_headline(runs: Runs) -> str:
             f"(n={a.n}). {small}" + _muon_vs_adamw(muon, a, "3000 steps, 150M: val loss, Muon vs AdamW"))
 
 
-def _scale_so_far(runs: Runs, adamw: ArmResult, muon: ArmResult) -> str:
+def _scale_so_far(adamw: ArmResult, muon: ArmResult) -> str:
     """The seed-0 bests so far, while a sweep or the seeds are still running: no test yet."""
-    (ma, la), (mm, lm) = (min(r.sweep, key=lambda t: t[1]) for r in (adamw, muon))
-    reach = first_reach(series(runs[run_id(muon.arm, mm, 0)], "val/loss"), la)
+    (ma, la), (mm, lm) = ((r.multiplier, dict(r.sweep)[r.multiplier]) for r in (adamw, muon))
+    reach = first_reach(series(muon.runs[0], "val/loss"), la)  # runs: the seeds at the best, seed 0 first
     left = [f"the {r.arm.title} sweep goes on past its edge" for r in (adamw, muon) if not r.complete]
     left += [f"{PROTOCOL_SEEDS - len(r.runs)} more seeds of {r.arm.title}" for r in (adamw, muon)
              if r.complete and len(r.runs) < PROTOCOL_SEEDS]
